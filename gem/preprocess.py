@@ -19,7 +19,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         high = array.max() if array.size else 0.0
         scale = 255.0 / high if high > 255 else 1.0
-        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -14,16 +14,13 @@ from open_clip.factory import _MODEL_CONFIGS  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "gem-reference"
+MICRO_CONFIG = DATA / "models" / "gemtest-micro.json"
 
 TINY_CONFIGS = {
     # The reference fixture's model: 8 blocks, width 128, 4 heads, patch 16.
     "gemref-tiny": json.loads((REFERENCE / "open_clip_config.json").read_text()),
-    # A smaller one for pipeline tests: 4 blocks, width 64.
-    "gemtest-micro": {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 224, "layers": 4, "width": 64, "head_width": 32, "patch_size": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    },
+    # A smaller one for pipeline tests (4 blocks, width 64); Ray workers load it by file.
+    "gemtest-micro": json.loads((MICRO_CONFIG).read_text()),
 }
 
 
@@ -35,3 +32,12 @@ def register_test_models() -> None:
 
 def reference_state_dict() -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in torch.load(REFERENCE / "weights.pt").items()}
+
+
+def save_micro_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Random gemtest-micro weights saved as a local checkpoint, as users pass real ones."""
+    register_test_models()
+    torch.manual_seed(seed)
+    model = open_clip.create_model("gemtest-micro")
+    torch.save(model.state_dict(), path)
+    return path

@@ -1,0 +1,56 @@
+"""Summarise an output prefix from its markers alone (no Parquet is read)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Optional
+
+from pipeline.manifest import OutputLayout, read_failures, read_markers, read_runs
+from pipeline.storage import StorageOptions, exists, read_bytes
+
+
+def summarize_output(output: str, storage_options: Optional[StorageOptions] = None) -> dict:
+    layout = OutputLayout(output)
+    if not exists(layout.config_url, storage_options):
+        raise FileNotFoundError(f"{output} is not a gemlabel output (no _config.json)")
+    config = json.loads(read_bytes(layout.config_url, storage_options))
+    markers = read_markers(layout, storage_options)
+    failures = {k: v for k, v in read_failures(layout, storage_options).items() if k not in markers}
+    histogram: Counter = Counter()
+    for marker in markers.values():
+        histogram.update(marker.get("error_histogram", {}))
+    busy = sum(m["timings"]["total_s"] for m in markers.values())
+    images = sum(m["samples"] for m in markers.values())
+    runs = sorted(read_runs(layout, storage_options), key=lambda r: r["started_at"])
+    settings = config.get("settings", {})
+    return {
+        "output": output, "fingerprint": config["fingerprint"], "model": settings.get("model"),
+        "pretrained": settings.get("pretrained"), "classes": len(settings.get("vocab", [])),
+        "shards_done": len(markers), "shards_failed": len(failures),
+        "shards_with_image_errors": sum(1 for m in markers.values() if m["errors"]),
+        "images": images, "images_ok": sum(m["ok"] for m in markers.values()),
+        "image_errors": sum(m["errors"] for m in markers.values()),
+        "labels": sum(m["labels"] for m in markers.values()),
+        "error_histogram": dict(histogram.most_common()),
+        "worker_images_per_s": round(images / busy, 3) if busy else None,
+        "failed_shards": {f["shard"]: f["error"] for f in failures.values()},
+        "runs": [{k: r.get(k) for k in ("run_id", "started_at", "finished_at", "shards_done", "shards_skipped",
+                                        "shards_failed", "images", "images_per_s")} for r in runs],
+    }
+
+
+def format_report(report: dict) -> str:
+    lines = [f"output      {report['output']}  (config {report['fingerprint']})",
+             f"model       {report['model']} / {report['pretrained']}, {report['classes']} classes",
+             f"shards      {report['shards_done']} done, {report['shards_failed']} failed, "
+             f"{report['shards_with_image_errors']} with image errors",
+             f"images      {report['images']} ({report['images_ok']} ok, {report['image_errors']} errors), "
+             f"{report['labels']} labels",
+             f"throughput  {report['worker_images_per_s']} images/s per worker"]
+    if report["error_histogram"]:
+        lines.append("errors      " + ", ".join(f"{k}: {v}" for k, v in report["error_histogram"].items()))
+    lines += [f"FAILED      {url}: {error}" for url, error in report["failed_shards"].items()]
+    for run in report["runs"]:
+        lines.append(f"run         {run['run_id']}: {run['shards_done']} labelled, {run['shards_skipped']} skipped, "
+                     f"{run['shards_failed']} failed, {run['images']} images at {run['images_per_s']} images/s")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Input shard listing: brace patterns, globs and list files on any fsspec filesystem."""
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from braceexpand import braceexpand
+
+from pipeline.storage import StorageOptions, filesystem, full_url, normalize_url, read_bytes
+
+GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True, order=True)
+class Shard:
+    """One input tar. ``shard_id`` names its outputs: the file stem plus a hash of the full URL,
+    stable across runs and unique even when two folders hold files of the same name."""
+
+    url: str
+    shard_id: str
+
+
+def shard_id_for(url: str) -> str:
+    stem = posixpath.basename(url.rstrip("/")).split(".")[0] or "shard"
+    return f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
+
+
+def _expand_one(pattern: str, storage_options: Optional[StorageOptions]) -> list[str]:
+    if pattern.endswith(".txt"):
+        text = read_bytes(pattern, storage_options).decode("utf-8")
+        listed = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        if not listed:
+            raise ValueError(f"shard list {pattern} is empty")
+        return expand_shards(listed, storage_options, allow_missing=True)
+    if any(ch in pattern for ch in GLOB_CHARS):
+        fs, path = filesystem(pattern, storage_options)
+        return [full_url(fs, p) for p in sorted(fs.glob(path))]
+    return [normalize_url(pattern)]
+
+
+def expand_shards(patterns: Iterable[str], storage_options: Optional[StorageOptions] = None,
+                  allow_missing: bool = True) -> list[str]:
+    """URLs of all shards named by the patterns, in order, without repeats. Plain URLs are kept
+    even if missing (a missing shard is reported as a failed shard, not a crashed run); a glob
+    that matches nothing is an error, since it most often means a wrong prefix."""
+    urls: list[str] = []
+    for pattern in patterns:
+        for expanded in braceexpand(pattern):
+            matches = _expand_one(expanded, storage_options)
+            if not matches and not allow_missing:
+                raise ValueError(f"input pattern {expanded} matches no file")
+            if not matches and any(ch in expanded for ch in GLOB_CHARS):
+                raise ValueError(f"input glob {expanded} matches no file")
+            urls.extend(matches)
+    seen: set[str] = set()
+    return [u for u in urls if not (u in seen or seen.add(u))]
+
+
+def list_shards(patterns: Iterable[str], storage_options: Optional[StorageOptions] = None) -> list[Shard]:
+    return [Shard(url, shard_id_for(url)) for url in expand_shards(patterns, storage_options)]
