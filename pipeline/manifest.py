@@ -110,4 +110,7 @@ def prepare_output(layout: OutputLayout, fingerprint: str, source: dict, overwri
         raise ConfigError(f"output {layout.root} holds labels made with other settings (changed: {changed}); "
                           "write to a new --output, or pass --overwrite to replace them")
     if overwrite or existing is None or existing["fingerprint"] != fingerprint:
-        write_json(layout.config_url, {"fingerprint": fingerprint, "settings": source}, storage_options)
+        try:
+            write_json(layout.config_url, {"fingerprint": fingerprint, "settings": source}, storage_options)
+        except (FileNotFoundError, PermissionError) as err:
+            raise ConfigError(f"output: cannot write to {layout.root}: {err}") from None

@@ -50,7 +50,7 @@ def iter_tar_samples(url: str, storage_options: Optional[StorageOptions] = None)
             yield from group_by_keys(files, handler=_skip_duplicate_files)
     except Exception as err:  # missing file, tarfile.ReadError on truncation, storage errors
 
-        raise ShardReadError(f"{url}: {type(err).__name__}: {err}") from err
+        raise ShardReadError(f"{type(err).__name__}: {err}") from err
 
 
 def _skip_duplicate_files(err: Exception) -> bool:

@@ -130,13 +130,19 @@ class WorkerPool:
             self.size = self.config.num_workers or 1
         self.torch_threads = max(1, int(round(self.config.cpus_per_worker)))
         self._remote = ray.remote(ShardLabeler)
-        self._created = 0
+        self._actors: list = []
 
     def new_actor(self):
-        name = f"{WORKER_PREFIX}-{self.run_id}-{self._created}"
-        self._created += 1
-        return self._remote.options(name=name, max_restarts=0, **self.resources).remote(
+        name = f"{WORKER_PREFIX}-{self.run_id}-{len(self._actors)}"
+        actor = self._remote.options(name=name, max_restarts=0, **self.resources).remote(
             self.spec, None, self.torch_threads)
+        self._actors.append(actor)
+        return actor
+
+    def shutdown(self) -> None:
+        """Free the workers' resources (a driver that stays connected to Ray would keep them)."""
+        for actor in self._actors:
+            ray.kill(actor)
 
     def start(self) -> list:
         actors = [self.new_actor() for _ in range(self.size)]
@@ -207,9 +213,11 @@ def _retry_or_fail(shard: Shard, attempts: Counter, queue: deque, summary: RunSu
     on_result(shard, None)
 
 
-def run_labeling(config: LabelConfig, out=sys.stderr) -> RunSummary:
-    """Label every shard of the input not yet done in the output. Raises ConfigError on a bad
-    vocabulary, templates or an output made with other settings."""
+def run_labeling(config: LabelConfig, out=None) -> RunSummary:
+    """Label every shard of the input not yet done in the output; progress and the summary go to
+    ``out`` (default stderr). Raises ConfigError on a bad vocabulary, templates or an output made
+    with other settings."""
+    out = out or sys.stderr
     started = datetime.now(timezone.utc)
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     spec = build_spec(config)
@@ -230,23 +238,30 @@ def run_labeling(config: LabelConfig, out=sys.stderr) -> RunSummary:
         if todo:
             connect_ray(config)
             pool = WorkerPool(spec, run_id)
-            actors = pool.start()
-            print(f"gemlabel: {len(todo)} of {len(shards)} shards to label with {pool.size} worker(s) "
-                  f"({pool.resources}); {summary.shards_skipped} already done", file=out, flush=True)
-            with tqdm(total=len(todo), unit="shard", file=out, disable=not config.progress,
-                      dynamic_ncols=True) as bar:
-                def on_result(shard: Shard, marker: Optional[dict]) -> None:
-                    elapsed = time.perf_counter() - wall
-                    bar.set_postfix(images=summary.images, img_s=f"{summary.images / max(elapsed, 1e-9):.2f}",
-                                    failed_shards=summary.shards_failed, bad_images=summary.image_errors)
-                    bar.update(1)
-                    if not config.progress:
-                        state = "failed" if marker is None else f"{marker['samples']} images"
-                        print(f"gemlabel: {shard.shard_id}: {state}", file=out, flush=True)
-                label_shards(pool, actors, todo, summary, on_result)
+            try:
+                _label_with_progress(pool, todo, summary, wall, len(shards), config, out)
+            finally:
+                pool.shutdown()
     finally:
         summary.seconds = time.perf_counter() - wall
         summary.finished_at = datetime.now(timezone.utc).isoformat()
         write_json(join(layout.runs_dir, f"{run_id}.json"), summary.as_record(), config.storage_options)
     print(summary.text(), file=out, flush=True)
     return summary
+
+
+def _label_with_progress(pool: WorkerPool, todo: list[Shard], summary: RunSummary, wall: float, total: int,
+                         config: LabelConfig, out) -> None:
+    actors = pool.start()
+    print(f"gemlabel: {len(todo)} of {total} shards to label with {pool.size} worker(s) "
+          f"({pool.resources}); {summary.shards_skipped} already done", file=out, flush=True)
+    with tqdm(total=len(todo), unit="shard", file=out, disable=not config.progress, dynamic_ncols=True) as bar:
+        def on_result(shard: Shard, marker: Optional[dict]) -> None:
+            elapsed = time.perf_counter() - wall
+            bar.set_postfix(images=summary.images, img_s=f"{summary.images / max(elapsed, 1e-9):.2f}",
+                            failed_shards=summary.shards_failed, bad_images=summary.image_errors)
+            bar.update(1)
+            if not config.progress:
+                state = "failed" if marker is None else f"{marker['samples']} images, {marker['errors']} errors"
+                print(f"gemlabel: {shard.shard_id}: {state}", file=out, flush=True)
+        label_shards(pool, actors, todo, summary, on_result)

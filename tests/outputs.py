@@ -1,0 +1,37 @@
+"""Read a gemlabel output back and check it the way a consumer of the labels would."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.encode import decode_mask
+from pipeline.manifest import OutputLayout
+from pipeline.storage import filesystem, list_files
+
+
+def read_tables(output: str, storage_options=None) -> dict[str, "pq.Table"]:
+    tables = {}
+    for url in list_files(OutputLayout(output).labels_dir, storage_options, ".parquet"):
+        fs, path = filesystem(url, storage_options)
+        with fs.open(path, "rb") as handle:
+            tables[url.rsplit("/", 1)[-1]] = pq.read_table(handle)
+    return tables
+
+
+def all_rows(output: str, storage_options=None) -> list[dict]:
+    return [row for table in read_tables(output, storage_options).values() for row in table.to_pylist()]
+
+
+def check_labels(row: dict) -> None:
+    """Every label's RLE decodes to the image's size and agrees with its area, bbox and point."""
+    covered = np.zeros((row["height"], row["width"]), dtype=np.int32)
+    for label in row["labels"]:
+        mask = decode_mask(label["rle_size"], label["rle_counts"])
+        assert mask.shape == (row["height"], row["width"])
+        assert mask.sum() == label["area"] > 0
+        assert mask[label["point_y"], label["point_x"]]
+        x, y, w, h = label["bbox"]
+        assert mask[y:y + h, x:x + w].sum() == label["area"]
+        assert 0.0 < label["score"] <= label["peak_score"] <= 1.0
+        covered += mask
+    assert covered.max() <= 1  # one class per pixel

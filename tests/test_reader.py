@@ -1,0 +1,64 @@
+"""Shard reading and decoding: formats, modes, EXIF, broken samples, broken shards."""
+import pytest
+from PIL import Image
+
+from pipeline.reader import PrefetchingReader, ShardReadError, decode_sample, iter_tar_samples
+from tests.shards import encode, photo, truncate, varied_samples, write_shard
+
+SIZE = (64, 64)
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def decode(raw: dict, index: int = 0):
+    return decode_sample(index, raw, SIZE, MEAN, STD)
+
+
+def test_every_format_and_mode_decodes_to_rgb():
+    samples = varied_samples(6)
+    kinds = [next(k for k in s if k in ("jpg", "jpeg", "png", "webp")) for s in samples]
+    assert kinds == ["jpg", "png", "webp", "png", "jpeg", "png"]
+    modes = [Image.open(__import__("io").BytesIO(s[k])).mode for s, k in zip(samples, kinds)]
+    assert modes == ["RGB", "L", "RGB", "RGBA", "CMYK", "I;16"]
+    for i, sample in enumerate(samples):
+        decoded = decode(sample, i)
+        assert decoded.error is None, decoded.error
+        assert decoded.image.mode == "RGB" and decoded.tensor.shape == (3, 64, 64)
+        assert (decoded.width, decoded.height) == (96 + 13 * (i % 5), 64 + 11 * (i % 7))
+    bright16 = decode(samples[5]).image  # 16-bit values are scaled to 8 bits, not clipped to white
+    assert 0 < sum(bright16.convert("L").getextrema()) < 510
+
+
+def test_exif_orientation_is_applied():
+    image = photo(0, (120, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    decoded = decode({"__key__": "rot", "jpg": encode(image, "JPEG", exif=exif.tobytes())})
+    assert (decoded.width, decoded.height) == (80, 120)
+
+
+def test_broken_samples_become_errors_not_exceptions():
+    good = encode(photo(1, (50, 40)), "JPEG")
+    corrupt = good[:20] + b"\x00garbage" * 50   # header intact, body destroyed
+    cases = {
+        "truncated": {"jpg": good[: len(good) // 2]},
+        "garbage": {"jpg": b"this is not a jpeg at all"},
+        "corrupt": {"jpg": corrupt},
+        "noimage": {"txt": b"only text"},
+    }
+    for key, raw in cases.items():
+        decoded = decode({"__key__": key, **raw})
+        assert decoded.error and decoded.tensor is None, key
+    assert decode({"__key__": "n", "txt": b"x"}).error_kind == "no_image"
+    assert decode({"__key__": "g", "jpg": b"nope"}).error_kind == "decode:UnidentifiedImageError"
+
+
+def test_reader_keeps_order_and_reports_broken_shards(tmp_path):
+    shard = write_shard(tmp_path / "s.tar", varied_samples(30))
+    keys = [s.key for s in PrefetchingReader(str(shard), lambda i, raw: decode(raw, i), threads=3, prefetch=4)]
+    assert keys == [f"img{i:05d}" for i in range(30)]
+    assert [r["__key__"] for r in iter_tar_samples(str(shard))] == keys
+    truncate(shard, 0.5)
+    with pytest.raises(ShardReadError, match="ReadError"):
+        list(PrefetchingReader(str(shard), lambda i, raw: decode(raw, i), threads=2))
+    with pytest.raises(ShardReadError, match="missing.tar"):
+        list(iter_tar_samples(str(tmp_path / "missing.tar")))
