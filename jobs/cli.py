@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     label.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, R2, ...)")
     label.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                        help="one line per shard instead of a progress bar")
+    pack = commands.add_parser("pack", help="pack a folder of images into webdataset shards")
+    pack.add_argument("folder")
+    pack.add_argument("output_prefix", help="e.g. data/shards/train writes data/shards/train-000000.tar, ...")
+    pack.add_argument("--per-shard", type=int, default=1000)
     report = commands.add_parser("report", help="summarise an output from its markers")
     report.add_argument("output")
     report.add_argument("--s3-endpoint", default=None)
@@ -98,10 +102,21 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_FAILED_SHARDS if report["shards_failed"] else EXIT_OK
 
 
+def _pack(args: argparse.Namespace) -> int:
+    from pipeline.pack import pack_images
+    try:
+        shards = pack_images(args.folder, args.output_prefix, args.per_shard)
+    except ValueError as err:
+        print(f"gemlabel: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"gemlabel: wrote {len(shards)} shard(s): {shards[0]} ... {shards[-1]}")
+    return EXIT_OK
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    return _label(args) if args.command == "label" else _report(args)
+    return {"label": _label, "report": _report, "pack": _pack}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class LabelConfig:
     input_size: list[int] = field(default_factory=lambda: [448, 448])  # model input (height, width)
     precision: str = "auto"
     batch_size: int = 16
+    device: str = "auto"                                  # auto: GPUs if the cluster has some; cuda | cpu
     num_workers: Optional[int] = None                     # default: one per GPU, else 1
     gpus_per_worker: float = 1.0                          # used when the cluster has GPUs
     cpus_per_worker: float = 1.0
@@ -177,6 +178,10 @@ def _validate(config: LabelConfig) -> None:
                           f"{config.thresholds.background_threshold}")
     if config.gem.inv_temperature is not None and config.gem.inv_temperature <= 0:
         raise ConfigError("gem.inv_temperature: must be positive, or null for the adaptive temperature")
+    if config.device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"device: one of auto, cuda, cpu; got {config.device!r}")
+    if config.device == "cuda" and config.gpus_per_worker <= 0:
+        raise ConfigError("gpus_per_worker: must be positive with device: cuda")
     if config.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"precision: one of auto, fp32, bf16, fp16; got {config.precision!r}")
     if config.vocab_file and not Path(config.vocab_file).is_file() and "://" not in config.vocab_file:

@@ -122,12 +122,15 @@ class WorkerPool:
     def __init__(self, spec: RunSpec, run_id: str):
         self.spec, self.config, self.run_id = spec, spec.config, run_id
         gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus > 0 and self.config.gpus_per_worker > 0:
-            self.resources = {"num_gpus": self.config.gpus_per_worker, "num_cpus": self.config.cpus_per_worker}
-            self.size = self.config.num_workers or max(1, int(gpus // self.config.gpus_per_worker))
+        config = self.config
+        # device: cuda asks for GPU actors even before an autoscaler has started GPU nodes.
+        use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0 and config.gpus_per_worker > 0)
+        if use_gpu:
+            self.resources = {"num_gpus": config.gpus_per_worker, "num_cpus": config.cpus_per_worker}
+            self.size = config.num_workers or max(1, int(gpus // config.gpus_per_worker))
         else:
-            self.resources = {"num_gpus": 0, "num_cpus": self.config.cpus_per_worker}
-            self.size = self.config.num_workers or 1
+            self.resources = {"num_gpus": 0, "num_cpus": config.cpus_per_worker}
+            self.size = config.num_workers or 1
         self.torch_threads = max(1, int(round(self.config.cpus_per_worker)))
         self._remote = ray.remote(ShardLabeler)
         self._actors: list = []

@@ -67,6 +67,7 @@ class ShardLabeler:
             torch.set_num_threads(torch_threads)
         self.spec, self.config = spec, spec.config
         self.layout = OutputLayout(spec.config.output)
+        # Ray hides the GPUs from actors that asked for none, so this follows the actor's resources.
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.segmenter = load_segmenter(spec, self.device)
         self.vocabulary = self.segmenter.vocabulary(spec.class_names, spec.templates)

@@ -1,0 +1,25 @@
+"""Pack a folder of images into webdataset tar shards (the input format gemlabel reads)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import webdataset as wds
+
+from pipeline.reader import IMAGE_EXTENSIONS
+
+
+def pack_images(folder: str, output_prefix: str, per_shard: int = 1000) -> list[str]:
+    """Write ``{output_prefix}-000000.tar, ...``; each sample's key is the image's path relative to
+    the folder (without extension), so labels can be traced back to their files."""
+    root = Path(folder)
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    if not images:
+        raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {folder}")
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    with wds.ShardWriter(f"{output_prefix}-%06d.tar", maxcount=per_shard, verbose=0,
+                         post=written.append) as sink:
+        for path in images:
+            key = path.relative_to(root).with_suffix("").as_posix().replace(".", "_")
+            sink.write({"__key__": key, path.suffix.lower().lstrip("."): path.read_bytes()})
+    return written
