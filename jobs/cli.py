@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("folder")
     pack.add_argument("output_prefix", help="e.g. data/shards/train writes data/shards/train-000000.tar, ...")
     pack.add_argument("--per-shard", type=int, default=1000)
+    pack.add_argument("--pattern", default="*", help="glob on file names, e.g. '*_image.png'")
     report = commands.add_parser("report", help="summarise an output from its markers")
     report.add_argument("output")
     report.add_argument("--s3-endpoint", default=None)
@@ -105,7 +106,7 @@ def _report(args: argparse.Namespace) -> int:
 def _pack(args: argparse.Namespace) -> int:
     from pipeline.pack import pack_images
     try:
-        shards = pack_images(args.folder, args.output_prefix, args.per_shard)
+        shards = pack_images(args.folder, args.output_prefix, args.per_shard, args.pattern)
     except ValueError as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG

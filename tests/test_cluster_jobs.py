@@ -153,3 +153,14 @@ def test_manifests_parse_and_name_what_exists():
         for name in source.split():
             assert (REPO / name).exists(), name
     assert load_config(str(REPO / "jobs/configs/local.yaml")).model == "ViT-B-16"
+
+
+def test_pack_turns_a_folder_into_shards_gemlabel_reads(tmp_path):
+    from jobs.cli import main
+    from pipeline.reader import iter_tar_samples
+    assert main(["pack", str(REPO / "tests/data/voc"), str(tmp_path / "shards/voc"), "--per-shard", "3",
+                 "--pattern", "*_image.png"]) == 0
+    shards = sorted((tmp_path / "shards").glob("voc-*.tar"))
+    keys = [s["__key__"] for shard in shards for s in iter_tar_samples(str(shard))]
+    assert len(shards) == 2 and keys == ["0_image", "114_image", "166_image", "23_image"]
+    assert main(["pack", str(tmp_path / "shards"), str(tmp_path / "none")]) == 2
