@@ -88,7 +88,7 @@ def load_clip(model_name: str, pretrained: Optional[str], device: str | torch.de
             raise WeightsUnavailableError(
                 f"--pretrained {weights!r} is neither a file nor an open_clip tag of {model_name} "
                 f"(tags: {', '.join(tags) or 'none'}); pass a local checkpoint path")
-    remote = schema_source and model_name.startswith("hf-hub:") or (weights is not None and not os.path.isfile(weights))
+    remote = model_name.startswith("hf-hub:") or (weights is not None and not os.path.isfile(weights))
     if remote:
         host = "huggingface.co" if schema_source else _weights_host(model_name, weights)
         if host and not _reachable(host):

@@ -34,10 +34,9 @@ class ShardReadError(RuntimeError):
 class DecodedSample:
     index: int                 # position in the shard
     key: str
-    width: int = 0
+    width: int = 0             # of the image as displayed (EXIF orientation applied)
     height: int = 0
-    image: Optional[Image.Image] = None
-    tensor: Optional[torch.Tensor] = None
+    tensor: Optional[torch.Tensor] = None  # the model input; the decoded image itself is not kept
     error: Optional[str] = None
     error_kind: Optional[str] = None  # short label for the error histogram
 
@@ -72,7 +71,8 @@ def _image_entry(sample: dict) -> Optional[str]:
 
 
 def decode_sample(index: int, raw: dict, input_size: tuple[int, int], mean, std) -> DecodedSample:
-    """Bytes -> RGB image (EXIF orientation applied) and the model's input tensor; never raises."""
+    """Bytes -> the model's input tensor and the image's size (EXIF orientation applied); never
+    raises. Images over Pillow's decompression-bomb limit are errors too."""
     key = raw.get("__key__", f"#{index}")
     entry = _image_entry(raw)
     if entry is None:
@@ -89,7 +89,7 @@ def decode_sample(index: int, raw: dict, input_size: tuple[int, int], mean, std)
     except Exception as err:  # any decoder failure is this sample's, not the shard's
         return DecodedSample(index, key, error=f"decode {entry}: {type(err).__name__}: {err}",
                              error_kind=f"decode:{type(err).__name__}")
-    return DecodedSample(index, key, image.width, image.height, image, tensor)
+    return DecodedSample(index, key, image.width, image.height, tensor)
 
 
 _END = object()

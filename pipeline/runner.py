@@ -116,6 +116,10 @@ class WorkerStartError(RuntimeError):
     """The workers could not load the model (weights, model name, device)."""
 
 
+class WorkersLostError(RuntimeError):
+    """More workers died than max_actor_restarts allows: the cluster itself is failing."""
+
+
 class WorkerPool:
     """Ray actors running ShardLabeler, replaced when they die."""
 
@@ -182,7 +186,7 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
         except RayActorError as err:  # the actor died (killed, OOM, node lost): redo the shard elsewhere
             summary.actor_restarts += 1
             if summary.actor_restarts > config.max_actor_restarts:
-                raise RuntimeError(f"{summary.actor_restarts} workers died (max_actor_restarts="
+                raise WorkersLostError(f"{summary.actor_restarts} workers died (max_actor_restarts="
                                    f"{config.max_actor_restarts}); last: {_error_text(err)}") from None
             log.warning("worker died while labelling %s (%s); retrying elsewhere", shard.url, _error_text(err))
             attempts[shard] += 1

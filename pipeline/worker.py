@@ -85,9 +85,11 @@ class ShardLabeler:
         start = time.perf_counter()
         try:
             sims = self.segmenter.patch_similarities(torch.stack([s.tensor for s in batch]), self.vocabulary).cpu()
-        except Exception:  # e.g. out of memory: fall back to one image at a time
+        except Exception as err:  # e.g. out of memory: one image at a time, then an error row
             if len(batch) == 1:
-                raise
+                sample = batch[0]
+                sample.error, sample.error_kind = f"model: {type(err).__name__}: {err}", f"model:{type(err).__name__}"
+                return [self._row(shard, sample)]
             return [row for sample in batch for row in self._rows_for_batch(shard, [sample], timings)]
         timings["model_s"] += time.perf_counter() - start
         start = time.perf_counter()
