@@ -77,32 +77,63 @@ def _go_offline() -> None:
     constants.HF_HUB_OFFLINE = True
 
 
+def _offline_error(model_name: str, weights: Optional[str], err: Exception) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"could not fetch weights for {model_name} ({weights or 'hub'}): no network access and no cached copy "
+        f"({str(err).splitlines()[0][:160]}). Download the checkpoint elsewhere and pass its local path, "
+        f"e.g. --pretrained /path/to/open_clip_pytorch_model.bin")
+
+
+def _resolve_weights(model_name: str, pretrained: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(open_clip's ``pretrained`` argument, the host it must be fetched from or None if local)."""
+    _check_config(model_name)
+    if model_name.startswith("hf-hub:"):
+        return None, urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    if model_name.startswith("local-dir:") or pretrained is None or pretrained.lower() in RANDOM_WEIGHTS:
+        return None, None
+    if os.path.isfile(pretrained):
+        return pretrained, None
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags:
+        raise WeightsUnavailableError(
+            f"--pretrained {pretrained!r} is neither a file nor an open_clip tag of {model_name} "
+            f"(tags: {', '.join(tags) or 'none'}); pass a local checkpoint path")
+    return pretrained, _weights_host(model_name, pretrained)
+
+
+def check_weights_available(model_name: str, pretrained: Optional[str]) -> None:
+    """Fail in about a second, without building the model, wherever ``load_clip`` would fail to
+    get weights: unknown model or tag, missing file, or no network and no cached copy."""
+    weights, host = _resolve_weights(model_name, pretrained)
+    if host is None or _reachable(host):
+        return
+    from huggingface_hub import constants
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        if model_name.startswith("hf-hub:"):
+            from huggingface_hub import hf_hub_download
+            hf_hub_download(model_name[len("hf-hub:"):], "open_clip_config.json")
+        else:
+            open_clip.pretrained.download_pretrained(open_clip.get_pretrained_cfg(model_name, weights))
+    except Exception as err:  # huggingface_hub and urllib raise many kinds
+        raise _offline_error(model_name, weights, err) from None
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
 def load_clip(model_name: str, pretrained: Optional[str], device: str | torch.device = "cpu") -> LoadedCLIP:
     """Build the model in eval mode on ``device`` with the requested weights."""
-    _check_config(model_name)
+    weights, host = _resolve_weights(model_name, pretrained)
     schema_source = model_name.startswith(("hf-hub:", "local-dir:"))
-    weights = None if schema_source or pretrained is None or pretrained.lower() in RANDOM_WEIGHTS else pretrained
-    if weights is not None and not os.path.isfile(weights):
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        if weights not in tags:
-            raise WeightsUnavailableError(
-                f"--pretrained {weights!r} is neither a file nor an open_clip tag of {model_name} "
-                f"(tags: {', '.join(tags) or 'none'}); pass a local checkpoint path")
-    remote = model_name.startswith("hf-hub:") or (weights is not None and not os.path.isfile(weights))
-    if remote:
-        host = "huggingface.co" if schema_source else _weights_host(model_name, weights)
-        if host and not _reachable(host):
-            _go_offline()
+    if host and not _reachable(host):
+        _go_offline()
     try:
         model = open_clip.create_model(model_name, pretrained=weights, device=device,
                                        load_weights=weights is not None or schema_source)
-    except (RuntimeError, OSError, FileNotFoundError) as err:
-        if not remote:
+    except (RuntimeError, OSError) as err:
+        if host is None:
             raise WeightsUnavailableError(f"could not load weights from {weights}: {err}") from err
-        raise WeightsUnavailableError(
-            f"could not fetch weights for {model_name} ({weights or 'hub'}) - no network access or not cached "
-            f"({str(err).splitlines()[0][:200]}). Download the checkpoint elsewhere and pass its local path, "
-            f"e.g. --pretrained /path/to/open_clip_pytorch_model.bin") from err
+        raise _offline_error(model_name, weights, err) from err
     if weights is None and not schema_source:
         log.warning("model %s has random weights (pretrained=%r): outputs are meaningless", model_name, pretrained)
     check_supported(model.visual)

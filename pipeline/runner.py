@@ -20,12 +20,13 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
+from gem.loading import WeightsUnavailableError, check_weights_available
 from gem.templates import clean_class_names, resolve_templates
 from pipeline.config import ConfigError, LabelConfig, fingerprint
 from pipeline.manifest import OutputLayout, prepare_output, read_markers, write_json
 from pipeline.shards import Shard, list_shards
 from pipeline.storage import join, read_bytes
-from pipeline.worker import RunSpec, ShardLabeler
+from pipeline.worker import RunSpec, ShardLabeler, register_model_config
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,15 @@ def resolve_vocabulary(config: LabelConfig) -> list[str]:
         return list(clean_class_names(names))
     except ValueError as err:
         raise ConfigError(f"vocab: {err}") from None
+
+
+def check_model(config: LabelConfig) -> None:
+    """Model name and weights, checked in the driver before any worker starts."""
+    register_model_config(config.model_config)
+    try:
+        check_weights_available(config.model, config.pretrained)
+    except (ValueError, WeightsUnavailableError) as err:  # UnsupportedModelError is a ValueError
+        raise ConfigError(f"model: {err}") from None
 
 
 def build_spec(config: LabelConfig) -> RunSpec:
@@ -235,6 +245,7 @@ def run_labeling(config: LabelConfig, out=None) -> RunSummary:
         raise ConfigError(f"input: {err}") from None
     if not shards:
         raise ConfigError("input: no shards found")
+    check_model(config)
     prepare_output(layout, spec.fingerprint, config.fingerprint_source(spec.class_names, spec.templates),
                    config.overwrite, config.storage_options)
     todo = select_shards(shards, read_markers(layout, config.storage_options), spec)

@@ -48,13 +48,18 @@ class RunSpec:
                 "vocab": self.class_names, "templates": self.templates, "precision": c.precision}
 
 
-def load_segmenter(spec: RunSpec, device: torch.device) -> GEMSegmenter:
-    config = spec.config
-    if config.model_config:
+def register_model_config(path: Optional[str]) -> None:
+    """Make a custom open_clip model config known in this process (driver and each worker)."""
+    if path:
         from gem.torchvision_shim import import_torchvision
         import_torchvision()
         import open_clip
-        open_clip.add_model_config(config.model_config)
+        open_clip.add_model_config(path)
+
+
+def load_segmenter(spec: RunSpec, device: torch.device) -> GEMSegmenter:
+    config = spec.config
+    register_model_config(config.model_config)
     if config.pretrained is None or config.pretrained.lower() in ("", "none", "random"):
         torch.manual_seed(0)  # random weights, but the same ones in every worker and run
     settings = GEMSettings(config.gem.depth, config.gem.iters, config.gem.inv_temperature)

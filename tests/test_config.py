@@ -68,3 +68,17 @@ def test_installed_command_reports_usage_errors():
     result = subprocess.run([sys.executable, "-m", "jobs.label", "--batch-size", "many"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "invalid int value" in result.stderr
+
+
+def test_model_and_weights_are_checked_before_any_worker_starts(tmp_path, capsys):
+    import time
+    (tmp_path / "a.tar").write_bytes(b"")
+    base = ["label", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "o"), "--vocab", "cat"]
+    start = time.monotonic()
+    assert main([*base, "--model", "ViT-B-16", "--pretrained", "openai"]) == 2  # offline, not cached
+    assert main([*base, "--model", "RN50", "--pretrained", "openai"]) == 2
+    assert main([*base, "--model", "ViT-B-16", "--pretrained", str(tmp_path / "nope.pt")]) == 2
+    assert time.monotonic() - start < 20
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("gemlabel: error: model: ") for line in lines)
+    assert "pass its local path" in lines[0] and "VisionTransformer" in lines[1] and "local checkpoint" in lines[2]

@@ -153,3 +153,24 @@ def test_reruns_skip_done_shards_and_guard_the_config(base_config, tmp_path):
     assert {r["sample_id"] for r in after} == {r["sample_id"] for r in before}
     assert {label["name"] for r in after for label in r["labels"]} <= {"cat", "dog"}
     assert len(summarize_output(settings["output"])["runs"]) == 4  # refused runs leave no record
+
+
+def test_http_input(base_config, tmp_path):
+    """Shards served over HTTP (a loopback http.server), read through fsspec's HTTP filesystem."""
+    import functools
+    import http.server
+
+    write_shards(tmp_path / "www", shards=2, per_shard=3)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        config = load_config(None, {**base_config, "input": [f"{base}/shard-{{0000..0001}}.tar", f"{base}/gone.tar"],
+                                    "max_shard_retries": 0})
+        summary = run_labeling(config)
+    finally:
+        server.shutdown()
+    assert (summary.shards_done, summary.shards_failed, summary.images) == (2, 1, 6)
+    assert {row["shard"] for row in all_rows(config.output)} == {f"{base}/shard-0000.tar", f"{base}/shard-0001.tar"}
