@@ -110,5 +110,5 @@ class GEMSegmenter:
     def label(self, images: Sequence[Image.Image], vocabulary: Vocabulary, input_size: tuple[int, int] = (448, 448),
               thresholds: LabelingThresholds = LabelingThresholds()) -> list[list[ClassRegion]]:
         """Label PIL images: per image, one region per present class at the image's own size."""
-        sims = self.patch_similarities(self.preprocess(images, input_size), vocabulary).cpu()
+        sims = self.patch_similarities(self.preprocess(images, input_size), vocabulary)  # label maps on its device
         return [label_image(s, (image.height, image.width), thresholds)[1] for s, image in zip(sims, images)]

@@ -135,8 +135,8 @@ class WorkerPool:
 
     def __init__(self, spec: RunSpec, run_id: str):
         self.spec, self.config, self.run_id = spec, spec.config, run_id
+        config = spec.config
         gpus = ray.cluster_resources().get("GPU", 0)
-        config = self.config
         # device: cuda asks for GPU actors even before an autoscaler has started GPU nodes.
         use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0 and config.gpus_per_worker > 0)
         if use_gpu:
@@ -145,7 +145,7 @@ class WorkerPool:
         else:
             self.resources = {"num_gpus": 0, "num_cpus": config.cpus_per_worker}
             self.size = config.num_workers or 1
-        self.torch_threads = max(1, int(round(self.config.cpus_per_worker)))
+        self.torch_threads = max(1, int(round(config.cpus_per_worker)))
         self._remote = ray.remote(ShardLabeler)
         self._actors: list = []
 
@@ -194,6 +194,7 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
         try:
             marker = ray.get(ready[0])
         except RayActorError as err:  # the actor died (killed, OOM, node lost): redo the shard elsewhere
+            ray.kill(actor)  # merely unreachable actors too, so no two workers label one shard
             summary.actor_restarts += 1
             if summary.actor_restarts > config.max_actor_restarts:
                 raise WorkersLostError(f"{summary.actor_restarts} workers died (max_actor_restarts="

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gem import GEMSegmenter, GEMSettings, LabelingThresholds, label_image
+from gem.loading import RANDOM_WEIGHTS
 from pipeline.config import LabelConfig
 from pipeline.encode import label_record
 from pipeline.manifest import OutputLayout, write_json
@@ -60,7 +61,7 @@ def register_model_config(path: Optional[str]) -> None:
 def load_segmenter(spec: RunSpec, device: torch.device) -> GEMSegmenter:
     config = spec.config
     register_model_config(config.model_config)
-    if config.pretrained is None or config.pretrained.lower() in ("", "none", "random"):
+    if config.pretrained is None or config.pretrained.lower() in RANDOM_WEIGHTS:
         torch.manual_seed(0)  # random weights, but the same ones in every worker and run
     settings = GEMSettings(config.gem.depth, config.gem.iters, config.gem.inv_temperature)
     return GEMSegmenter.from_pretrained(config.model, config.pretrained, settings, device, config.precision)
@@ -88,13 +89,11 @@ class ShardLabeler:
 
     def _rows_for_batch(self, shard: Shard, batch: list[DecodedSample], timings: Counter) -> list[dict]:
         start = time.perf_counter()
-        try:
-            sims = self.segmenter.patch_similarities(torch.stack([s.tensor for s in batch]), self.vocabulary).cpu()
+        try:  # similarities stay on the model's device: label maps are built there too
+            sims = self.segmenter.patch_similarities(torch.stack([s.tensor for s in batch]), self.vocabulary)
         except Exception as err:  # e.g. out of memory: one image at a time, then an error row
             if len(batch) == 1:
-                sample = batch[0]
-                sample.error, sample.error_kind = f"model: {type(err).__name__}: {err}", f"model:{type(err).__name__}"
-                return [self._row(shard, sample)]
+                return [self._error_row(shard, batch[0], "model", err)]
             return [row for sample in batch for row in self._rows_for_batch(shard, [sample], timings)]
         timings["model_s"] += time.perf_counter() - start
         start = time.perf_counter()
@@ -105,10 +104,14 @@ class ShardLabeler:
                 labels = [label_record(r, self.spec.class_names) for r in regions]
                 rows.append(self._row(shard, sample, labels=labels))
             except Exception as err:  # this image's failure only
-                sample.error, sample.error_kind = f"label: {type(err).__name__}: {err}", f"label:{type(err).__name__}"
-                rows.append(self._row(shard, sample))
+                rows.append(self._error_row(shard, sample, "label", err))
         timings["postprocess_s"] += time.perf_counter() - start
         return rows
+
+    @classmethod
+    def _error_row(cls, shard: Shard, sample: DecodedSample, stage: str, err: Exception) -> dict:
+        sample.error, sample.error_kind = f"{stage}: {type(err).__name__}: {err}", f"{stage}:{type(err).__name__}"
+        return cls._row(shard, sample)
 
     @staticmethod
     def _row(shard: Shard, sample: DecodedSample, labels: Optional[list] = None) -> dict:
