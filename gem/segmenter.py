@@ -93,10 +93,12 @@ class GEMSegmenter:
         batch, (grid_h, grid_w) = sims.shape[0], tokens.grid
         return sims.transpose(1, 2).reshape(batch, -1, grid_h, grid_w)
 
-    def heatmaps(self, images: torch.Tensor, vocabulary: Vocabulary, normalize: bool = False) -> torch.Tensor:
-        """Similarities upsampled (bilinear) to the input size; min-max scaled per map if asked."""
+    def heatmaps(self, images: torch.Tensor, vocabulary: Vocabulary, normalize: bool = False,
+                 size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Similarities upsampled (bilinear) to ``size`` (height, width; e.g. the original image's,
+        default the input's); min-max scaled per map if asked."""
         sims = self.patch_similarities(images, vocabulary)
-        maps = F.interpolate(sims, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
+        maps = F.interpolate(sims, size=tuple(size or images.shape[-2:]), mode="bilinear", align_corners=False)
         if normalize:
             flat = maps.flatten(2)
             low, high = flat.min(-1, keepdim=True)[0], flat.max(-1, keepdim=True)[0]

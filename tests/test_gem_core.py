@@ -43,6 +43,9 @@ def test_any_size_and_batch_equals_single_images(segmenter):
         torch.testing.assert_close(batched[i:i + 1], segmenter.patch_similarities(images[i:i + 1], vocab),
                                    rtol=1e-4, atol=1e-5)
     assert segmenter.heatmaps(images[:1], vocab).shape == (1, 2, 96, 320)
+    original = segmenter.heatmaps(images[:1], vocab, size=(301, 997))  # e.g. the photo before resizing
+    assert original.shape == (1, 2, 301, 997)
+    torch.testing.assert_close(original, F.interpolate(batched[:1], size=(301, 997), mode="bilinear"))
 
 
 def test_vocabulary_is_encoded_once_and_templates_are_averaged(segmenter):
