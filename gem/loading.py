@@ -7,11 +7,12 @@ of hanging in download retries.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -56,11 +57,13 @@ def _check_config(model_name: str) -> None:
         raise UnsupportedModelError(f"{SUPPORTED_MODELS_HINT}; {model_name!r} has another image tower.")
 
 
+def _hf_host() -> Optional[str]:
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+
+
 def _weights_host(model_name: str, tag: str) -> Optional[str]:
     cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
-    if cfg.get("hf_hub"):
-        return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    return urlparse(cfg.get("url", "")).hostname
+    return _hf_host() if cfg.get("hf_hub") else urlparse(cfg.get("url", "")).hostname
 
 
 def _reachable(host: str, timeout: float = 3.0) -> bool:
@@ -71,10 +74,16 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _go_offline() -> None:
-    """Make huggingface_hub serve from its cache only (it reads this flag at call time)."""
+@contextlib.contextmanager
+def _hub_offline(offline: bool = True) -> Iterator[None]:
+    """While active, huggingface_hub serves from its cache only (it reads this flag at call time)."""
     from huggingface_hub import constants
-    constants.HF_HUB_OFFLINE = True
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def _offline_error(model_name: str, weights: Optional[str], err: Exception) -> WeightsUnavailableError:
@@ -88,7 +97,7 @@ def _resolve_weights(model_name: str, pretrained: Optional[str]) -> tuple[Option
     """(open_clip's ``pretrained`` argument, the host it must be fetched from or None if local)."""
     _check_config(model_name)
     if model_name.startswith("hf-hub:"):
-        return None, urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+        return None, _hf_host()
     if model_name.startswith("local-dir:") or pretrained is None or pretrained.lower() in RANDOM_WEIGHTS:
         return None, None
     if os.path.isfile(pretrained):
@@ -107,29 +116,25 @@ def check_weights_available(model_name: str, pretrained: Optional[str]) -> None:
     weights, host = _resolve_weights(model_name, pretrained)
     if host is None or _reachable(host):
         return
-    from huggingface_hub import constants
-    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
     try:
-        if model_name.startswith("hf-hub:"):
-            from huggingface_hub import hf_hub_download
-            hf_hub_download(model_name[len("hf-hub:"):], "open_clip_config.json")
-        else:
-            open_clip.pretrained.download_pretrained(open_clip.get_pretrained_cfg(model_name, weights))
+        with _hub_offline():
+            if model_name.startswith("hf-hub:"):
+                from huggingface_hub import hf_hub_download
+                hf_hub_download(model_name[len("hf-hub:"):], "open_clip_config.json")
+            else:
+                open_clip.pretrained.download_pretrained(open_clip.get_pretrained_cfg(model_name, weights))
     except Exception as err:  # huggingface_hub and urllib raise many kinds
         raise _offline_error(model_name, weights, err) from None
-    finally:
-        constants.HF_HUB_OFFLINE = previous
 
 
 def load_clip(model_name: str, pretrained: Optional[str], device: str | torch.device = "cpu") -> LoadedCLIP:
     """Build the model in eval mode on ``device`` with the requested weights."""
     weights, host = _resolve_weights(model_name, pretrained)
     schema_source = model_name.startswith(("hf-hub:", "local-dir:"))
-    if host and not _reachable(host):
-        _go_offline()
     try:
-        model = open_clip.create_model(model_name, pretrained=weights, device=device,
-                                       load_weights=weights is not None or schema_source)
+        with _hub_offline(bool(host) and not _reachable(host)):
+            model = open_clip.create_model(model_name, pretrained=weights, device=device,
+                                           load_weights=weights is not None or schema_source)
     except (RuntimeError, OSError) as err:
         if host is None:
             raise WeightsUnavailableError(f"could not load weights from {weights}: {err}") from err

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from pipeline.config import ConfigError
-from pipeline.storage import StorageOptions, filesystem, join, list_files, read_bytes, remove, write_bytes_atomic
+from pipeline.storage import (StorageOptions, exists, filesystem, join, list_files, read_bytes, remove,
+                              write_bytes_atomic)
 
 MARKER_SUFFIX = ".json"
 FAILED_SUFFIX = ".failed.json"
@@ -65,6 +66,13 @@ def _read_json_files(urls: list[str], storage_options: Optional[StorageOptions])
     return [json.loads(contents[p]) for p in paths]
 
 
+def read_output_config(layout: OutputLayout, storage_options: Optional[StorageOptions] = None) -> Optional[dict]:
+    """The output's fingerprint and settings, or None for an output no run has claimed yet."""
+    if not exists(layout.config_url, storage_options):
+        return None
+    return json.loads(read_bytes(layout.config_url, storage_options))
+
+
 def read_markers(layout: OutputLayout, storage_options: Optional[StorageOptions] = None) -> dict[str, dict]:
     """shard_id -> stats marker, for every shard done in this output."""
     urls = [u for u in list_files(layout.markers_dir, storage_options, MARKER_SUFFIX) if not u.endswith(FAILED_SUFFIX)]
@@ -100,8 +108,7 @@ def prepare_output(layout: OutputLayout, fingerprint: str, source: dict, overwri
     """Claim the output for this config. Labels of another config are refused, or with
     ``overwrite`` removed first, so labels of two configs never mix under one prefix. An output
     whose earlier run labelled nothing is simply claimed again."""
-    fs, config_path = filesystem(layout.config_url, storage_options)
-    existing = json.loads(read_bytes(layout.config_url, storage_options)) if fs.exists(config_path) else None
+    existing = read_output_config(layout, storage_options)
     if overwrite:
         for url in (layout.labels_dir, layout.markers_dir):
             remove(url, storage_options, recursive=True)

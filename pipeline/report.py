@@ -1,19 +1,18 @@
 """Summarise an output prefix from its markers alone (no Parquet is read)."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Optional
 
-from pipeline.manifest import OutputLayout, read_failures, read_markers, read_runs
-from pipeline.storage import StorageOptions, exists, read_bytes
+from pipeline.manifest import OutputLayout, read_failures, read_markers, read_output_config, read_runs
+from pipeline.storage import StorageOptions
 
 
 def summarize_output(output: str, storage_options: Optional[StorageOptions] = None) -> dict:
     layout = OutputLayout(output)
-    if not exists(layout.config_url, storage_options):
+    config = read_output_config(layout, storage_options)
+    if config is None:
         raise FileNotFoundError(f"{output} is not a gemlabel output (no _config.json)")
-    config = json.loads(read_bytes(layout.config_url, storage_options))
     markers = read_markers(layout, storage_options)
     failures = {k: v for k, v in read_failures(layout, storage_options).items() if k not in markers}
     histogram: Counter = Counter()

@@ -43,10 +43,9 @@ class RunSpec:
 
     @property
     def run_metadata(self) -> dict:
-        c = self.config
-        return {"fingerprint": self.fingerprint, "model": c.model, "pretrained": c.pretrained,
-                "gem": c.to_dict()["gem"], "thresholds": c.to_dict()["thresholds"], "input_size": c.input_size,
-                "vocab": self.class_names, "templates": self.templates, "precision": c.precision}
+        """What produced the labels (the fingerprinted settings), for each Parquet file's metadata."""
+        return {**self.config.fingerprint_source(self.class_names, self.templates),
+                "fingerprint": self.fingerprint, "precision": self.config.precision}
 
 
 def register_model_config(path: Optional[str]) -> None:
