@@ -342,7 +342,7 @@ def run_cron_script(tmp_path: Path, items: list[dict], fail: bool = False) -> tu
     log = tmp_path / "kubectl.log"
     log.write_text("")
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_KUBECTL_LOG": str(log),
-           "FAKE_KUBECTL_RAYJOBS": str(recorded), **{e["name"]: e["value"] for e in container["env"]}}
+           "FAKE_KUBECTL_RAYJOBS": str(recorded), **{e["name"]: e["value"] for e in container.get("env", [])}}
     if fail:
         env["FAKE_KUBECTL_FAIL"] = "1"
     result = subprocess.run([*container["command"], container["args"][0]], env=env, capture_output=True, text=True,
