@@ -4,6 +4,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# gcsfs >= 2026.x probes every bucket over gRPC (zonal/HNS buckets); the GCS emulator of
+# tests/test_gcs.py speaks only the JSON API. Set before Ray starts so its workers inherit it.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import socket  # noqa: E402
 

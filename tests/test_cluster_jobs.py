@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_config
 from pipeline.manifest import OutputLayout, read_markers, read_runs
 from tests.conftest import free_port
 from tests.outputs import all_rows, check_labels
@@ -110,49 +110,99 @@ def test_scheduled_runs_label_only_new_shards(ray_head, micro_checkpoint, base_c
     assert len(all_rows(config["output"])) == 12
 
 
-def _entrypoint_config(entrypoint: str) -> Path:
-    """`python -m jobs.label --config /app/X` -> the repo file X (the image copies the repo to /app)."""
-    argv = shlex.split(entrypoint)
-    assert argv[:3] == ["python", "-m", "jobs.label"], entrypoint
-    assert (REPO / "jobs" / "label.py").is_file()
-    path = argv[argv.index("--config") + 1]
-    return REPO / re.sub(r"^/app/", "", path)
+def readme_steps() -> list[list[str]]:
+    """The command lines of the fenced blocks of README's "From a laptop to a cluster", in order."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## From a laptop to a cluster"):]
+    section = section[:section.index("\n## ", 1)]
+    return [[line.strip() for line in block.strip().splitlines()]
+            for block in re.findall(r"```bash\n(.*?)```", section, re.S)]
 
 
-def test_manifests_parse_and_name_what_exists():
-    rayjob = yaml.safe_load((REPO / "infra/kuberay/rayjob.yaml").read_text())
-    assert rayjob["kind"] == "RayJob" and rayjob["spec"]["shutdownAfterJobFinishes"] is True
-    config_path = _entrypoint_config(rayjob["spec"]["entrypoint"])
-    assert config_path.is_file()
-    config = load_config(str(config_path))
-    assert config.device == "cuda" and config.output.startswith("s3://")
-    groups = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert any(c["resources"]["limits"].get("nvidia.com/gpu") for g in groups for c in g["template"]["spec"]["containers"])
+def wait_for_dashboard(address: str, head: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return
+        except OSError:
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(1)
+    pytest.fail("the Ray head's dashboard did not come up")
 
-    cluster = yaml.safe_load((REPO / "infra/kuberay/raycluster.yaml").read_text())
-    assert cluster["kind"] == "RayCluster" and cluster["spec"]["rayVersion"] == rayjob["spec"]["rayClusterSpec"]["rayVersion"]
-    assert any("nvidia.com/gpu" in c["resources"]["limits"] for g in cluster["spec"]["workerGroupSpecs"]
-               for c in g["template"]["spec"]["containers"])
 
-    documents = list(yaml.safe_load_all((REPO / "infra/kuberay/cronjob.yaml").read_text()))
-    kinds = {d["kind"]: d for d in documents}
-    assert set(kinds) == {"ServiceAccount", "Role", "RoleBinding", "CronJob"}
-    pod = kinds["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    assert "kubectl create -f /manifests/rayjob.yaml" in pod["containers"][0]["args"][0]
-    assert pod["volumes"][0]["configMap"]["name"] == "gemlabel-rayjob"
-    assert "rayjobs" in kinds["Role"]["rules"][0]["resources"]
+@pytest.mark.slow  # two Ray clusters start: 2-3 minutes on 2 cores
+def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
+    """A newcomer's checkout (the code, the demo photos, the git-ignored .venv and nothing else),
+    a fresh HOME, no RAY_AUTH_MODE: README's step 1 and step 2 lines are run by bash as written. The
+    only changes: the model (tests have no weights: the micro model's flags are appended to the two
+    label commands), the head's ports (free ones), and the head runs in its own temp dir, in the
+    foreground, stopped by its PID (not `ray stop`, which would stop every Ray on the machine)."""
+    step1, step2 = readme_steps()[:2]
+    project = tmp_path / "gemlabel"
+    for folder in ("gem", "pipeline", "jobs", "tests/data/voc"):
+        shutil.copytree(REPO / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / ".gitignore", project / ".gitignore")
+    (project / ".venv").symlink_to(BIN.parent)  # the Quick start's install
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(HOME=str(home), PWD=str(project), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_DEDUP_LOGS="0")
+    model_args = micro_model_args(micro_checkpoint)
+    model_args[model_args.index("--model-config") + 1] = str(REPO / "tests/data/models/gemtest-micro.json")
+    model = " " + shlex.join(model_args)
 
-    launcher = yaml.safe_load((REPO / "infra/cluster-launcher/aws.yaml").read_text())
-    assert launcher["provider"]["type"] == "aws" and launcher["head_node_type"] in launcher["available_node_types"]
-    assert launcher["docker"]["image"] == rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    def run(line: str) -> str:
+        if re.search(r"\bgemlabel label\b|-m jobs\.label\b", line):
+            line += model
+        deadline = time.monotonic() + 300
+        while True:
+            result = subprocess.run(["bash", "-c", line], cwd=project, env=env, capture_output=True, text=True,
+                                    timeout=400)
+            # the head's dashboard answers before its job agent is up: a user would try again too
+            if "No available agent to submit job" not in result.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+        assert result.returncode == 0, f"{line}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        return result.stdout + result.stderr
 
-    dockerfile = (REPO / "infra/Dockerfile").read_text()
-    base_ray = re.search(r"FROM rayproject/ray:([\d.]+)", dockerfile).group(1)
-    assert base_ray == rayjob["spec"]["rayClusterSpec"]["rayVersion"]
-    for source in re.findall(r"^COPY (?:--\S+ )*(.+?) \S+$", dockerfile, re.M):
-        for name in source.split():
-            assert (REPO / name).exists(), name
-    assert load_config(str(REPO / "jobs/configs/local.yaml")).model == "ViT-B-16"
+    for line in step1:
+        run(line)
+    rows = all_rows(str(project / "demo" / "labels"))
+    assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)
+
+    exports = [line for line in step2 if line.startswith("export ")]
+    starts = [line for line in step2 if re.search(r"\bray start --head\b", line)]
+    submits = [line for line in step2 if re.search(r"\bray job submit\b", line)]
+    assert len(starts) == len(submits) == 1 and step2[-1] == "ray stop"
+    assert len(exports) + 3 == len(step2)
+    for line in exports:  # bash evaluates them; the lines after them see the result
+        exported = subprocess.run(["bash", "-c", f"{line} && env -0"], cwd=project, env=env, capture_output=True,
+                                  check=True).stdout.decode()
+        env = dict(item.split("=", 1) for item in exported.split("\0") if "=" in item)
+    dashboard = free_port()
+    assert "--dashboard-port=8265" in starts[0] and "--address http://127.0.0.1:8265" in submits[0]
+    head = subprocess.Popen(
+        ["bash", "-c", starts[0].replace("--dashboard-port=8265", f"--dashboard-port={dashboard}")
+         + f" --port={free_port()} --num-cpus=2 --disable-usage-stats --block"
+         + f" --temp-dir={tempfile.mkdtemp(prefix='rgr-', dir='/tmp')}"],
+        cwd=project, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_dashboard(f"http://127.0.0.1:{dashboard}", head)
+        log = run(submits[0].replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dashboard}"))
+    finally:
+        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=grace)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+    assert "succeeded" in log and "Connected to Ray cluster" in log
+    cluster_rows = all_rows(str(project / "demo" / "labels-cluster"))  # the folder the command named
+    assert sorted(r["key"] for r in cluster_rows) == sorted(r["key"] for r in rows)
+    assert all(row["status"] == "ok" for row in cluster_rows)
+    for row in cluster_rows:
+        check_labels(row)
 
 
 def test_pack_turns_a_folder_into_shards_gemlabel_reads(tmp_path):
