@@ -1,0 +1,172 @@
+"""``gemlabel calibrate``: the post-processing settings that score best on ground truth.
+
+The model runs once per image: each image's (C, h, w) patch-to-class similarities are computed
+once and kept (they are small: a 448 px input with patch 16 and 20 classes is 62 KB). Then every
+point of the grid (logit scale x background threshold x min area) is only post-processing: the
+labelling's own ``gem.postprocess.label_image`` at the image's size, scored with the same metric
+code as ``gemlabel eval``. The best point is written as a YAML fragment ``gemlabel label --config``
+reads.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from gem import GEMSegmenter, LabelingThresholds, label_image
+from gem.vocabulary import Vocabulary
+from pipeline.classmap import ClassMapping
+from pipeline.groundtruth import GroundTruth, GroundTruthError
+from pipeline.metrics import SegmentationMetric
+from pipeline.plots import plot_grid
+from pipeline.reader import decode_sample
+
+
+@dataclass
+class Grid:
+    logit_scale: list[float] = field(default_factory=lambda: [10.0, 25.0, 50.0, 100.0, 200.0])
+    background_threshold: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8])
+    min_area: list[int] = field(default_factory=lambda: [1, 64, 256])
+
+    def __post_init__(self):
+        for name in ("logit_scale", "background_threshold", "min_area"):
+            if not getattr(self, name):
+                raise GroundTruthError(f"grid: {name} needs at least one value")
+        try:  # the labelling's own checks, on every value
+            for scale, threshold, area in itertools.product(self.logit_scale, self.background_threshold,
+                                                            self.min_area):
+                LabelingThresholds(scale, threshold, area)
+        except ValueError as err:
+            raise GroundTruthError(f"grid: {err}") from None
+
+    @property
+    def size(self) -> int:
+        return len(self.logit_scale) * len(self.background_threshold) * len(self.min_area)
+
+
+@dataclass
+class CachedImage:
+    key: str
+    similarities: torch.Tensor   # (C, h, w) float32, on the CPU
+    target: np.ndarray           # (H, W) scored ground truth (mapped, 255 = ignore)
+
+
+@dataclass
+class Calibration:
+    grid: Grid
+    miou: np.ndarray             # (logit scales, background thresholds, min areas)
+    points: list[dict]           # every grid point's settings and scores
+    best: tuple[int, int, int]
+    images: int
+    model_seconds: float
+    sweep_seconds: float
+
+    @property
+    def best_thresholds(self) -> dict:
+        i, j, k = self.best
+        return {"logit_scale": self.grid.logit_scale[i], "background_threshold": self.grid.background_threshold[j],
+                "min_area": self.grid.min_area[k]}
+
+
+def compute_similarities(ground_truth: GroundTruth, segmenter: GEMSegmenter, vocabulary: Vocabulary,
+                         mapping: ClassMapping, input_size: tuple[int, int], batch_size: int = 16,
+                         progress: bool = True) -> list[CachedImage]:
+    """One model pass per image, batched; decoding exactly as labelling decodes."""
+    lookup = mapping.ground_truth_lookup()
+    cached: list[CachedImage] = []
+    batch: list = []
+
+    def run(batch: list) -> None:
+        sims = segmenter.patch_similarities(torch.stack([d.tensor for d, _ in batch]), vocabulary).cpu()
+        for (decoded, target), image_sims in zip(batch, sims):
+            cached.append(CachedImage(decoded.key, image_sims.clone(), lookup[target]))
+
+    for index, sample in enumerate(tqdm(ground_truth.samples(), total=ground_truth.count, unit="image",
+                                        desc="model", disable=not progress, file=sys.stderr)):
+        decoded = decode_sample(index, sample.raw(), input_size, segmenter.mean, segmenter.std)
+        if decoded.error:
+            raise GroundTruthError(f"{sample.key}: {decoded.error}")
+        if (decoded.height, decoded.width) != sample.target.shape:
+            raise GroundTruthError(f"{sample.key}: image is {decoded.width}x{decoded.height} but its mask is "
+                                   f"{sample.target.shape[1]}x{sample.target.shape[0]}")
+        batch.append((decoded, sample.target))
+        if len(batch) == batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    if not cached:
+        raise GroundTruthError("calibrate: the ground truth holds no images")
+    return cached
+
+
+def score_thresholds(cached: list[CachedImage], mapping: ClassMapping,
+                     thresholds: LabelingThresholds) -> SegmentationMetric:
+    """Post-process every cached image with ``thresholds`` as labelling does, and score it."""
+    metric = SegmentationMetric(len(mapping.class_names))
+    prediction_of = np.array([mapping.no_class] + [mapping.class_of(name) for name in mapping.vocab], dtype=np.int32)
+    for image in cached:
+        labels, regions = label_image(image.similarities, image.target.shape, thresholds)
+        kept = np.array([r.class_id for r in regions], dtype=labels.dtype)
+        reported = np.where(np.isin(labels, kept), labels, -1)  # classes under min_area are not reported
+        metric.update(prediction_of[reported.astype(np.int64) + 1], image.target)
+        metric.update_points([(r.point[0], r.point[1], mapping.class_of(mapping.vocab[r.class_id]))
+                              for r in regions if mapping.vocab[r.class_id] in mapping.vocab_to_class], image.target)
+    return metric
+
+
+def sweep(cached: list[CachedImage], mapping: ClassMapping, grid: Grid, model_seconds: float = 0.0,
+          progress: bool = True) -> Calibration:
+    shape = (len(grid.logit_scale), len(grid.background_threshold), len(grid.min_area))
+    miou = np.full(shape, np.nan)
+    points = []
+    start = time.perf_counter()
+    for i, j, k in tqdm(list(itertools.product(*map(range, shape))), unit="setting", desc="grid",
+                        disable=not progress, file=sys.stderr):
+        thresholds = LabelingThresholds(grid.logit_scale[i], grid.background_threshold[j], grid.min_area[k])
+        scores = score_thresholds(cached, mapping, thresholds).scores()
+        miou[i, j, k] = scores.mIoU
+        points.append({"logit_scale": thresholds.logit_scale, "background_threshold": thresholds.background_threshold,
+                       "min_area": thresholds.min_area, **{name: _round(getattr(scores, name)) for name in
+                                                           ("mIoU", "mAcc", "aAcc", "fwIoU")},
+                       "point_precision": _round(scores.point_precision_overall)})
+    if np.isnan(miou).all():
+        raise GroundTruthError("calibrate: no grid point gives a score (no ground-truth class is evaluated)")
+    best = tuple(int(v) for v in np.unravel_index(np.nanargmax(miou), shape))  # the first best, grid order
+    return Calibration(grid, miou, points, best, len(cached), model_seconds, time.perf_counter() - start)
+
+
+def _round(value: float) -> Optional[float]:
+    return None if math.isnan(value) else round(float(value), 6)
+
+
+def write_calibration(calibration: Calibration, report_dir: str, extra: Optional[dict] = None) -> dict:
+    """best.yaml (a config fragment), calibration.json, calibration.png."""
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    best_point = calibration.points[int(np.ravel_multi_index(calibration.best, calibration.miou.shape))]
+    header = (f"# gemlabel calibrate: best of {calibration.grid.size} settings on {calibration.images} images "
+              f"(mIoU {100 * best_point['mIoU']:.2f}%). Use: gemlabel label --config this.yaml ... "
+              "(or merge it into your config)\n")
+    (out / "best.yaml").write_text(header + yaml.safe_dump({"thresholds": calibration.best_thresholds},
+                                                           sort_keys=False), encoding="utf-8")
+    record = {"best": {**calibration.best_thresholds, **{k: best_point[k] for k in ("mIoU", "aAcc", "fwIoU")}},
+              "images": calibration.images, "grid": calibration.grid.__dict__, "points": calibration.points,
+              "model_seconds": round(calibration.model_seconds, 4),
+              "sweep_seconds": round(calibration.sweep_seconds, 4),
+              "seconds_per_grid_point": round(calibration.sweep_seconds / calibration.grid.size, 4),
+              **(extra or {})}
+    (out / "calibration.json").write_text(json.dumps(record, indent=1, allow_nan=False), encoding="utf-8")
+    plot_grid(calibration.miou, calibration.grid.logit_scale, calibration.grid.background_threshold,
+              calibration.grid.min_area, calibration.best, out / "calibration.png")
+    return record
