@@ -27,7 +27,7 @@ def plot_class_iou(names: Sequence[str], iou: Sequence[float], mean_iou: float, 
     ax.invert_yaxis()
     ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
     ax.axvline(100 * mean_iou, color="crimson", linestyle="--", label=f"mIoU {100 * mean_iou:.1f}")
-    ax.set_xlim(0, 105)
+    ax.set_xlim(0, 112)
     ax.set_xlabel("IoU (%)")
     ax.set_title("Per-class IoU")
     ax.legend(loc="lower right")
@@ -71,7 +71,8 @@ def plot_grid(miou: np.ndarray, logit_scales: Sequence[float], background_thresh
     plt = _pyplot()
     panels = len(min_areas)
     fig, axes = plt.subplots(1, panels, figsize=(0.7 * len(background_thresholds) * panels + 2.5 * panels,
-                                                 0.45 * len(logit_scales) + 2.2), squeeze=False)
+                                                 0.45 * len(logit_scales) + 2.4), squeeze=False,
+                             layout="constrained")
     finite = miou[~np.isnan(miou)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     for k, ax in enumerate(axes[0]):
@@ -89,7 +90,7 @@ def plot_grid(miou: np.ndarray, logit_scales: Sequence[float], background_thresh
         if best[2] == k:
             ax.add_patch(plt.Rectangle((best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, edgecolor="lime", lw=2.5))
     fig.colorbar(image, ax=axes[0].tolist(), label="mIoU (%)", fraction=0.03)
-    fig.suptitle("Calibration: mIoU over the post-processing grid (best boxed)", y=1.06)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.suptitle("Calibration: mIoU over the post-processing grid (best boxed)")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
