@@ -2,9 +2,10 @@
 
 The model runs once per image: each image's (C, h, w) patch-to-class similarities are computed
 once and kept (they are small: a 448 px input with patch 16 and 20 classes is 62 KB). Then every
-point of the grid (logit scale x background threshold x min area) is only post-processing: the
-labelling's own ``gem.postprocess.label_image`` at the image's size, scored with the same metric
-code as ``gemlabel eval``. The best point is written as a YAML fragment ``gemlabel label --config``
+point of the grid (logit scale x background threshold x min area) is only post-processing, scored
+with the same metric code as ``gemlabel eval``. The post-processing is ``gem.postprocess.label_image``
+split in two (tested equal to it): the upsampling and softmax at the image's size, once per image
+and logit scale, then per background threshold and min area only a threshold and a count. The best point is written as a YAML fragment ``gemlabel label --config``
 reads.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from gem import GEMSegmenter, LabelingThresholds, label_image
+from gem import GEMSegmenter, LabelingThresholds
+from gem.postprocess import upsampled_bands
 from gem.vocabulary import Vocabulary
 from pipeline.classmap import ClassMapping
 from pipeline.groundtruth import GroundTruth, GroundTruthError
@@ -110,35 +112,73 @@ def compute_similarities(ground_truth: GroundTruth, segmenter: GEMSegmenter, voc
     return cached
 
 
-def score_thresholds(cached: list[CachedImage], mapping: ClassMapping,
-                     thresholds: LabelingThresholds) -> SegmentationMetric:
-    """Post-process every cached image with ``thresholds`` as labelling does, and score it."""
-    metric = SegmentationMetric(len(mapping.class_names))
-    prediction_of = np.array([mapping.no_class] + [mapping.class_of(name) for name in mapping.vocab], dtype=np.int32)
-    for image in cached:
-        labels, regions = label_image(image.similarities, image.target.shape, thresholds)
-        kept = np.array([r.class_id for r in regions], dtype=labels.dtype)
-        reported = np.where(np.isin(labels, kept), labels, -1)  # classes under min_area are not reported
-        metric.update(prediction_of[reported.astype(np.int64) + 1], image.target)
-        metric.update_points([(r.point[0], r.point[1], mapping.class_of(mapping.vocab[r.class_id]))
-                              for r in regions if mapping.vocab[r.class_id] in mapping.vocab_to_class], image.target)
-    return metric
+@dataclass
+class ClassScores:
+    """label_image's first half for one image and logit scale: what every background threshold
+    and min area of the grid start from."""
+
+    top_prob: np.ndarray     # (H, W) float32: the top class's probability
+    top_class: np.ndarray    # (H, W) int64
+    peak_index: np.ndarray   # per class: flat index of its most probable pixel (first in raster order), -1: none
+
+
+def class_scores(similarities: torch.Tensor, size: tuple[int, int], logit_scale: float) -> ClassScores:
+    """The same bands, softmax and max as gem.postprocess.label_image (tested equal to it)."""
+    height, width = size
+    top_prob = np.empty((height, width), dtype=np.float32)
+    top_class = np.empty((height, width), dtype=np.int64)
+    for start, band in upsampled_bands(similarities * logit_scale, size):
+        prob, cls = torch.softmax(band, dim=0).max(dim=0)
+        top_prob[start:start + band.shape[1]] = prob.cpu().numpy()
+        top_class[start:start + band.shape[1]] = cls.cpu().numpy()
+    flat_prob, flat_class = top_prob.reshape(-1), top_class.reshape(-1)
+    peak_index = np.full(similarities.shape[0], -1, dtype=np.int64)
+    for class_id in np.unique(flat_class):
+        peak_index[class_id] = int(np.argmax(np.where(flat_class == class_id, flat_prob, -1.0)))
+    return ClassScores(top_prob, top_class, peak_index)
+
+
+def reported_labels(scores: ClassScores, thresholds: LabelingThresholds) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """What label_image reports under ``thresholds``: the (H, W) map of reported classes (-1:
+    none; classes under min_area are not reported) and each reported class's point (x, y, class)."""
+    labels = np.where(scores.top_prob < thresholds.background_threshold, -1, scores.top_class)
+    counts = np.bincount(labels[labels >= 0], minlength=len(scores.peak_index))
+    kept = np.flatnonzero(counts >= thresholds.min_area)
+    reported = np.where(np.isin(labels, kept), labels, -1)
+    width = labels.shape[1]
+    return reported, [(int(scores.peak_index[c] % width), int(scores.peak_index[c] // width), int(c)) for c in kept]
 
 
 def sweep(cached: list[CachedImage], mapping: ClassMapping, grid: Grid, model_seconds: float = 0.0,
           progress: bool = True) -> Calibration:
+    """Per image and logit scale, the class probabilities once; per background threshold and min
+    area, the thresholding and scoring only."""
     shape = (len(grid.logit_scale), len(grid.background_threshold), len(grid.min_area))
+    metrics = {index: SegmentationMetric(len(mapping.class_names)) for index in itertools.product(*map(range, shape))}
+    prediction_of = np.array([mapping.no_class] + [mapping.class_of(name) for name in mapping.vocab], dtype=np.int32)
+    mapped = np.array([name in mapping.vocab_to_class for name in mapping.vocab])
+    start = time.perf_counter()
+    with tqdm(total=len(grid.logit_scale) * len(cached), unit="image", desc="grid", disable=not progress,
+              file=sys.stderr) as bar:
+        for i, scale in enumerate(grid.logit_scale):
+            for image in cached:
+                scores = class_scores(image.similarities, image.target.shape, scale)
+                for j, k in itertools.product(range(shape[1]), range(shape[2])):
+                    thresholds = LabelingThresholds(scale, grid.background_threshold[j], grid.min_area[k])
+                    reported, points = reported_labels(scores, thresholds)
+                    metric = metrics[i, j, k]
+                    metric.update(prediction_of[reported + 1], image.target)
+                    metric.update_points([(x, y, int(prediction_of[c + 1])) for x, y, c in points if mapped[c]],
+                                         image.target)
+                bar.update(1)
     miou = np.full(shape, np.nan)
     points = []
-    start = time.perf_counter()
-    for i, j, k in tqdm(list(itertools.product(*map(range, shape))), unit="setting", desc="grid",
-                        disable=not progress, file=sys.stderr):
-        thresholds = LabelingThresholds(grid.logit_scale[i], grid.background_threshold[j], grid.min_area[k])
-        scores = score_thresholds(cached, mapping, thresholds).scores()
+    for (i, j, k), metric in metrics.items():
+        scores = metric.scores()
         miou[i, j, k] = scores.mIoU
-        points.append({"logit_scale": thresholds.logit_scale, "background_threshold": thresholds.background_threshold,
-                       "min_area": thresholds.min_area, **{name: _round(getattr(scores, name)) for name in
-                                                           ("mIoU", "mAcc", "aAcc", "fwIoU")},
+        points.append({"logit_scale": grid.logit_scale[i], "background_threshold": grid.background_threshold[j],
+                       "min_area": grid.min_area[k], **{name: _round(getattr(scores, name)) for name in
+                                                        ("mIoU", "mAcc", "aAcc", "fwIoU")},
                        "point_precision": _round(scores.point_precision_overall)})
     if np.isnan(miou).all():
         raise GroundTruthError("calibrate: no grid point gives a score (no ground-truth class is evaluated)")

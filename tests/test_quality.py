@@ -15,7 +15,8 @@ from PIL import Image
 
 from gem.torchvision_shim import import_torchvision
 from jobs.cli import main
-from pipeline.calibrate import Grid, compute_similarities, sweep
+from gem import LabelingThresholds, label_image
+from pipeline.calibrate import Grid, class_scores, compute_similarities, reported_labels, sweep
 from pipeline.classmap import build_mapping
 from pipeline.config import load_config
 from pipeline.encode import encode_mask
@@ -115,6 +116,23 @@ def test_labels_made_from_the_ground_truth_score_one(tmp_path):
     assert by_class["person"]["IoU"] == round(100 * (person_total - person_dropped) / person_total, 2)
     assert by_class["background"]["IoU"] == round(100 * scored_background / (scored_background + person_dropped), 2)
     assert by_class["person"]["points"] == 1  # one point fewer
+
+
+def test_calibration_post_processing_equals_label_image():
+    """Calibrate splits label_image in two (once per logit scale, then per threshold); the labels
+    and points it scores must be exactly what labelling reports."""
+    torch.manual_seed(3)
+    for size in [(97, 131), (513, 40)]:
+        similarities = torch.randn(6, 7, 9) * 0.05 + torch.linspace(0, 0.02, 6)[:, None, None]
+        for scale in (10.0, 100.0):
+            scores = class_scores(similarities, size, scale)
+            for threshold, area in [(0.0, 1), (0.3, 1), (0.5, 50), (0.6, 400), (0.99, 1)]:
+                thresholds = LabelingThresholds(scale, threshold, area)
+                labels, regions = label_image(similarities, size, thresholds)
+                reported, points = reported_labels(scores, thresholds)
+                kept = [r.class_id for r in regions]
+                assert np.array_equal(reported, np.where(np.isin(labels, kept), labels, -1))
+                assert points == [(r.point[0], r.point[1], r.class_id) for r in regions]
 
 
 def label_config(base_config, tmp_path, **extra):
