@@ -131,7 +131,7 @@ def _eval(args: argparse.Namespace) -> int:
     from jobs.cli import _storage_options
     from pipeline.evaluate import label_ground_truth, read_output_rows, score_rows
     from pipeline.quality_report import write_report
-    from pipeline.runner import build_spec
+    from pipeline.runner import build_spec, check_model
     storage_options = _storage_options(args.s3_endpoint)
     ground_truth = _ground_truth(args, storage_options)
     progress = args.progress is not False
@@ -142,6 +142,7 @@ def _eval(args: argparse.Namespace) -> int:
         config = _label_config(args, str(Path(args.report) / "labels"))
         vocab = build_spec(config).class_names
         _mapping(args, ground_truth.class_names, vocab)
+        check_model(config)
         output, seconds = label_ground_truth(ground_truth, config, args.report)
         storage_options = config.storage_options
     vocab, rows = read_output_rows(output, storage_options)

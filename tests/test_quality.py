@@ -230,6 +230,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
         ([*GT_FLAGS, "--labels", str(tmp_path / "nothing-here")], "not a gemlabel output"),
         ([*GT_FLAGS, "--labels", str(tmp_path / "labels"), "--class-map", write_class_map(tmp_path),
           "--unmapped", "background", "--background-class", "none"], "needs a background class"),
+        ([*GT_FLAGS, "--vocab", "person", "--model", "NoSuchModel-B-16", "--pretrained", "none"], "model:"),
         (["--coco", str(tmp_path / "missing.json"), "--gt-images", str(VOC_VAL), "--labels", str(tmp_path / "labels")],
          "COCO annotation file not found"),
     ]
