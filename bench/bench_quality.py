@@ -92,7 +92,7 @@ def main() -> None:
         segmenter = load_segmenter(spec, torch.device("cpu"))
         vocabulary = segmenter.vocabulary(spec.class_names, spec.templates)
         start = time.perf_counter()
-        cached = compute_similarities(gt, segmenter, vocabulary, mapping, (args.input_size, args.input_size),
+        cached = compute_similarities(gt, segmenter, {"config": vocabulary}, mapping, (args.input_size, args.input_size),
                                       args.batch, progress=False)
         model_s = time.perf_counter() - start
         grid = Grid([25.0, 50.0, 100.0], [0.0, 0.3, 0.5], [1, 256])

@@ -62,6 +62,8 @@ def add_commands(commands) -> None:
     calibrate.add_argument("--grid-logit-scale", help="comma-separated values, e.g. 25,50,100")
     calibrate.add_argument("--grid-background-threshold", help="comma-separated values in [0, 1]")
     calibrate.add_argument("--grid-min-area", help="comma-separated pixel counts")
+    calibrate.add_argument("--compare-templates", help="also score these template sets (comma-separated: single, "
+                                                       "imagenet80, a file); one text encoding each, no new image pass")
     _add_label_flags(calibrate)
 
 
@@ -111,6 +113,21 @@ def _grid_values(text: Optional[str], kind: type, name: str) -> Optional[list]:
     except ValueError:
         raise GroundTruthError(f"{name}: expected comma-separated {'integers' if kind is int else 'numbers'}, "
                                f"got {text!r}") from None
+
+
+def _template_sets(configured, compare: Optional[str]) -> dict:
+    """Set name -> its templates value: the config's first, then --compare-templates' others."""
+    from gem.templates import resolve_templates
+    from pipeline.config import ConfigError
+    sets = {configured if isinstance(configured, str) else "config": configured}
+    for name in (n.strip() for n in (compare or "").split(",")):
+        if name and name not in sets:
+            try:
+                resolve_templates(name)
+            except ValueError as err:
+                raise ConfigError(f"--compare-templates: {err}") from None
+            sets[name] = name
+    return sets
 
 
 def _run(handler, args: argparse.Namespace) -> int:
@@ -177,17 +194,20 @@ def _calibrate(args: argparse.Namespace) -> int:
     check_model(config)
     device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
     segmenter = load_segmenter(spec, device)
-    vocabulary = segmenter.vocabulary(spec.class_names, spec.templates)
+    specs = _template_sets(config.templates, args.compare_templates)
+    vocabularies = {name: segmenter.vocabulary(spec.class_names, templates) for name, templates in specs.items()}
     progress = args.progress is not False
     start = time.perf_counter()
-    cached = compute_similarities(ground_truth, segmenter, vocabulary, mapping, tuple(config.input_size),
+    cached = compute_similarities(ground_truth, segmenter, vocabularies, mapping, tuple(config.input_size),
                                   config.batch_size, progress)
-    calibration = sweep(cached, mapping, grid, time.perf_counter() - start, progress)
-    record = write_calibration(calibration, args.report, {"mapping": mapping.as_dict()})
+    model_seconds = time.perf_counter() - start
+    calibrations = [sweep(cached, mapping, grid, model_seconds, progress, name) for name in vocabularies]
+    record = write_calibration(calibrations, args.report, {"mapping": mapping.as_dict()}, specs)
     best = record["best"]
-    print(f"gemlabel calibrate: best of {grid.size} settings on {calibration.images} images: "
+    print(f"gemlabel calibrate: best of {grid.size * len(calibrations)} settings on {len(cached)} images: "
           f"logit_scale {best['logit_scale']}, background_threshold {best['background_threshold']}, "
-          f"min_area {best['min_area']} (mIoU {100 * best['mIoU']:.2f}) -> {args.report}/best.yaml", file=sys.stderr)
+          f"min_area {best['min_area']}, templates {best['templates']} (mIoU {100 * best['mIoU']:.2f}) "
+          f"-> {args.report}/best.yaml", file=sys.stderr)
     return EXIT_OK
 
 

@@ -59,7 +59,7 @@ class Grid:
 @dataclass
 class CachedImage:
     key: str
-    similarities: torch.Tensor   # (C, h, w) float32, on the CPU
+    similarities: dict[str, torch.Tensor]   # template set -> (C, h, w) float32, on the CPU
     target: np.ndarray           # (H, W) scored ground truth (mapped, 255 = ignore)
 
 
@@ -72,6 +72,7 @@ class Calibration:
     images: int
     model_seconds: float
     sweep_seconds: float
+    templates: str = "config"    # the template set scored
 
     @property
     def best_thresholds(self) -> dict:
@@ -80,18 +81,25 @@ class Calibration:
                 "min_area": self.grid.min_area[k]}
 
 
-def compute_similarities(ground_truth: GroundTruth, segmenter: GEMSegmenter, vocabulary: Vocabulary,
+def compute_similarities(ground_truth: GroundTruth, segmenter: GEMSegmenter, vocabularies: dict[str, Vocabulary],
                          mapping: ClassMapping, input_size: tuple[int, int], batch_size: int = 16,
                          progress: bool = True) -> list[CachedImage]:
-    """One model pass per image, batched; decoding exactly as labelling decodes."""
+    """One model pass per image, batched, decoding exactly as labelling decodes; the similarities
+    to every template set's vocabulary (one text encoding each) come from that one pass: their
+    embeddings are stacked into one vocabulary for ``patch_similarities``."""
     lookup = mapping.ground_truth_lookup()
     cached: list[CachedImage] = []
     batch: list = []
+    names = list(vocabularies)
+    sizes = [len(v) for v in vocabularies.values()]
+    stacked = Vocabulary(tuple(n for v in vocabularies.values() for n in v.class_names), (),
+                         torch.cat([v.embeddings for v in vocabularies.values()]))
 
     def run(batch: list) -> None:
-        sims = segmenter.patch_similarities(torch.stack([d.tensor for d, _ in batch]), vocabulary).cpu()
+        sims = segmenter.patch_similarities(torch.stack([d.tensor for d, _ in batch]), stacked).cpu()
         for (decoded, target), image_sims in zip(batch, sims):
-            cached.append(CachedImage(decoded.key, image_sims.clone(), lookup[target]))
+            per_set = dict(zip(names, (part.clone() for part in image_sims.split(sizes))))
+            cached.append(CachedImage(decoded.key, per_set, lookup[target]))
 
     for index, sample in enumerate(tqdm(ground_truth.samples(), total=ground_truth.count, unit="image",
                                         desc="model", disable=not progress, file=sys.stderr)):
@@ -150,19 +158,20 @@ def reported_labels(scores: ClassScores, thresholds: LabelingThresholds) -> tupl
 
 
 def sweep(cached: list[CachedImage], mapping: ClassMapping, grid: Grid, model_seconds: float = 0.0,
-          progress: bool = True) -> Calibration:
+          progress: bool = True, templates: Optional[str] = None) -> Calibration:
     """Per image and logit scale, the class probabilities once; per background threshold and min
     area, the thresholding and scoring only."""
     shape = (len(grid.logit_scale), len(grid.background_threshold), len(grid.min_area))
     metrics = {index: SegmentationMetric(len(mapping.class_names)) for index in itertools.product(*map(range, shape))}
     prediction_of = np.array([mapping.no_class] + [mapping.class_of(name) for name in mapping.vocab], dtype=np.int32)
     mapped = np.array([name in mapping.vocab_to_class for name in mapping.vocab])
+    templates = templates or next(iter(cached[0].similarities))
     start = time.perf_counter()
-    with tqdm(total=len(grid.logit_scale) * len(cached), unit="image", desc="grid", disable=not progress,
+    with tqdm(total=len(grid.logit_scale) * len(cached), unit="image", desc=f"grid ({templates})", disable=not progress,
               file=sys.stderr) as bar:
         for i, scale in enumerate(grid.logit_scale):
             for image in cached:
-                scores = class_scores(image.similarities, image.target.shape, scale)
+                scores = class_scores(image.similarities[templates], image.target.shape, scale)
                 for j, k in itertools.product(range(shape[1]), range(shape[2])):
                     thresholds = LabelingThresholds(scale, grid.background_threshold[j], grid.min_area[k])
                     reported, points = reported_labels(scores, thresholds)
@@ -183,28 +192,42 @@ def sweep(cached: list[CachedImage], mapping: ClassMapping, grid: Grid, model_se
     if np.isnan(miou).all():
         raise GroundTruthError("calibrate: no grid point gives a score (no ground-truth class is evaluated)")
     best = tuple(int(v) for v in np.unravel_index(np.nanargmax(miou), shape))  # the first best, grid order
-    return Calibration(grid, miou, points, best, len(cached), model_seconds, time.perf_counter() - start)
+    return Calibration(grid, miou, points, best, len(cached), model_seconds, time.perf_counter() - start, templates)
 
 
 def _round(value: float) -> Optional[float]:
     return None if math.isnan(value) else round(float(value), 6)
 
 
-def write_calibration(calibration: Calibration, report_dir: str, extra: Optional[dict] = None) -> dict:
-    """best.yaml (a config fragment), calibration.json, calibration.png."""
+def best_miou(calibration: Calibration) -> float:
+    return float(calibration.miou[calibration.best])
+
+
+def write_calibration(calibrations: list[Calibration], report_dir: str, extra: Optional[dict] = None,
+                      template_specs: Optional[dict[str, object]] = None) -> dict:
+    """best.yaml (a config fragment: the best thresholds, and the best template set when several
+    were compared: ``template_specs`` maps set name -> its ``templates:`` value), calibration.json,
+    calibration.png (the best set's grid)."""
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
+    calibration = max(calibrations, key=best_miou)  # the first best on ties
     best_point = calibration.points[int(np.ravel_multi_index(calibration.best, calibration.miou.shape))]
-    header = (f"# gemlabel calibrate: best of {calibration.grid.size} settings on {calibration.images} images "
-              f"(mIoU {100 * best_point['mIoU']:.2f}%). Use: gemlabel label --config this.yaml ... "
-              "(or merge it into your config)\n")
-    (out / "best.yaml").write_text(header + yaml.safe_dump({"thresholds": calibration.best_thresholds},
-                                                           sort_keys=False), encoding="utf-8")
-    record = {"best": {**calibration.best_thresholds, **{k: best_point[k] for k in ("mIoU", "aAcc", "fwIoU")}},
+    fragment: dict = {"thresholds": calibration.best_thresholds}
+    if template_specs and len(calibrations) > 1:
+        fragment["templates"] = template_specs[calibration.templates]
+    header = (f"# gemlabel calibrate: best of {calibration.grid.size * len(calibrations)} settings on "
+              f"{calibration.images} images (mIoU {100 * best_point['mIoU']:.2f}%). Use: gemlabel label "
+              "--config this.yaml ... (or paste it into your config)\n")
+    (out / "best.yaml").write_text(header + yaml.safe_dump(fragment, sort_keys=False), encoding="utf-8")
+    record = {"best": {**calibration.best_thresholds, "templates": calibration.templates,
+                       **{k: best_point[k] for k in ("mIoU", "aAcc", "fwIoU")}},
               "images": calibration.images, "grid": calibration.grid.__dict__, "points": calibration.points,
+              "template_sets": {c.templates: {"best_mIoU": _round(best_miou(c)), **c.best_thresholds,
+                                              "points": c.points} for c in calibrations},
               "model_seconds": round(calibration.model_seconds, 4),
-              "sweep_seconds": round(calibration.sweep_seconds, 4),
-              "seconds_per_grid_point": round(calibration.sweep_seconds / calibration.grid.size, 4),
+              "sweep_seconds": round(sum(c.sweep_seconds for c in calibrations), 4),
+              "seconds_per_grid_point": round(sum(c.sweep_seconds for c in calibrations)
+                                              / (calibration.grid.size * len(calibrations)), 4),
               **(extra or {})}
     (out / "calibration.json").write_text(json.dumps(record, indent=1, allow_nan=False), encoding="utf-8")
     plot_grid(calibration.miou, calibration.grid.logit_scale, calibration.grid.background_threshold,

@@ -3,19 +3,19 @@
 nothing; the plumbing and the arithmetic are checked: labels made from the ground truth score 1.0,
 eval's labelling equals label's, calibrate scores a grid point exactly as eval scores a label run
 with those thresholds, and the model runs once per image however large the grid."""
+import io
 import json
-import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from PIL import Image
 
+from gem import LabelingThresholds, label_image
 from gem.torchvision_shim import import_torchvision
 from jobs.cli import main
-from gem import LabelingThresholds, label_image
 from pipeline.calibrate import Grid, class_scores, compute_similarities, reported_labels, sweep
 from pipeline.classmap import build_mapping
 from pipeline.config import load_config
@@ -23,6 +23,7 @@ from pipeline.encode import encode_mask
 from pipeline.groundtruth import folder_ground_truth
 from pipeline.manifest import OutputLayout, prepare_output, write_json
 from pipeline.pack import pack_images
+from pipeline.reader import decode_sample
 from pipeline.runner import build_spec, run_labeling
 from pipeline.schema import table_from_rows
 from pipeline.storage import write_bytes_atomic
@@ -71,8 +72,8 @@ def write_output_from_ground_truth(output: Path, drop: tuple[str, str] = ("", ""
         height, width = sample.target.shape
         rows.append({"sample_id": f"gt/{sample.key}", "key": sample.key, "shard": "gt.tar", "width": width,
                      "height": height, "status": "ok", "error": None, "labels": labels})
-    buffer = __import__("io").BytesIO()
-    __import__("pyarrow.parquet", fromlist=["write_table"]).write_table(table_from_rows(rows, source), buffer)
+    buffer = io.BytesIO()
+    pq.write_table(table_from_rows(rows, source), buffer)
     write_bytes_atomic(layout.labels_url("gt-0"), buffer.getvalue())
     write_json(layout.marker_url("gt-0"), {"shard_id": "gt-0", "fingerprint": "from-gt",
                                            "parquet": "labels/gt-0.parquet", "samples": len(rows)})
@@ -191,33 +192,45 @@ def test_pack_label_eval_calibrate(base_config, tmp_path):
     segmenter = load_segmenter(spec, torch.device("cpu"))
     forwards = []
     segmenter.tower.register_forward_hook(lambda module, args, output: forwards.append(args[0].shape[0]))
-    vocabulary = segmenter.vocabulary(spec.class_names, spec.templates)
-    cached = compute_similarities(gt, segmenter, vocabulary, mapping, tuple(config.input_size), batch_size=4,
+    mine = ["a photo of the {}.", "a picture of a {}."]
+    vocabularies = {"single": segmenter.vocabulary(spec.class_names, spec.templates),
+                    "mine": segmenter.vocabulary(spec.class_names, mine)}
+    assert segmenter.text.encoded_prompts == len(VOCAB) * 3  # one text encoding per template set
+    cached = compute_similarities(gt, segmenter, vocabularies, mapping, tuple(config.input_size), batch_size=4,
                                   progress=False)
     grid = Grid([25.0, 100.0], [0.0, 0.3, 0.6], [1, 2000])
-    calibration = sweep(cached, mapping, grid, progress=False)
-    assert forwards == [4, 2] and len(calibration.points) == 12  # 6 images, one pass, 12 settings
+    calibration = sweep(cached, mapping, grid, progress=False, templates="single")
+    other = sweep(cached, mapping, grid, progress=False, templates="mine")
+    assert forwards == [4, 2] and len(calibration.points) == len(other.points) == 12  # 6 images, one pass
+    first = next(ground_truth().samples())
+    decoded = decode_sample(0, first.raw(), tuple(config.input_size), segmenter.mean, segmenter.std)
+    alone = segmenter.patch_similarities(decoded.tensor[None], vocabularies["mine"])  # one set alone: the same
+    torch.testing.assert_close(cached[0].similarities["mine"], alone[0].cpu())
     # the grid point with the label run's thresholds scores what eval scored for that run
     default = next(p for p in calibration.points if (p["logit_scale"], p["background_threshold"], p["min_area"])
                    == (100.0, 0.0, 1))
     assert 100 * default["mIoU"] == pytest.approx(scored["summary"]["mIoU"], abs=0.01)
     assert 100 * default["aAcc"] == pytest.approx(scored["summary"]["aAcc"], abs=0.01)
-    best = calibration.points[int(np.nanargmax([p["mIoU"] for p in calibration.points]))]
-    assert best["mIoU"] == max(p["mIoU"] for p in calibration.points)
 
     # calibrate through the command: the YAML fragment is a config label accepts
     report = tmp_path / "calibration"
     assert main(["calibrate", *GT_FLAGS, "--config", cfg, "--class-map", class_map, "--report", str(report),
                  "--grid-logit-scale", "25,100", "--grid-background-threshold", "0,0.3,0.6",
-                 "--grid-min-area", "1,2000", "--no-progress"]) == 0
+                 "--grid-min-area", "1,2000", "--compare-templates", "single,imagenet80", "--no-progress"]) == 0
     record = json.loads((report / "calibration.json").read_text())
-    assert [(p["logit_scale"], p["background_threshold"], p["min_area"], p["mIoU"]) for p in record["points"]] == \
+    assert set(record["template_sets"]) == {"single", "imagenet80"}
+    assert [(p["logit_scale"], p["background_threshold"], p["min_area"], p["mIoU"])
+            for p in record["template_sets"]["single"]["points"]] == \
         [(p["logit_scale"], p["background_threshold"], p["min_area"], p["mIoU"]) for p in calibration.points]
+    best_set = max(record["template_sets"].values(), key=lambda s: s["best_mIoU"])
+    best = max(best_set["points"], key=lambda p: p["mIoU"])
+    assert record["best"]["mIoU"] == best["mIoU"]
     merged = load_config(str(report / "best.yaml"), {**label_config(base_config, tmp_path), "input": shards})
     assert {"logit_scale": merged.thresholds.logit_scale, "background_threshold": merged.thresholds.background_threshold,
             "min_area": merged.thresholds.min_area} == {k: best[k] for k in ("logit_scale", "background_threshold",
                                                                             "min_area")}
     assert merged.gem.depth == 3 and merged.vocab == VOCAB
+    assert merged.templates == record["best"]["templates"]  # the compared sets' best goes in the fragment too
     assert (report / "calibration.png").stat().st_size > 0
 
 
