@@ -257,3 +257,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
                  "--grid-background-threshold", "0,1.5"]) == 2
     assert "background_threshold must be in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
+
+
+def test_eval_scores_labels_on_s3(tmp_path, s3_endpoint, monkeypatch):
+    import s3fs
+    from tests.conftest import S3_CREDENTIALS
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_CREDENTIALS["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_CREDENTIALS["secret"])
+    write_output_from_ground_truth(tmp_path / "labels", drop=("294_image", "car"))
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, **S3_CREDENTIALS)
+    fs.mkdir("quality-labels")
+    fs.put(str(tmp_path / "labels"), "quality-labels/v1", recursive=True)
+    assert main(["eval", *GT_FLAGS, "--labels", "s3://quality-labels/v1", "--s3-endpoint", s3_endpoint,
+                 "--class-map", write_class_map(tmp_path), "--report", str(tmp_path / "r"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    by_class = {row["class"]: row for row in report["classes"]}
+    assert by_class["car"]["IoU"] == 0.0 and by_class["person"]["IoU"] == 100.0  # the one car dropped
+    assert report["labels"] == "s3://quality-labels/v1" and report["images"]["scored"] == 6
