@@ -191,10 +191,10 @@ def _calibrate(args: argparse.Namespace) -> int:
                                                    "--grid-background-threshold"),
               "min_area": _grid_values(args.grid_min_area, int, "--grid-min-area")}
     grid = Grid(**{k: v for k, v in values.items() if v is not None})
+    specs = _template_sets(config.templates, args.compare_templates)
     check_model(config)
     device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
     segmenter = load_segmenter(spec, device)
-    specs = _template_sets(config.templates, args.compare_templates)
     vocabularies = {name: segmenter.vocabulary(spec.class_names, templates) for name, templates in specs.items()}
     progress = args.progress is not False
     start = time.perf_counter()

@@ -256,6 +256,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     assert main(["calibrate", *GT_FLAGS, "--vocab", "person", "--report", str(tmp_path / "report"),
                  "--grid-background-threshold", "0,1.5"]) == 2
     assert "background_threshold must be in [0, 1]" in capsys.readouterr().err
+    assert main(["calibrate", *GT_FLAGS, "--vocab", "person", "--report", str(tmp_path / "report"),
+                 "--compare-templates", "single,no-such-set"]) == 2
+    assert "--compare-templates: templates: 'no-such-set' is neither" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
 
 
