@@ -8,6 +8,11 @@ import webdataset as wds
 from pipeline.reader import IMAGE_EXTENSIONS
 
 
+def sample_key(path: Path, root: Path) -> str:
+    """A packed image's key: its path relative to the folder, without extension (dots -> _)."""
+    return path.relative_to(root).with_suffix("").as_posix().replace(".", "_")
+
+
 def pack_images(folder: str, output_prefix: str, per_shard: int = 1000, pattern: str = "*") -> list[str]:
     """Write ``{output_prefix}-000000.tar, ...``; each sample's key is the image's path relative to
     the folder (without extension), so labels can be traced back to their files. ``pattern`` is a
@@ -21,6 +26,5 @@ def pack_images(folder: str, output_prefix: str, per_shard: int = 1000, pattern:
     with wds.ShardWriter(f"{output_prefix}-%06d.tar", maxcount=per_shard, verbose=0,
                          post=written.append) as sink:
         for path in images:
-            key = path.relative_to(root).with_suffix("").as_posix().replace(".", "_")
-            sink.write({"__key__": key, path.suffix.lower().lstrip("."): path.read_bytes()})
+            sink.write({"__key__": sample_key(path, root), path.suffix.lower().lstrip("."): path.read_bytes()})
     return written

@@ -1,0 +1,215 @@
+"""``gemlabel eval`` and ``gemlabel calibrate``: is my labelling good, and which thresholds are best?
+
+Both read ground truth in one of three layouts (see pipeline.groundtruth) and take the labelling
+configuration ``label`` takes (``--config`` and the same flags), so what they measure is what a
+``label`` run with that configuration produces. Exit codes: 0 done, 1 labelling failed, 2 bad
+input (one line saying what to fix; nothing written).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
+
+
+def _add_ground_truth_flags(parser: argparse.ArgumentParser) -> None:
+    gt = parser.add_argument_group("ground truth (one layout)")
+    gt.add_argument("--gt-images", help="folder of images (folder layout), or the images root of --coco")
+    gt.add_argument("--gt-masks", help="folder of index/palette PNG masks (default: --gt-images)")
+    gt.add_argument("--classes", help="class list file, one name a line, line i = mask value i (255 = ignore)")
+    gt.add_argument("--image-suffix", default="", help="stripped from image stems to find masks, e.g. _image")
+    gt.add_argument("--mask-suffix", default="", help="added to the stem for the mask file, e.g. _target")
+    gt.add_argument("--coco", help="COCO instances or panoptic JSON (images under --gt-images)")
+    gt.add_argument("--panoptic-masks", help="folder of the panoptic PNGs (default: the JSON's name without .json)")
+    gt.add_argument("--gt-shards", nargs="+", help="webdataset shards with key.jpg + key.seg.png (and --classes)")
+    mapping = parser.add_argument_group("classes")
+    mapping.add_argument("--class-map", help="YAML: ground-truth class -> vocabulary name(s); default: equal names")
+    mapping.add_argument("--unmapped", choices=["ignore", "background"], default="ignore",
+                         help="ground-truth classes no vocabulary entry maps to (default: ignore)")
+    mapping.add_argument("--background-class", default="background",
+                         help="the class list's background class (default: 'background' if listed; 'none': no such class)")
+
+
+def _add_label_flags(parser: argparse.ArgumentParser) -> None:
+    from jobs.cli import LABEL_FLAGS, SWITCHES
+    group = parser.add_argument_group("labelling configuration (as for gemlabel label)")
+    group.add_argument("--config", help="YAML config; flags override its keys")
+    for flag, (key, options) in LABEL_FLAGS.items():
+        if key != "input":
+            group.add_argument(flag, dest=key, default=None, **options)
+    for flag, key in SWITCHES.items():
+        group.add_argument(flag, dest=key, action="store_true", default=None)
+    parser.set_defaults(input=None)
+    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, R2, ...)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def add_commands(commands) -> None:
+    """Register ``eval`` and ``calibrate`` on the gemlabel subparsers."""
+    evaluate = commands.add_parser("eval", help="score labels against ground truth (labelling first if needed)")
+    _add_ground_truth_flags(evaluate)
+    evaluate.add_argument("--labels", help="score this existing gemlabel output instead of labelling")
+    evaluate.add_argument("--report", required=True, help="folder for report.json, report.md and the plots")
+    _add_label_flags(evaluate)
+    calibrate = commands.add_parser("calibrate", help="sweep post-processing settings on ground truth; "
+                                                      "write the best as a config fragment")
+    _add_ground_truth_flags(calibrate)
+    calibrate.add_argument("--report", required=True, help="folder for best.yaml, calibration.json/.png")
+    calibrate.add_argument("--grid-logit-scale", help="comma-separated values, e.g. 25,50,100")
+    calibrate.add_argument("--grid-background-threshold", help="comma-separated values in [0, 1]")
+    calibrate.add_argument("--grid-min-area", help="comma-separated pixel counts")
+    calibrate.add_argument("--compare-templates", help="also score these template sets (comma-separated: single, "
+                                                       "imagenet80, a file); one text encoding each, no new image pass")
+    _add_label_flags(calibrate)
+
+
+def _ground_truth(args: argparse.Namespace, storage_options: dict):
+    from pipeline.groundtruth import (GroundTruthError, coco_ground_truth, folder_ground_truth,
+                                      shard_ground_truth)
+    layouts = [name for name, given in (("--coco", args.coco), ("--gt-shards", args.gt_shards),
+                                        ("--gt-masks/--classes folder", args.gt_images and not args.coco))
+               if given]
+    if len(layouts) != 1:
+        raise GroundTruthError("give one ground truth: --gt-images DIR --classes FILE [--gt-masks DIR], "
+                               "or --coco FILE --gt-images DIR, or --gt-shards URL... --classes FILE")
+    if args.coco:
+        if not args.gt_images:
+            raise GroundTruthError("--coco needs --gt-images (the folder its file_name entries are under)")
+        return coco_ground_truth(args.coco, args.gt_images, args.panoptic_masks)
+    if not args.classes:
+        raise GroundTruthError("--classes: give the class list file (line i = mask value i)")
+    if args.gt_shards:
+        return shard_ground_truth(args.gt_shards, args.classes, storage_options)
+    return folder_ground_truth(args.gt_images, args.gt_masks, args.classes, args.image_suffix, args.mask_suffix)
+
+
+def _mapping(args: argparse.Namespace, class_names: list[str], vocab: list[str]):
+    from pipeline.classmap import build_mapping, read_mapping_file
+    mapping = read_mapping_file(args.class_map) if args.class_map else None
+    background = None if args.background_class.lower() == "none" else args.background_class
+    return build_mapping(class_names, vocab, mapping, args.unmapped, background)
+
+
+def _label_config(args: argparse.Namespace, output: str):
+    """The label command's configuration, its input filled in later from the ground truth."""
+    from jobs.cli import _overrides
+    from pipeline.config import load_config
+    overrides = _overrides(args)
+    overrides.setdefault("output", output)
+    overrides["input"] = ["(ground truth)"]
+    return load_config(args.config, overrides)
+
+
+def _grid_values(text: Optional[str], kind: type, name: str) -> Optional[list]:
+    from pipeline.groundtruth import GroundTruthError
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise GroundTruthError(f"{name}: expected comma-separated {'integers' if kind is int else 'numbers'}, "
+                               f"got {text!r}") from None
+
+
+def _template_sets(configured, compare: Optional[str]) -> dict:
+    """Set name -> its templates value: the config's first, then --compare-templates' others."""
+    from gem.templates import resolve_templates
+    from pipeline.config import ConfigError
+    sets = {configured if isinstance(configured, str) else "config": configured}
+    for name in (n.strip() for n in (compare or "").split(",")):
+        if name and name not in sets:
+            try:
+                resolve_templates(name)
+            except ValueError as err:
+                raise ConfigError(f"--compare-templates: {err}") from None
+            sets[name] = name
+    return sets
+
+
+def _run(handler, args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.groundtruth import GroundTruthError
+    from pipeline.runner import WorkersLostError, WorkerStartError
+    try:
+        return handler(args)
+    except (ConfigError, GroundTruthError, WorkerStartError) as err:
+        print(f"gemlabel: error: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    except (WorkersLostError, RuntimeError) as err:
+        print(f"gemlabel: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from jobs.cli import _storage_options
+    from pipeline.evaluate import label_ground_truth, read_output_rows, score_rows
+    from pipeline.quality_report import write_report
+    from pipeline.runner import build_spec, check_model
+    storage_options = _storage_options(args.s3_endpoint)
+    ground_truth = _ground_truth(args, storage_options)
+    progress = args.progress is not False
+    seconds = None
+    if args.labels:
+        output = args.labels
+    else:  # everything is checked before any labelling starts
+        config = _label_config(args, str(Path(args.report) / "labels"))
+        vocab = build_spec(config).class_names
+        _mapping(args, ground_truth.class_names, vocab)
+        check_model(config)
+        output, seconds = label_ground_truth(ground_truth, config, args.report)
+        storage_options = config.storage_options
+    vocab, rows = read_output_rows(output, storage_options)
+    mapping = _mapping(args, ground_truth.class_names, vocab)
+    start = time.perf_counter()
+    result = score_rows(ground_truth, rows, mapping, progress)
+    result.labels_seconds = seconds
+    record = write_report(result, args.report, {
+        "labels": output, "labelling_seconds": None if seconds is None else round(seconds, 3),
+        "scoring_seconds": round(time.perf_counter() - start, 3)})
+    summary = record["summary"]
+    print(f"gemlabel eval: {result.images_scored} images, mIoU {summary['mIoU']}, aAcc {summary['aAcc']}, "
+          f"fwIoU {summary['fwIoU']}, point precision {summary['point_precision']} -> {args.report}/report.md",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+    from pipeline.calibrate import Grid, compute_similarities, sweep, write_calibration
+    from pipeline.runner import build_spec, check_model
+    from pipeline.worker import load_segmenter
+    config = _label_config(args, args.report)
+    ground_truth = _ground_truth(args, config.storage_options)
+    spec = build_spec(config)
+    mapping = _mapping(args, ground_truth.class_names, spec.class_names)
+    values = {"logit_scale": _grid_values(args.grid_logit_scale, float, "--grid-logit-scale"),
+              "background_threshold": _grid_values(args.grid_background_threshold, float,
+                                                   "--grid-background-threshold"),
+              "min_area": _grid_values(args.grid_min_area, int, "--grid-min-area")}
+    grid = Grid(**{k: v for k, v in values.items() if v is not None})
+    specs = _template_sets(config.templates, args.compare_templates)
+    check_model(config)
+    device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
+    segmenter = load_segmenter(spec, device)
+    vocabularies = {name: segmenter.vocabulary(spec.class_names, templates) for name, templates in specs.items()}
+    progress = args.progress is not False
+    start = time.perf_counter()
+    cached = compute_similarities(ground_truth, segmenter, vocabularies, mapping, tuple(config.input_size),
+                                  config.batch_size, progress)
+    model_seconds = time.perf_counter() - start
+    calibrations = [sweep(cached, mapping, grid, model_seconds, progress, name) for name in vocabularies]
+    record = write_calibration(calibrations, args.report, {"mapping": mapping.as_dict()}, specs)
+    best = record["best"]
+    print(f"gemlabel calibrate: best of {grid.size * len(calibrations)} settings on {len(cached)} images: "
+          f"logit_scale {best['logit_scale']}, background_threshold {best['background_threshold']}, "
+          f"min_area {best['min_area']}, templates {best['templates']} (mIoU {100 * best['mIoU']:.2f}) "
+          f"-> {args.report}/best.yaml", file=sys.stderr)
+    return EXIT_OK
+
+
+def handle(args: argparse.Namespace) -> int:
+    return _run({"eval": _eval, "calibrate": _calibrate}[args.command], args)
