@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("output")
     report.add_argument("--s3-endpoint", default=None)
     report.add_argument("--json", action="store_true", help="print JSON")
+    from jobs.labels_cli import add_commands
+    parser.set_defaults(handlers=add_commands(commands))
     return parser
 
 
@@ -120,7 +122,8 @@ def _pack(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    return {"label": _label, "report": _report, "pack": _pack}[args.command](args)
+    handlers = {"label": _label, "report": _report, "pack": _pack, **args.handlers}
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":
