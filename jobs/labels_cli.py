@@ -33,7 +33,20 @@ def add_commands(commands: argparse._SubParsersAction) -> dict:
     export.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS or a local cluster")
     export.add_argument("--s3-endpoint", default=None)
     export.add_argument("--no-progress", dest="progress", action="store_false")
-    return {"export": _export}
+
+    from pipeline.show import PICKS
+    show = commands.add_parser("show", help="draw labels over their images: PNGs, index.html gallery, contact sheet")
+    show.add_argument("output", help="a gemlabel output prefix (local or s3://...)")
+    show.add_argument("--dest", default="gemlabel-show", help="where the pictures go (default: ./gemlabel-show)")
+    show.add_argument("--pick", nargs="+", default=["random", "errors"], choices=PICKS,
+                      help="random, class (needs --class), lowest / highest score, errors; several allowed")
+    show.add_argument("--class", dest="class_name", help="only images with this class (and its score)")
+    show.add_argument("--count", type=int, default=12, help="pictures per pick")
+    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--alpha", type=float, default=0.5, help="mask opacity, 0..1")
+    show.add_argument("--boxes", action="store_true", help="draw boxes too")
+    show.add_argument("--s3-endpoint", default=None)
+    return {"export": _export, "show": _show}
 
 
 def _connect_ray(address: Optional[str]) -> None:
@@ -62,3 +75,27 @@ def _export(args: argparse.Namespace) -> int:
     summary = run_export(labelset, options, progress=args.progress)
     print(summary.text())
     return EXIT_FAILED_SHARDS if summary.shards_failed else EXIT_OK
+
+
+def _show(args: argparse.Namespace) -> int:
+    from pipeline.gallery import show_output
+    from pipeline.labelset import NotAnOutputError, open_labelset
+    storage_options = _storage_options(args.s3_endpoint)
+    try:
+        if not 0.0 <= args.alpha <= 1.0:
+            raise ValueError(f"--alpha: must be in [0, 1], got {args.alpha}")
+        if args.count < 1:
+            raise ValueError(f"--count: must be at least 1, got {args.count}")
+        labelset = open_labelset(args.output, storage_options)
+        if args.class_name is not None and args.class_name not in labelset.class_names:
+            raise ValueError(f"--class: {args.class_name!r} is not in the vocabulary "
+                             f"({', '.join(labelset.class_names)})")
+        if "class" in args.pick and args.class_name is None:
+            raise ValueError("--pick class: give the class with --class NAME")
+    except (NotAnOutputError, ValueError) as err:
+        print(f"gemlabel: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    urls = show_output(labelset, args.dest, args.pick, args.count, args.seed, args.class_name, args.alpha,
+                       args.boxes, storage_options)
+    print(f"gemlabel: gallery {urls['index']}, contact sheet {urls['contact_sheet']}")
+    return EXIT_OK
