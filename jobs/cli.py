@@ -30,6 +30,8 @@ LABEL_FLAGS = {
     "--background-threshold": ("thresholds.background_threshold", dict(type=float)),
     "--min-area": ("thresholds.min_area", dict(type=int)),
     "--input-size": ("input_size", dict(type=int, nargs="+", help="model input: SIZE or HEIGHT WIDTH")),
+    "--points": ("points", dict(choices=["peak", "per_component"], help="prompt points per class")),
+    "--max-points": ("max_points", dict(type=int, help="per class, with --points per_component")),
     "--precision": ("precision", dict(choices=["auto", "fp32", "bf16", "fp16"])),
     "--batch-size": ("batch_size", dict(type=int)),
     "--num-workers": ("num_workers", dict(type=int)),

@@ -59,3 +59,28 @@ def rasterize(polygon_list: list[np.ndarray], size: tuple[int, int]) -> np.ndarr
     canvas = np.zeros(size, dtype=np.uint8)
     cv2.fillPoly(canvas, [np.round(p).astype(np.int32).reshape(-1, 1, 2) for p in polygon_list], 1)
     return canvas.astype(bool)
+
+
+POINT_MODES = ("peak", "per_component")
+
+
+def prompt_points(mask: np.ndarray, peak: tuple[int, int], peak_score: float, mean_score: float,
+                  mode: str = "peak", max_points: int = 1) -> list[dict]:
+    """Prompt points for a class region, as {x, y, score} (e.g. for SAM).
+
+    ``peak``: the class's peak. ``per_component``: one point per connected component, largest
+    first, at most ``max_points``: the peak for its own component (score: the probability there),
+    the pixel deepest inside each other one (score: the class's mean probability, since
+    per-pixel probabilities are not kept)."""
+    peak_point = {"x": int(peak[0]), "y": int(peak[1]), "score": float(peak_score)}
+    if mode == "peak":
+        return [peak_point]
+    if mode != "per_component":
+        raise ValueError(f"points: one of {', '.join(POINT_MODES)}; got {mode!r}")
+    points = []
+    for component in components(mask)[:max_points]:
+        if component.mask[peak[1], peak[0]]:
+            points.append(peak_point)
+        else:
+            points.append({"x": component.point[0], "y": component.point[1], "score": float(mean_score)})
+    return points

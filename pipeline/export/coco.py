@@ -30,9 +30,13 @@ def annotations_for(label: dict, instances: bool, min_area: int) -> list[dict]:
         return [{**common, "segmentation": {"size": list(label["rle_size"]), "counts": label["rle_counts"]},
                  "area": int(label["area"]), "bbox": [float(v) for v in label["bbox"]],
                  "point_coords": [list(p) for p in label_points(label)]}]
-    return [{**common, "segmentation": encode_mask(c.mask), "area": c.area, "bbox": [float(v) for v in c.bbox],
-             "point_coords": [list(c.point)]}
-            for c in components(label_mask(label), min_area)]
+    annotations = []
+    for c in components(label_mask(label), min_area):
+        # the output's own points (peak, per component) where they fall in this instance
+        points = [list(p) for p in label_points(label) if c.mask[p[1], p[0]]] or [list(c.point)]
+        annotations.append({**common, "segmentation": encode_mask(c.mask), "area": c.area,
+                            "bbox": [float(v) for v in c.bbox], "point_coords": points})
+    return annotations
 
 
 def export_shard(ctx: ShardContext, rows: list[dict]) -> dict:
