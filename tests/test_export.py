@@ -167,3 +167,48 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nothing"), "--format", "coco"]) == 2
     assert "not a gemlabel output" in capsys.readouterr().err
     assert not (tmp_path / "nothing").exists()
+
+
+def test_export_tasks_run_on_ray_workers_and_a_failed_shard_is_redone_alone(labelled_output, tmp_path):
+    """Each shard is a Ray task in a worker process; a shard whose images are gone fails alone,
+    the others are committed, and the rerun exports only that shard."""
+    import os
+    import shutil as sh
+    labelset = open_labelset(labelled_output)
+    val_shard = next(m["shard"] for m in labelset.markers.values() if "val-" in m["shard"])
+    moved = tmp_path / "moved.tar"
+    sh.move(val_shard, moved)
+    dest = tmp_path / "sem"
+    try:
+        assert main(["export", labelled_output, "--format", "semantic", "--dest", str(dest), "--images",
+                     "--no-progress"]) == 1
+    finally:
+        sh.move(moved, val_shard)
+    done = {p.name: json.loads(p.read_text()) for p in (dest / "_done").iterdir()}
+    assert len(done) == 2 and all(r["worker"]["pid"] != os.getpid() for r in done.values())
+    summary = run_export(labelset, ExportOptions("semantic", str(dest), images=True), progress=False)
+    assert (summary.shards_done, summary.shards_skipped, summary.shards_failed, summary.images) == (1, 2, 0, 12)
+    assert len(list((dest / "img_dir" / "train").iterdir())) == 12
+
+
+def test_coco_export_to_s3(s3_endpoint, tmp_path):
+    import s3fs
+    from tests.conftest import S3_CREDENTIALS
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, **S3_CREDENTIALS)
+    fs.mkdir("export-bucket")
+    options = {"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}}
+    known = write_known_output("s3://export-bucket/shards", "s3://export-bucket/labels", storage_options=options,
+                               local_tmp=tmp_path)
+    # Ray workers started before this test do not see its environment: credentials go in the options.
+    summary = run_export(open_labelset("s3://export-bucket/labels", options),
+                         ExportOptions("coco", "s3://export-bucket/labels/exports/coco", instances=True, images=True,
+                                       storage_options=options), progress=False)
+    assert (summary.shards_done, summary.images) == (1, 3)
+    fs.invalidate_cache()
+    fs.get("export-bucket/labels/exports/coco/annotations/train.json", str(tmp_path / "train.json"))
+    coco = COCO(str(tmp_path / "train.json"))
+    assert {i["sample_id"] for i in coco.dataset["images"]} == set(known)
+    for image in coco.dataset["images"]:
+        assert fs.exists(f"export-bucket/labels/exports/coco/images/train/{image['file_name']}")
+        union = coco_masks(coco, image["id"])
+        assert all(np.array_equal(union[c + 1], m) for c, m in known[image["sample_id"]].items())

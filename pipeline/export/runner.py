@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -72,7 +74,8 @@ def export_shard(labelset: LabelSet, shard_id: str, options: ExportOptions) -> d
         if found != len(ok_rows):
             raise RuntimeError(f"{ok_rows[0]['shard']}: {len(ok_rows) - found} labelled images not found in the shard")
     record = {**_done_record(labelset, shard_id, options), **counts, "split": split, "images": len(ok_rows),
-              "error_rows": len(rows) - len(ok_rows), "finished_at": datetime.now(timezone.utc).isoformat()}
+              "error_rows": len(rows) - len(ok_rows), "worker": {"host": socket.gethostname(), "pid": os.getpid()},
+              "finished_at": datetime.now(timezone.utc).isoformat()}
     write_json(done_url(options.dest, shard_id), record, options.storage_options)
     return record
 
