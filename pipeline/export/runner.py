@@ -108,7 +108,8 @@ def run_export(labelset: LabelSet, options: ExportOptions, progress: bool = True
     todo = [s for s in labelset.shard_ids() if s not in done]
     summary.shards_skipped = len(done)
     task = _export_task.options(num_cpus=options.cpus_per_task)
-    pending = {task.remote(labelset, shard_id, options): shard_id for shard_id in todo}
+    shared = ray.put(labelset) if todo else None  # once in the object store, not once per task
+    pending = {task.remote(shared, shard_id, options): shard_id for shard_id in todo}
     bar = tqdm(total=len(todo), unit="shard", desc="export", disable=not progress)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
