@@ -2,7 +2,8 @@
 ``index.html`` gallery (pictures embedded as data URIs; inline CSS and script, nothing fetched).
 
 Gallery: thumbnails in a grid, click one (or open ``index.html#<sample_id>``) to see it at full
-size; filter by class; sort by score; error rows listed with their messages.
+size; filter by class, sort by score (also as ``index.html?class=dog&sort=asc``, to share a
+view); error rows listed with their messages.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def file_stem(sample_id: str) -> str:
 def contact_sheet(drawn: list[Drawn], columns: int = 6, cell: int = 200) -> Image.Image:
     """A grid of the pictures, each fitted in a cell with its sample id under it."""
     pictures = [d for d in drawn if d.picture is not None]
+    columns = max(1, min(columns, len(pictures)))
     rows = max(1, -(-len(pictures) // columns))
     label_height = 16
     sheet = Image.new("RGB", (columns * cell, rows * (cell + label_height)), "white")
@@ -89,6 +91,10 @@ function open(f){big.src=f.querySelector('img').src; cap.textContent=f.querySele
 cards.forEach(f=>f.onclick=()=>{history.replaceState(null,'','#'+encodeURIComponent(f.dataset.sample)); open(f);});
 box.onclick=()=>{box.hidden=true; history.replaceState(null,'',location.pathname);};
 window.addEventListener('load',()=>{
+  const params=new URLSearchParams(location.search);
+  if(params.has('class')) cls.value=params.get('class');
+  if(params.has('sort')) sort.value=params.get('sort');
+  update();
   const imgs=[...grid.querySelectorAll('img')], ok=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;
   document.body.dataset.loaded=ok;
   document.getElementById('status').textContent=ok+' of '+imgs.length+' pictures loaded';

@@ -100,7 +100,7 @@ def test_picks_on_a_real_output(labelled_output, tmp_path):
     overlays = sorted((dest / "overlays").iterdir())
     assert len(overlays) == 5
     with Image.open(dest / "contact_sheet.png") as sheet:
-        assert sheet.size[0] == 6 * 200 and sheet.size[1] > 200
+        assert sheet.size == (5 * 200, 200 + 16)  # five pictures in one row
     html = (dest / "index.html").read_text()
     assert html.count("<figure") == 5 and "v-garbage" in html and 'src="http' not in html
     assert main(["show", labelled_output, "--class", "unicorn"]) == 2
@@ -122,3 +122,24 @@ def test_show_reads_an_output_on_s3(s3_endpoint, tmp_path, monkeypatch):
     assert {p.name for p in (dest / "overlays").iterdir()} == {f"{s.replace('/', '__')}.png" for s in known}
     assert main(["show", "s3://show-bucket/nothing", "--s3-endpoint", s3_endpoint, "--dest", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+@needs_chromium
+def test_gallery_filters_by_class_and_sorts_by_score(labelled_output, tmp_path):
+    dest = tmp_path / "show"
+    assert main(["show", labelled_output, "--dest", str(dest), "--count", "20", "--pick", "random"]) == 0
+    def figures(query: str) -> list[tuple[bool, str, float]]:
+        dom = chromium("--virtual-time-budget=5000", "--dump-dom", (dest / "index.html").as_uri() + query)
+        found = re.findall(r'<figure data-sample="[^"]*" data-classes="([^"]*)" data-score="([^"]*)"[^>]*?( hidden="")?>',
+                           dom)
+        return [(hidden == "", classes, float(score)) for classes, score, hidden in found]
+    everything = figures("")
+    assert len(everything) == 12 and all(shown for shown, _, _ in everything)
+    cars = figures("?class=car&sort=asc")
+    shown = [(classes, score) for visible, classes, score in cars if visible]
+    assert shown and all("car" in classes.split("|") for classes, _ in shown)
+    assert len(shown) == sum("car" in c.split("|") for _, c, _ in everything) < len(everything)
+    scores = [score for _, _, score in cars]
+    assert scores == sorted(scores)
+    descending = [score for _, _, score in figures("?sort=desc")]
+    assert descending == sorted(descending, reverse=True)
