@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from jobs.cli import main
