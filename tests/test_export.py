@@ -130,7 +130,8 @@ def test_yolo_polygons_rasterise_back_to_the_masks(known_output, tmp_path):
     dest = tmp_path / "yolo"
     assert main(["export", output, "--format", "yolo-seg", "--dest", str(dest), "--images", "--no-progress"]) == 0
     data = yaml.safe_load((dest / "data.yaml").read_text())
-    assert data["names"] == dict(enumerate(CLASSES)) and data["train"] == "images/train"
+    assert data["names"] == dict(enumerate(CLASSES)) and data["train"] == "images/train" == data["val"]
+    assert data["path"] == str(dest)
     for sample_id, masks in known.items():
         stem = sample_id.replace("/", "__")
         with Image.open(dest / "images" / "train" / f"{stem}.jpg") as image:

@@ -11,7 +11,7 @@ import yaml
 from pipeline.components import components, polygons
 from pipeline.export.common import ShardContext, image_stem
 from pipeline.labelset import LabelSet, label_mask
-from pipeline.storage import join, write_bytes_atomic
+from pipeline.storage import join, normalize_url, write_bytes_atomic
 
 
 def label_lines(row: dict, min_area: int) -> list[str]:
@@ -41,7 +41,7 @@ def image_folder(split: str) -> tuple[str, ...]:
 
 def finish(labelset: LabelSet, shard_ids: list[str], options, splits: set[str] = frozenset()) -> list[str]:
     names = sorted(splits) or ["train"]
-    data = {"path": options.dest, "train": f"images/{'train' if 'train' in names else names[0]}",
+    data = {"path": normalize_url(options.dest), "train": f"images/{'train' if 'train' in names else names[0]}",
             "val": f"images/{'val' if 'val' in names else ('train' if 'train' in names else names[0])}",
             "names": dict(enumerate(labelset.class_names))}
     url = join(options.dest, "data.yaml")
