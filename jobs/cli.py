@@ -30,6 +30,8 @@ LABEL_FLAGS = {
     "--background-threshold": ("thresholds.background_threshold", dict(type=float)),
     "--min-area": ("thresholds.min_area", dict(type=int)),
     "--input-size": ("input_size", dict(type=int, nargs="+", help="model input: SIZE or HEIGHT WIDTH")),
+    "--points": ("points", dict(choices=["peak", "per_component"], help="prompt points per class")),
+    "--max-points": ("max_points", dict(type=int, help="per class, with --points per_component")),
     "--precision": ("precision", dict(choices=["auto", "fp32", "bf16", "fp16"])),
     "--batch-size": ("batch_size", dict(type=int)),
     "--num-workers": ("num_workers", dict(type=int)),
@@ -63,8 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("output")
     report.add_argument("--s3-endpoint", default=None)
     report.add_argument("--json", action="store_true", help="print JSON")
-    from jobs.quality_cli import add_commands
-    add_commands(commands)  # eval, calibrate
+    from jobs import labels_cli, quality_cli
+    quality_cli.add_commands(commands)  # eval, calibrate
+    parser.set_defaults(handlers={**labels_cli.add_commands(commands),  # show, export
+                                  "eval": quality_cli.handle, "calibrate": quality_cli.handle})
     return parser
 
 
@@ -122,8 +126,8 @@ def _pack(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    from jobs.quality_cli import handle
-    return {"label": _label, "report": _report, "pack": _pack, "eval": handle, "calibrate": handle}[args.command](args)
+    handlers = {"label": _label, "report": _report, "pack": _pack, **args.handlers}
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ class LabelConfig:
     gem: GEMConfig = field(default_factory=GEMConfig)
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
     input_size: list[int] = field(default_factory=lambda: [448, 448])  # model input (height, width)
+    points: str = "peak"                                  # prompt points: peak | per_component
+    max_points: int = 5                                   # per class, with points: per_component
     precision: str = "auto"
     batch_size: int = 16
     device: str = "auto"                                  # auto: GPUs if the cluster has some; cuda | cpu
@@ -70,6 +72,8 @@ class LabelConfig:
     def fingerprint_source(self, class_names: list[str], templates: list[str]) -> dict:
         source = {key: _plain(getattr(self, key)) for key in self.FINGERPRINT_KEYS}
         source.update(vocab=class_names, templates=templates, schema_version=SCHEMA_VERSION)
+        if self.points != "peak":  # only then: outputs made before these keys keep their fingerprint
+            source.update(points=self.points, max_points=self.max_points)
         return source
 
     def to_dict(self) -> dict:
@@ -178,6 +182,10 @@ def _validate(config: LabelConfig) -> None:
                           f"{config.thresholds.background_threshold}")
     if config.gem.inv_temperature is not None and config.gem.inv_temperature <= 0:
         raise ConfigError("gem.inv_temperature: must be positive, or null for the adaptive temperature")
+    if config.points not in ("peak", "per_component"):
+        raise ConfigError(f"points: one of peak, per_component; got {config.points!r}")
+    if config.max_points < 1:
+        raise ConfigError(f"max_points: must be at least 1, got {config.max_points}")
     if config.device not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"device: one of auto, cuda, cpu; got {config.device!r}")
     if config.device == "cuda" and config.gpus_per_worker <= 0:

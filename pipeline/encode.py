@@ -1,6 +1,8 @@
 """GEM regions -> output label records with COCO compressed RLE masks."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -17,9 +19,12 @@ def decode_mask(size: list[int], counts: str) -> np.ndarray:
     return mask_utils.decode({"size": list(size), "counts": counts.encode("ascii")}).astype(bool)
 
 
-def label_record(region: ClassRegion, class_names: list[str]) -> dict:
+def label_record(region: ClassRegion, class_names: list[str], points: Optional[list[dict]] = None) -> dict:
+    """``points``: prompt points ({x, y, score}); default: the peak alone."""
     rle = encode_mask(region.mask)
     return {"class_id": region.class_id, "name": class_names[region.class_id], "score": region.score,
             "peak_score": region.peak_score, "area": region.area, "bbox": list(region.bbox),
             "point_x": region.point[0], "point_y": region.point[1],
-            "rle_size": rle["size"], "rle_counts": rle["counts"]}
+            "rle_size": rle["size"], "rle_counts": rle["counts"],
+            "points": points if points is not None else
+            [{"x": region.point[0], "y": region.point[1], "score": region.peak_score}]}

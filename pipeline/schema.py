@@ -18,6 +18,7 @@ LABEL_TYPE = pa.struct([
     ("point_y", pa.int32()),
     ("rle_size", pa.list_(pa.int32(), 2)),  # height, width (COCO order)
     ("rle_counts", pa.string()),    # COCO compressed RLE
+    ("points", pa.list_(pa.struct([("x", pa.int32()), ("y", pa.int32()), ("score", pa.float32())]))),  # prompts
 ])
 
 SCHEMA = pa.schema([

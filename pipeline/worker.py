@@ -21,6 +21,7 @@ import torch
 
 from gem import GEMSegmenter, GEMSettings, LabelingThresholds, label_image
 from gem.loading import RANDOM_WEIGHTS
+from pipeline.components import prompt_points
 from pipeline.config import LabelConfig
 from pipeline.encode import label_record
 from pipeline.manifest import OutputLayout, write_json
@@ -100,7 +101,9 @@ class ShardLabeler:
         for sample, sample_sims in zip(batch, sims):
             try:
                 _, regions = label_image(sample_sims, (sample.height, sample.width), self.thresholds)
-                labels = [label_record(r, self.spec.class_names) for r in regions]
+                labels = [label_record(r, self.spec.class_names, prompt_points(
+                    r.mask, r.point, r.peak_score, r.score, self.config.points, self.config.max_points))
+                    for r in regions]
                 rows.append(self._row(shard, sample, labels=labels))
             except Exception as err:  # this image's failure only
                 rows.append(self._error_row(shard, sample, "label", err))

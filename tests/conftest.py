@@ -59,3 +59,27 @@ def base_config(micro_checkpoint, tmp_path) -> dict:
         "gem": {"depth": 3}, "input_size": [128, 128], "batch_size": 4, "cpus_per_worker": 0.5,
         "decode_threads": 2, "progress": False,
     }
+
+
+@pytest.fixture(scope="session")
+def labelled_output(ray_session, micro_checkpoint, tmp_path_factory) -> str:
+    """A real output (2 photo shards + one with broken samples) for the show/export tests, made once."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_labeling
+    from tests.shards import encode, photo, write_shard, write_shards
+
+    root = tmp_path_factory.mktemp("labelled")
+    shards = write_shards(root / "in", shards=2, per_shard=5, stem="train")
+    mixed = write_shard(root / "in" / "val-0000.tar", [
+        {"__key__": "v-ok", "jpg": encode(photo(1, (120, 90)), "JPEG")},
+        {"__key__": "v-garbage", "jpg": b"\xff\xd8 not really"},
+        {"__key__": "v-ok2", "png": encode(photo(2, (100, 100)), "PNG")},
+    ])
+    config = load_config(None, {
+        "input": [*map(str, shards), str(mixed)], "output": str(root / "out"), "vocab": ["person", "dog", "sofa", "car"],
+        "model": "gemtest-micro", "pretrained": micro_checkpoint, "model_config": str(MICRO_CONFIG),
+        "gem": {"depth": 3}, "input_size": [64, 64], "batch_size": 4, "cpus_per_worker": 0.5,
+        "decode_threads": 2, "progress": False})
+    summary = run_labeling(config)
+    assert summary.shards_done == 3 and summary.shards_failed == 0
+    return config.output

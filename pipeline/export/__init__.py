@@ -1,0 +1,1 @@
+"""``gemlabel export``: labels -> COCO JSON, semantic label maps, or YOLO segmentation."""

@@ -1,0 +1,84 @@
+"""COCO instance-segmentation JSON, one per split, with compressed RLE masks and SA-1B points.
+
+    DEST/annotations/<split>.json    images, categories (the vocabulary), annotations
+    DEST/images/<split>/<stem>.<ext> with --images
+    DEST/_parts/<shard_id>.json      one shard's images and annotations, merged into the above
+
+Annotations: ``segmentation`` {size, counts} (COCO compressed RLE), ``area`` (mask pixels),
+``bbox`` [x, y, w, h], ``score``, ``point_coords`` [[x, y], ...] (SA-1B's prompt points),
+``iscrowd`` 0. With ``instances`` each connected component is one annotation.
+"""
+from __future__ import annotations
+
+import json
+
+from pipeline.components import components
+from pipeline.encode import encode_mask
+from pipeline.export.common import ShardContext, image_file
+from pipeline.labelset import LabelSet, label_mask, label_points
+from pipeline.storage import exists, join, read_bytes, write_bytes_atomic
+
+
+def category_id(class_id: int) -> int:
+    return class_id + 1  # COCO category ids start at 1; 0 is often taken for background
+
+
+def annotations_for(label: dict, instances: bool, min_area: int) -> list[dict]:
+    """A Parquet label -> COCO annotations (no ids yet): the class region, or its components."""
+    common = {"category_id": category_id(label["class_id"]), "score": float(label["score"]), "iscrowd": 0}
+    if not instances:
+        return [{**common, "segmentation": {"size": list(label["rle_size"]), "counts": label["rle_counts"]},
+                 "area": int(label["area"]), "bbox": [float(v) for v in label["bbox"]],
+                 "point_coords": [list(p) for p in label_points(label)]}]
+    annotations = []
+    for c in components(label_mask(label), min_area):
+        # the output's own points (peak, per component) where they fall in this instance
+        points = [list(p) for p in label_points(label) if c.mask[p[1], p[0]]] or [list(c.point)]
+        annotations.append({**common, "segmentation": encode_mask(c.mask), "area": c.area,
+                            "bbox": [float(v) for v in c.bbox], "point_coords": points})
+    return annotations
+
+
+def export_shard(ctx: ShardContext, rows: list[dict]) -> dict:
+    images, annotations = [], []
+    for row in rows:
+        images.append({"file_name": image_file(row["sample_id"], ctx.options), "width": row["width"],
+                       "height": row["height"], "sample_id": row["sample_id"]})
+        for label in row["labels"]:
+            for annotation in annotations_for(label, ctx.options.instances, ctx.options.min_area):
+                annotations.append({**annotation, "image_index": len(images) - 1})
+    part = {"split": ctx.split, "images": images, "annotations": annotations}
+    write_bytes_atomic(ctx.out("_parts", f"{ctx.shard_id}.json"), json.dumps(part).encode(), ctx.options.storage_options)
+    return {"annotations": len(annotations)}
+
+
+def image_folder(split: str) -> tuple[str, ...]:
+    return ("images", split)
+
+
+def finish(labelset: LabelSet, shard_ids: list[str], options, splits: set[str] = frozenset()) -> list[str]:
+    """Merge the shards' parts into one COCO JSON per split; ids run over all shards in order."""
+    categories = [{"id": category_id(i), "name": name, "supercategory": "object"}
+                  for i, name in enumerate(labelset.class_names)]
+    by_split: dict[str, dict] = {}
+    for shard_id in shard_ids:
+        url = join(options.dest, "_parts", f"{shard_id}.json")
+        if not exists(url, options.storage_options):
+            continue
+        part = json.loads(read_bytes(url, options.storage_options))
+        coco = by_split.setdefault(part["split"], {"info": {"description": f"gemlabel {labelset.root}",
+                                                            "labels_fingerprint": labelset.fingerprint},
+                                                   "images": [], "annotations": [], "categories": categories})
+        first_id = len(coco["images"]) + 1
+        for offset, image in enumerate(part["images"]):
+            coco["images"].append({**image, "id": first_id + offset})
+        for annotation in part["annotations"]:
+            image_index = annotation.pop("image_index")
+            coco["annotations"].append({**annotation, "id": len(coco["annotations"]) + 1,
+                                        "image_id": first_id + image_index})
+    written = []
+    for split, coco in sorted(by_split.items()):
+        url = join(options.dest, "annotations", f"{split}.json")
+        write_bytes_atomic(url, json.dumps(coco).encode(), options.storage_options)
+        written.append(url)
+    return written

@@ -1,0 +1,49 @@
+"""Ultralytics YOLO segmentation: one polygon per instance (connected component).
+
+    DEST/images/<split>/<stem>.<ext>   with --images
+    DEST/labels/<split>/<stem>.txt     one line per instance: class x1 y1 x2 y2 ... (0..1)
+    DEST/data.yaml                     path, train/val folders, class names
+"""
+from __future__ import annotations
+
+import yaml
+
+from pipeline.components import components, polygons
+from pipeline.export.common import ShardContext, image_stem
+from pipeline.labelset import LabelSet, label_mask
+from pipeline.storage import join, normalize_url, write_bytes_atomic
+
+
+def label_lines(row: dict, min_area: int) -> list[str]:
+    lines = []
+    width, height = row["width"], row["height"]
+    for label in row["labels"]:
+        for component in components(label_mask(label), min_area):
+            for polygon in polygons(component.mask):
+                coords = " ".join(f"{x / width:.6f} {y / height:.6f}" for x, y in polygon)
+                lines.append(f"{label['class_id']} {coords}")
+    return lines
+
+
+def export_shard(ctx: ShardContext, rows: list[dict]) -> dict:
+    count = 0
+    for row in rows:
+        lines = label_lines(row, ctx.options.min_area)
+        count += len(lines)
+        url = ctx.out("labels", ctx.split, f"{image_stem(row['sample_id'])}.txt")
+        write_bytes_atomic(url, "".join(f"{line}\n" for line in lines).encode(), ctx.options.storage_options)
+    return {"annotations": count}
+
+
+def image_folder(split: str) -> tuple[str, ...]:
+    return ("images", split)
+
+
+def finish(labelset: LabelSet, shard_ids: list[str], options, splits: set[str] = frozenset()) -> list[str]:
+    names = sorted(splits) or ["train"]
+    data = {"path": normalize_url(options.dest), "train": f"images/{'train' if 'train' in names else names[0]}",
+            "val": f"images/{'val' if 'val' in names else ('train' if 'train' in names else names[0])}",
+            "names": dict(enumerate(labelset.class_names))}
+    url = join(options.dest, "data.yaml")
+    write_bytes_atomic(url, yaml.safe_dump(data, sort_keys=False).encode(), options.storage_options)
+    return [url]

@@ -1,0 +1,102 @@
+"""Read a finished gemlabel output back: its vocabulary, its done shards, their label rows, and
+the images themselves out of the input shards (one pass per shard, however many images).
+
+Every command that consumes labels (show, export) goes through here, so they see the same
+shards (those with a stats marker, i.e. done) and decode masks the same way.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from gem.preprocess import to_rgb
+from pipeline.encode import decode_mask
+from pipeline.manifest import OutputLayout, read_markers, read_output_config
+from pipeline.reader import _image_entry, iter_tar_samples
+from pipeline.storage import StorageOptions, filesystem
+
+
+class NotAnOutputError(FileNotFoundError):
+    """The given prefix holds no gemlabel output."""
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """A done output: where it is, its vocabulary and its done shards (shard_id -> marker)."""
+
+    root: str
+    class_names: list[str]
+    markers: dict[str, dict]
+    fingerprint: str
+    storage_options: Optional[StorageOptions] = None
+
+    @property
+    def layout(self) -> OutputLayout:
+        return OutputLayout(self.root)
+
+    def shard_ids(self) -> list[str]:
+        return sorted(self.markers)
+
+    def rows(self, shard_id: str, columns: Optional[list[str]] = None) -> list[dict]:
+        """The Parquet rows of one done shard, in shard order."""
+        fs, path = filesystem(self.layout.labels_url(shard_id), self.storage_options)
+        with fs.open(path, "rb") as handle:
+            return pq.read_table(handle, columns=columns).to_pylist()
+
+    def all_rows(self, columns: Optional[list[str]] = None) -> Iterator[dict]:
+        for shard_id in self.shard_ids():
+            yield from self.rows(shard_id, columns)
+
+
+def open_labelset(output: str, storage_options: Optional[StorageOptions] = None) -> LabelSet:
+    layout = OutputLayout(output.rstrip("/"))
+    config = read_output_config(layout, storage_options)
+    if config is None:
+        raise NotAnOutputError(f"{output} is not a gemlabel output (no _config.json)")
+    markers = read_markers(layout, storage_options)
+    if not markers:
+        raise NotAnOutputError(f"{output} has no labelled shards yet (no stats markers)")
+    return LabelSet(layout.root, list(config["settings"]["vocab"]), markers, config["fingerprint"], storage_options)
+
+
+def label_mask(label: dict) -> np.ndarray:
+    """A label's bool (H, W) mask."""
+    return decode_mask(label["rle_size"], label["rle_counts"])
+
+
+def label_points(label: dict) -> list[tuple[int, int]]:
+    """The label's prompt points: the ``points`` list when the output has one, else the peak."""
+    points = label.get("points")
+    if points:
+        return [(int(p["x"]), int(p["y"])) for p in points]
+    return [(int(label["point_x"]), int(label["point_y"]))]
+
+
+def decode_image(raw: dict) -> Image.Image:
+    """A raw webdataset sample -> the RGB image as labelled (EXIF orientation applied)."""
+    entry = _image_entry(raw)
+    if entry is None:
+        raise ValueError(f"no image in sample {raw.get('__key__')}")
+    image = Image.open(io.BytesIO(raw[entry]))
+    image.load()
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def fetch_images(shard_url: str, keys: Iterable[str],
+                 storage_options: Optional[StorageOptions] = None) -> Iterator[tuple[str, Image.Image]]:
+    """(key, image) for the wanted keys of one shard, read in one pass; stops once all are found."""
+    wanted = set(keys)
+    if not wanted:
+        return
+    for raw in iter_tar_samples(shard_url, storage_options):
+        key = raw.get("__key__")
+        if key in wanted:
+            wanted.discard(key)
+            yield key, decode_image(raw)
+            if not wanted:
+                return

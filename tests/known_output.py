@@ -1,0 +1,79 @@
+"""An output with masks we know (blobs, several per class), written with the pipeline's own
+schema, RLE encoder and manifest over real tar shards: for checks that need exact shapes."""
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from pipeline.encode import encode_mask
+from pipeline.manifest import OutputLayout, write_json
+from pipeline.schema import table_from_rows
+from pipeline.shards import shard_id_for
+from pipeline.storage import join, write_bytes_atomic
+from tests.shards import encode, photo, write_shard
+
+CLASSES = ["person", "dog", "sofa", "car"]
+SIZE = (160, 120)  # width, height
+
+
+def blob_masks(index: int) -> dict[int, np.ndarray]:
+    """class_id -> mask: two discs of 'dog', an ellipse of 'car' (with a 3-pixel speck), a ring of 'sofa'."""
+    width, height = SIZE
+    canvases = {c: Image.new("L", SIZE, 0) for c in (1, 2, 3)}
+    shift = 4 * index
+    ImageDraw.Draw(canvases[1]).ellipse((10 + shift, 10, 50 + shift, 50), fill=1)
+    ImageDraw.Draw(canvases[1]).ellipse((100, 60 + shift // 2, 140, 100 + shift // 2), fill=1)
+    ImageDraw.Draw(canvases[3]).ellipse((60, 8, 95, 40), fill=1)
+    ImageDraw.Draw(canvases[3]).rectangle((150, 2, 152, 2), fill=1)  # a 3-pixel speck
+    ImageDraw.Draw(canvases[2]).ellipse((15, 65, 75, 115), fill=1)
+    ImageDraw.Draw(canvases[2]).ellipse((35, 80, 55, 100), fill=0)
+    return {c: np.asarray(m, dtype=bool) for c, m in canvases.items()}
+
+
+def label_for(class_id: int, mask: np.ndarray) -> dict:
+    ys, xs = np.nonzero(mask)
+    rle = encode_mask(mask)
+    x, y = int(xs[len(xs) // 2]), int(ys[len(ys) // 2])
+    return {"class_id": class_id, "name": CLASSES[class_id], "score": 0.5 + 0.1 * class_id, "peak_score": 0.95,
+            "area": int(mask.sum()), "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                              int(ys.max() - ys.min() + 1)],
+            "point_x": x, "point_y": y, "rle_size": rle["size"], "rle_counts": rle["counts"]}
+
+
+def write_known_output(shard_folder: str, output: str, images: int = 3, storage_options: Optional[dict] = None,
+                       local_tmp: Optional[Path] = None) -> dict[str, dict[int, np.ndarray]]:
+    """One shard of ``images`` photos plus an error sample; returns sample_id -> known masks."""
+    samples = [{"__key__": f"k{i}", "jpg": encode(photo(i, SIZE), "JPEG", quality=95)} for i in range(images)]
+    samples.append({"__key__": "broken", "jpg": b"\xff\xd8 not an image"})
+    shard_url = join(shard_folder, "known-0000.tar")
+    if local_tmp is not None:  # build locally, then upload
+        local = write_shard(local_tmp / "known-0000.tar", samples)
+        write_bytes_atomic(shard_url, local.read_bytes(), storage_options)
+    else:
+        write_shard(Path(shard_url), samples)
+    shard_id = shard_id_for(shard_url)
+    known, rows = {}, []
+    for i in range(images):
+        masks = blob_masks(i)
+        sample_id = f"{shard_id}/k{i}"
+        known[sample_id] = masks
+        rows.append({"sample_id": sample_id, "key": f"k{i}", "shard": shard_url, "width": SIZE[0], "height": SIZE[1],
+                     "status": "ok", "error": None, "labels": [label_for(c, m) for c, m in sorted(masks.items())]})
+    rows.append({"sample_id": f"{shard_id}/broken", "key": "broken", "shard": shard_url, "width": 0, "height": 0,
+                 "status": "error", "error": "decode jpg: UnidentifiedImageError: cannot identify image file",
+                 "labels": []})
+    layout = OutputLayout(output)
+    write_json(layout.config_url, {"fingerprint": "known", "settings": {"vocab": CLASSES}}, storage_options)
+    buffer = io.BytesIO()
+    pq.write_table(table_from_rows(rows, {"vocab": CLASSES}), buffer)
+    write_bytes_atomic(layout.labels_url(shard_id), buffer.getvalue(), storage_options)
+    write_json(layout.marker_url(shard_id), {"shard": shard_url, "shard_id": shard_id, "fingerprint": "known",
+                                             "samples": len(rows), "ok": images, "errors": 1,
+                                             "finished_at": datetime.now(timezone.utc).isoformat()}, storage_options)
+    return known

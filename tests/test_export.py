@@ -1,0 +1,214 @@
+"""gemlabel export on real outputs: COCO (pycocotools round trip), semantic PNGs, YOLO polygons;
+Ray tasks per shard, resumable."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from pycocotools.coco import COCO
+
+from jobs.cli import main
+from pipeline.components import components, polygons, rasterize
+from pipeline.export.common import ExportOptions
+from pipeline.export.runner import run_export
+from pipeline.labelset import label_mask, open_labelset
+from tests.known_output import CLASSES, write_known_output
+from tests.outputs import all_rows
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def known_output(tmp_path_factory):
+    root = tmp_path_factory.mktemp("known")
+    (root / "shards").mkdir()
+    known = write_known_output(str(root / "shards"), str(root / "out"))
+    return str(root / "out"), known
+
+
+def coco_masks(coco: COCO, image_id: int) -> dict[int, np.ndarray]:
+    """category id -> union of the image's annotation masks."""
+    union: dict[int, np.ndarray] = {}
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id])):
+        mask = coco.annToMask(ann).astype(bool)
+        assert mask.sum() == ann["area"]
+        x, y, w, h = (int(v) for v in ann["bbox"])
+        assert mask[y:y + h, x:x + w].sum() == ann["area"]
+        assert all(mask[py, px] for px, py in ann["point_coords"])
+        union[ann["category_id"]] = union.get(ann["category_id"], False) | mask
+    return union
+
+
+def test_coco_export_round_trips_through_pycocotools_and_resumes(labelled_output, tmp_path):
+    dest = str(tmp_path / "coco")
+    assert main(["export", labelled_output, "--format", "coco", "--dest", dest, "--images",
+                 "--splits", "train=*train-*,val=*val-*", "--no-progress"]) == 0
+    rows = {row["sample_id"]: row for row in all_rows(labelled_output)}
+    seen = set()
+    for split, expected_shards in (("train", 2), ("val", 1)):
+        coco = COCO(str(Path(dest) / "annotations" / f"{split}.json"))
+        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["person", "dog", "sofa", "car"]
+        for image in coco.loadImgs(coco.getImgIds()):
+            row = rows[image["sample_id"]]
+            seen.add(image["sample_id"])
+            assert row["status"] == "ok" and (image["width"], image["height"]) == (row["width"], row["height"])
+            with Image.open(Path(dest) / "images" / split / image["file_name"]) as copied:
+                assert copied.size == (row["width"], row["height"])
+            union = coco_masks(coco, image["id"])
+            assert set(union) == {label["class_id"] + 1 for label in row["labels"]}
+            for label in row["labels"]:
+                assert np.array_equal(union[label["class_id"] + 1], label_mask(label))
+        assert len({i["sample_id"].split("/")[0] for i in coco.loadImgs(coco.getImgIds())}) == expected_shards
+    assert seen == {sid for sid, row in rows.items() if row["status"] == "ok"}  # error rows left out
+
+    # A rerun skips the exported shards; a lost done marker redoes that shard only.
+    labelset = open_labelset(labelled_output)
+    options = ExportOptions("coco", dest, images=True, splits={"train": "*train-*", "val": "*val-*"})
+    assert (run_export(labelset, options, progress=False).shards_skipped) == 3
+    victim = sorted((Path(dest) / "_done").iterdir())[0]
+    victim.unlink()
+    again = run_export(labelset, options, progress=False)
+    assert (again.shards_done, again.shards_skipped, again.images) == (1, 2, 12)
+    # Other options (instances) redo every shard.
+    assert run_export(labelset, ExportOptions("coco", dest, instances=True, splits=options.splits),
+                      progress=False).shards_done == 3
+
+
+def test_coco_instances_are_the_components_and_union_to_the_class_mask(known_output, tmp_path):
+    output, known = known_output
+    dest = str(tmp_path / "inst")
+    summary = run_export(open_labelset(output), ExportOptions("coco", dest, instances=True), progress=False)
+    assert (summary.shards_done, summary.images, summary.error_rows) == (1, 3, 1)
+    coco = COCO(str(Path(dest) / "annotations" / "train.json"))
+    for image in coco.loadImgs(coco.getImgIds()):
+        masks = known[image["sample_id"]]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+        per_class = {c: [a for a in anns if a["category_id"] == c + 1] for c in masks}
+        assert [len(per_class[c]) for c in (1, 2, 3)] == [2, 1, 2]  # two discs, a ring, an ellipse + speck
+        assert all(isinstance(a["segmentation"]["counts"], str) for a in anns)  # compressed RLE
+        union = coco_masks(coco, image["id"])
+        for class_id, mask in masks.items():
+            assert np.array_equal(union[class_id + 1], mask)
+
+    big = str(tmp_path / "big")
+    run_export(open_labelset(output), ExportOptions("coco", big, instances=True, min_area=10), progress=False)
+    coco = COCO(str(Path(big) / "annotations" / "train.json"))
+    assert min(a["area"] for a in coco.dataset["annotations"]) >= 10
+    assert len(coco.getAnnIds(catIds=[4])) == 3  # the car's speck is gone, one ellipse per image
+
+
+def test_semantic_export_writes_palette_label_maps(known_output, tmp_path):
+    output, known = known_output
+    for background, offset in ((255, 0), (0, 1)):
+        dest = tmp_path / f"sem{background}"
+        assert main(["export", output, "--format", "semantic", "--dest", str(dest), "--images",
+                     "--background-index", str(background), "--no-progress"]) == 0
+        classes = json.loads((dest / "classes.json").read_text())
+        assert classes["classes"] == CLASSES and classes["background_index"] == background
+        assert (dest / "classes.txt").read_text().split("\n")[:4] == CLASSES
+        for sample_id, masks in known.items():
+            stem = sample_id.replace("/", "__")
+            with Image.open(dest / "ann_dir" / "train" / f"{stem}.png") as png:
+                assert png.mode == "P"
+                values = np.asarray(png)
+            assert (dest / "img_dir" / "train" / f"{stem}.jpg").is_file()
+            expected = np.full(values.shape, background)
+            for class_id, mask in masks.items():
+                expected[mask] = class_id + offset
+            assert np.array_equal(values, expected)
+    assert main(["export", output, "--format", "semantic", "--dest", str(tmp_path / "bad"),
+                 "--background-index", "2"]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_yolo_polygons_rasterise_back_to_the_masks(known_output, tmp_path):
+    output, known = known_output
+    dest = tmp_path / "yolo"
+    assert main(["export", output, "--format", "yolo-seg", "--dest", str(dest), "--images", "--no-progress"]) == 0
+    data = yaml.safe_load((dest / "data.yaml").read_text())
+    assert data["names"] == dict(enumerate(CLASSES)) and data["train"] == "images/train" == data["val"]
+    assert data["path"] == str(dest)
+    for sample_id, masks in known.items():
+        stem = sample_id.replace("/", "__")
+        with Image.open(dest / "images" / "train" / f"{stem}.jpg") as image:
+            width, height = image.size
+        drawn = {c: np.zeros((height, width), bool) for c in masks}
+        lines = (dest / "labels" / "train" / f"{stem}.txt").read_text().splitlines()
+        assert len(lines) == 5
+        for line in lines:
+            values = line.split()
+            xy = np.array(values[1:], dtype=float).reshape(-1, 2)
+            assert len(xy) >= 3 and xy.min() >= 0 and xy.max() <= 1
+            drawn[int(values[0])] |= rasterize([xy * [width, height]], (height, width))
+        for class_id, mask in masks.items():
+            iou = (drawn[class_id] & mask).sum() / (drawn[class_id] | mask).sum()
+            assert iou > (0.75 if class_id == 2 else 0.9), (class_id, iou)  # the ring's hole is filled
+
+
+def test_polygons_of_blobs():
+    mask = np.zeros((200, 300), bool)
+    yy, xx = np.mgrid[:200, :300]
+    mask |= (xx - 80) ** 2 + (yy - 90) ** 2 < 50 ** 2
+    mask |= ((xx - 220) / 60.0) ** 2 + ((yy - 120) / 30.0) ** 2 < 1
+    found = components(mask)
+    assert [c.area for c in found] == sorted((c.area for c in found), reverse=True) and len(found) == 2
+    for component in found:
+        outline = polygons(component.mask)
+        back = rasterize(outline, mask.shape)
+        assert (back & component.mask).sum() / (back | component.mask).sum() > 0.97
+        assert component.mask[component.point[1], component.point[0]]
+
+
+def test_export_refuses_bad_input(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nothing"), "--format", "coco"]) == 2
+    assert "not a gemlabel output" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_export_tasks_run_on_ray_workers_and_a_failed_shard_is_redone_alone(labelled_output, tmp_path):
+    """Each shard is a Ray task in a worker process; a shard whose images are gone fails alone,
+    the others are committed, and the rerun exports only that shard."""
+    import os
+    import shutil as sh
+    labelset = open_labelset(labelled_output)
+    val_shard = next(m["shard"] for m in labelset.markers.values() if "val-" in m["shard"])
+    moved = tmp_path / "moved.tar"
+    sh.move(val_shard, moved)
+    dest = tmp_path / "sem"
+    try:
+        assert main(["export", labelled_output, "--format", "semantic", "--dest", str(dest), "--images",
+                     "--no-progress"]) == 1
+    finally:
+        sh.move(moved, val_shard)
+    done = {p.name: json.loads(p.read_text()) for p in (dest / "_done").iterdir()}
+    assert len(done) == 2 and all(r["worker"]["pid"] != os.getpid() for r in done.values())
+    summary = run_export(labelset, ExportOptions("semantic", str(dest), images=True), progress=False)
+    assert (summary.shards_done, summary.shards_skipped, summary.shards_failed, summary.images) == (1, 2, 0, 12)
+    assert len(list((dest / "img_dir" / "train").iterdir())) == 12
+
+
+def test_coco_export_to_s3(s3_endpoint, tmp_path):
+    import s3fs
+    from tests.conftest import S3_CREDENTIALS
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, **S3_CREDENTIALS)
+    fs.mkdir("export-bucket")
+    options = {"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}}
+    known = write_known_output("s3://export-bucket/shards", "s3://export-bucket/labels", storage_options=options,
+                               local_tmp=tmp_path)
+    # Ray workers started before this test do not see its environment: credentials go in the options.
+    summary = run_export(open_labelset("s3://export-bucket/labels", options),
+                         ExportOptions("coco", "s3://export-bucket/labels/exports/coco", instances=True, images=True,
+                                       storage_options=options), progress=False)
+    assert (summary.shards_done, summary.images) == (1, 3)
+    fs.invalidate_cache()
+    fs.get("export-bucket/labels/exports/coco/annotations/train.json", str(tmp_path / "train.json"))
+    coco = COCO(str(tmp_path / "train.json"))
+    assert {i["sample_id"] for i in coco.dataset["images"]} == set(known)
+    for image in coco.dataset["images"]:
+        assert fs.exists(f"export-bucket/labels/exports/coco/images/train/{image['file_name']}")
+        union = coco_masks(coco, image["id"])
+        assert all(np.array_equal(union[c + 1], m) for c, m in known[image["sample_id"]].items())
