@@ -166,7 +166,6 @@ def _eval(args: argparse.Namespace) -> int:
     mapping = _mapping(args, ground_truth.class_names, vocab)
     start = time.perf_counter()
     result = score_rows(ground_truth, rows, mapping, progress)
-    result.labels_seconds = seconds
     record = write_report(result, args.report, {
         "labels": output, "labelling_seconds": None if seconds is None else round(seconds, 3),
         "scoring_seconds": round(time.perf_counter() - start, 3)})

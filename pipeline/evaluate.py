@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -37,7 +37,6 @@ class EvalResult:
     images_scored: int = 0
     images_missing: list[str] = field(default_factory=list)   # ground truth without labels
     images_failed: list[str] = field(default_factory=list)    # labelled with status error
-    labels_seconds: Optional[float] = None                    # time spent labelling, when eval labelled
 
 
 def read_output_rows(output: str, storage_options: Optional[StorageOptions] = None) -> tuple[list[str], dict[str, dict]]:
@@ -112,8 +111,7 @@ def write_image_shards(ground_truth: GroundTruth, prefix: str, per_shard: int = 
 def label_ground_truth(ground_truth: GroundTruth, config: LabelConfig, work_dir: str) -> tuple[str, float]:
     """Label the ground truth's images with ``config`` (its output) through the labelling pipeline
     itself; returns (output, seconds). Images in folders or COCO are packed into shards first."""
-    from pipeline.runner import run_labeling
-    import time
+    from pipeline.runner import run_labeling  # Ray only where eval labels
     shards = ground_truth.shards or write_image_shards(ground_truth, str(Path(work_dir) / "shards" / "gt"))
     config.input = list(shards)
     start = time.perf_counter()
@@ -121,7 +119,3 @@ def label_ground_truth(ground_truth: GroundTruth, config: LabelConfig, work_dir:
     if summary.shards_failed:
         raise RuntimeError(f"labelling failed for {summary.shards_failed} shard(s): {summary.failed}")
     return config.output, time.perf_counter() - start
-
-
-def default_work_dir() -> str:
-    return tempfile.mkdtemp(prefix="gemlabel-eval-")
