@@ -38,6 +38,8 @@ def ray_head():
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats",
+         # the job agent's default port (52365) is taken by any other Ray head on the machine
+         f"--dashboard-agent-listen-port={free_port()}",
          f"--temp-dir={temp_dir}"],
         env=job_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
@@ -184,7 +186,7 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
     assert "--dashboard-port=8265" in starts[0] and "--address http://127.0.0.1:8265" in submits[0]
     head = subprocess.Popen(
         ["bash", "-c", starts[0].replace("--dashboard-port=8265", f"--dashboard-port={dashboard}")
-         + f" --port={free_port()} --num-cpus=2 --disable-usage-stats --block"
+         + f" --port={free_port()} --dashboard-agent-listen-port={free_port()} --num-cpus=2 --disable-usage-stats --block"
          + f" --temp-dir={tempfile.mkdtemp(prefix='rgr-', dir='/tmp')}"],
         cwd=project, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
