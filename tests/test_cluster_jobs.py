@@ -136,7 +136,8 @@ def wait_for_dashboard(address: str, head: subprocess.Popen) -> None:
 @pytest.mark.slow  # two Ray clusters start: 2-3 minutes on 2 cores
 def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
     """A newcomer's checkout (the code, the demo photos, the git-ignored .venv and nothing else),
-    a fresh HOME, no RAY_AUTH_MODE: README's step 1 and step 2 lines are run by bash as written. The
+    a fresh HOME, no RAY_AUTH_MODE, a Ray temp folder of its own (as on a machine with no other Ray):
+    README's step 1 and step 2 lines are run by bash as written. The
     only changes: the model (tests have no weights: the micro model's flags are appended to the two
     label commands), the head's ports (free ones), and the head runs in its own temp dir, in the
     foreground, stopped by its PID (not `ray stop`, which would stop every Ray on the machine)."""
@@ -149,7 +150,9 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env.update(HOME=str(home), PWD=str(project), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_DEDUP_LOGS="0")
+    env.update(HOME=str(home), PWD=str(project), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_DEDUP_LOGS="0",
+               # step 1's own Ray goes here, and does not find (and join) another Ray of this machine
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="rgl-", dir="/tmp"))
     model_args = micro_model_args(micro_checkpoint)
     model_args[model_args.index("--model-config") + 1] = str(REPO / "tests/data/models/gemtest-micro.json")
     model = " " + shlex.join(model_args)
