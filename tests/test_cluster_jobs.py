@@ -175,6 +175,7 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
         run(line)
     rows = all_rows(str(project / "demo" / "labels"))
     assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)
+    assert (home / ".ray" / "auth_token").is_file()  # why step 2 says RAY_AUTH_MODE=disabled
 
     exports = [line for line in step2 if line.startswith("export ")]
     starts = [line for line in step2 if re.search(r"\bray start --head\b", line)]
