@@ -38,6 +38,8 @@ def ray_head():
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats",
+         # the job agent's default port (52365) is taken by any other Ray head on the machine
+         f"--dashboard-agent-listen-port={free_port()}",
          f"--temp-dir={temp_dir}"],
         env=job_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
@@ -134,7 +136,8 @@ def wait_for_dashboard(address: str, head: subprocess.Popen) -> None:
 @pytest.mark.slow  # two Ray clusters start: 2-3 minutes on 2 cores
 def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
     """A newcomer's checkout (the code, the demo photos, the git-ignored .venv and nothing else),
-    a fresh HOME, no RAY_AUTH_MODE: README's step 1 and step 2 lines are run by bash as written. The
+    a fresh HOME, no RAY_AUTH_MODE, a Ray temp folder of its own (as on a machine with no other Ray):
+    README's step 1 and step 2 lines are run by bash as written. The
     only changes: the model (tests have no weights: the micro model's flags are appended to the two
     label commands), the head's ports (free ones), and the head runs in its own temp dir, in the
     foreground, stopped by its PID (not `ray stop`, which would stop every Ray on the machine)."""
@@ -147,7 +150,9 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env.update(HOME=str(home), PWD=str(project), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_DEDUP_LOGS="0")
+    env.update(HOME=str(home), PWD=str(project), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_DEDUP_LOGS="0",
+               # step 1's own Ray goes here, and does not find (and join) another Ray of this machine
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="rgl-", dir="/tmp"))
     model_args = micro_model_args(micro_checkpoint)
     model_args[model_args.index("--model-config") + 1] = str(REPO / "tests/data/models/gemtest-micro.json")
     model = " " + shlex.join(model_args)
@@ -170,6 +175,7 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
         run(line)
     rows = all_rows(str(project / "demo" / "labels"))
     assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)
+    assert (home / ".ray" / "auth_token").is_file()  # why step 2 says RAY_AUTH_MODE=disabled
 
     exports = [line for line in step2 if line.startswith("export ")]
     starts = [line for line in step2 if re.search(r"\bray start --head\b", line)]
@@ -184,7 +190,7 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
     assert "--dashboard-port=8265" in starts[0] and "--address http://127.0.0.1:8265" in submits[0]
     head = subprocess.Popen(
         ["bash", "-c", starts[0].replace("--dashboard-port=8265", f"--dashboard-port={dashboard}")
-         + f" --port={free_port()} --num-cpus=2 --disable-usage-stats --block"
+         + f" --port={free_port()} --dashboard-agent-listen-port={free_port()} --num-cpus=2 --disable-usage-stats --block"
          + f" --temp-dir={tempfile.mkdtemp(prefix='rgr-', dir='/tmp')}"],
         cwd=project, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

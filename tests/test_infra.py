@@ -550,3 +550,12 @@ def test_readme_lists_every_file_with_fields_to_change():
     for path in marked:
         relative = path.relative_to(REPO).as_posix()
         assert f"`{relative}`" in table or f"`{path.name}`" in table, relative
+
+
+def test_the_gcs_example_is_the_s3_example_on_google_cloud_storage():
+    s3 = vars(load_config(str(REPO / "jobs/configs/s3-large.yaml")))
+    gcs = vars(load_config(str(REPO / "jobs/configs/gcs-large.yaml")))
+    urls = ("input", "output", "vocab_file", "storage_options")
+    assert {k: v for k, v in s3.items() if k not in urls} == {k: v for k, v in gcs.items() if k not in urls}
+    assert all(u.startswith("gs://") for u in [*gcs["input"], gcs["output"], gcs["vocab_file"]])
+    assert list(gcs["storage_options"]) == ["gs"]
