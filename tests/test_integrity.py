@@ -93,7 +93,8 @@ def test_two_drivers_racing_on_a_fresh_output_one_wins(base_config, tmp_path):
 def test_fingerprint_covers_precision_and_file_contents(base_config, tmp_path):
     write_shards(tmp_path / "in", shards=1, per_shard=2)
     checkpoint = save_micro_checkpoint(tmp_path / "model.pt", seed=0)
-    model_config = tmp_path / "micro.json"
+    model_config = tmp_path / "configs" / "gemtest-micro.json"  # open_clip names a model by the file's stem
+    model_config.parent.mkdir()
     model_config.write_text(open(base_config["model_config"]).read())
     settings = {**base_config, "input": [str(tmp_path / "in" / "*.tar")], "pretrained": str(checkpoint),
                 "model_config": str(model_config), "precision": "fp32"}
