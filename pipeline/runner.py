@@ -186,30 +186,47 @@ def _error_text(err: BaseException) -> str:
 
 def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary: RunSummary,
                  on_result: Callable[[Shard, Optional[dict]], None]) -> None:
-    """Dispatch shards to the started actors until each is done or has failed for good."""
+    """Dispatch shards to the started actors until each is done or has failed for good. A
+    replacement actor gets shards only once it has started, so when a node is lost (and its
+    replacement cannot be placed yet) the surviving actors take its shards."""
     config = pool.config
     queue: deque[Shard] = deque(todo)
     attempts: Counter = Counter()
     idle = list(actors)
     inflight: dict = {}
+    starting: dict = {}  # describe() call -> replacement actor not yet known to be up
+
+    def replace(err: BaseException) -> None:
+        summary.actor_restarts += 1
+        if summary.actor_restarts > config.max_actor_restarts:
+            raise WorkersLostError(f"{summary.actor_restarts} workers died (max_actor_restarts="
+                                   f"{config.max_actor_restarts}); last: {_error_text(err)}") from None
+        actor = pool.new_actor()
+        starting[actor.describe.remote()] = actor
+
     while queue or inflight:
         while queue and idle:
             actor, shard = idle.pop(), queue.popleft()
             inflight[actor.label_shard.remote(shard, attempts[shard])] = (actor, shard)
-        ready, _ = ray.wait(list(inflight), num_returns=1)
+        ready, _ = ray.wait([*inflight, *starting], num_returns=1)
+        if ready[0] in starting:
+            actor = starting.pop(ready[0])
+            try:
+                ray.get(ready[0])
+                idle.append(actor)
+            except RayActorError as err:
+                ray.kill(actor)
+                replace(err)
+            continue
         actor, shard = inflight.pop(ready[0])
         try:
             marker = ray.get(ready[0])
         except RayActorError as err:  # the actor died (killed, OOM, node lost): redo the shard elsewhere
             ray.kill(actor)  # merely unreachable actors too, so no two workers label one shard
-            summary.actor_restarts += 1
-            if summary.actor_restarts > config.max_actor_restarts:
-                raise WorkersLostError(f"{summary.actor_restarts} workers died (max_actor_restarts="
-                                   f"{config.max_actor_restarts}); last: {_error_text(err)}") from None
             log.warning("worker died while labelling %s (%s); retrying elsewhere", shard.url, _error_text(err))
             attempts[shard] += 1
             _retry_or_fail(shard, attempts, queue, summary, _error_text(err), config, on_result)
-            idle.append(pool.new_actor())
+            replace(err)
             continue
         except RayTaskError as err:  # the shard could not be read
             attempts[shard] += 1

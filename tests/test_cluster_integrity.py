@@ -1,0 +1,179 @@
+"""One output wherever the driver runs, and node loss, on real multi-process Ray clusters on
+127.0.0.1 (issue 7): an external head, a driver in another folder, a second node killed mid-run."""
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.manifest import OutputLayout, read_markers
+from tests.conftest import free_port
+from tests.outputs import all_rows
+from tests.shards import write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Lost nodes are noticed within seconds rather than the default ~30 s.
+FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "1000",
+                      "RAY_health_check_failure_threshold": "3"}
+
+
+def cluster_env(**extra: str) -> dict:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(REPO), **FAST_HEALTH_CHECKS, **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End a `ray start --block` we started, and everything in its process group."""
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=grace)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
+
+class Head:
+    def __init__(self, cwd: Path):
+        self.port, self.dashboard = free_port(), free_port()
+        self.temp_dir = tempfile.mkdtemp(prefix="rgi-", dir="/tmp")
+        self.process = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", "--num-cpus=1",
+             "--disable-usage-stats", f"--temp-dir={self.temp_dir}"],
+            cwd=cwd, env=cluster_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2)
+                return
+            except OSError:
+                assert self.process.poll() is None, "ray start --head exited"
+                time.sleep(1)
+        stop(self.process)
+        pytest.fail("the Ray head did not come up")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard}"
+
+    def alive_nodes(self) -> int:
+        script = ("import ray; ray.init(address='%s', log_to_driver=False); "
+                  "print(sum(1 for n in ray.nodes() if n['Alive']))" % self.address)
+        result = subprocess.run([sys.executable, "-c", script], env=cluster_env(), capture_output=True, text=True,
+                                timeout=120)
+        return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else -1
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """`ray start --head` with one CPU, started from a folder of its own (not the driver's)."""
+    head = Head(tmp_path_factory.mktemp("head-cwd"))
+    yield head
+    stop(head.process)
+
+
+def driver(config: dict, cwd: Path, address: str) -> subprocess.CompletedProcess:
+    (cwd / "job.yaml").write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "jobs.label", "--config", "job.yaml"], cwd=cwd,
+                          env=cluster_env(RAY_ADDRESS=address), capture_output=True, text=True, timeout=400)
+
+
+def test_relative_paths_mean_the_drivers_folder_on_an_external_head(head, base_config, tmp_path):
+    here = tmp_path / "driver-cwd"
+    write_shards(here / "in", shards=2, per_shard=3)
+    (here / "models").mkdir()
+    (here / "models" / "gemtest-micro.json").write_text(Path(base_config["model_config"]).read_text())
+    (here / "classes.txt").write_text("person\ndog\n")
+    config = {**base_config, "input": ["in/*.tar"], "output": "labels", "vocab": [], "vocab_file": "classes.txt",
+              "model_config": "models/gemtest-micro.json"}
+    del config["vocab"]
+    result = driver(config, here, head.address)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = all_rows(str(here / "labels"))
+    assert len(rows) == 6 and all(row["status"] == "ok" for row in rows)
+    assert len(read_markers(OutputLayout(str(here / "labels")))) == 2
+    assert not list(Path(head.temp_dir).rglob("labels/*.parquet"))
+
+
+def test_a_relative_output_under_ray_job_submit_is_refused(head, base_config, tmp_path):
+    result = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--working-dir", str(REPO), "--",
+         "python", "-m", "jobs.label", "--input", str(tmp_path / "none.tar"), "--output", "rel/labels",
+         "--vocab", "cat", "--model", "gemtest-micro", "--pretrained", base_config["pretrained"],
+         "--model-config", base_config["model_config"]],
+        cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0 and "failed" in log, log[-3000:]
+    errors = [line for line in log.splitlines() if "gemlabel: error:" in line]
+    assert len(errors) == 1 and "relative path" in errors[0] and "absolute path or a URL" in errors[0], log[-3000:]
+    assert not list(Path(head.temp_dir).rglob("rel/labels"))
+
+
+def raylet_pid(node: subprocess.Popen) -> int:
+    """The raylet started by `node` (in its process group: started with a new session)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and os.getpgid(int(entry.name)) == node.pid and \
+                        (entry / "comm").read_text().strip() == "raylet":
+                    return int(entry.name)
+            except (OSError, ProcessLookupError):
+                continue
+        time.sleep(0.5)
+    pytest.fail("the second node's raylet did not start")
+
+
+def test_losing_a_node_mid_run_gives_the_uninterrupted_output(head, base_config, tmp_path):
+    write_shards(tmp_path / "in", shards=6, per_shard=8)
+    config = {**base_config, "input": [str(tmp_path / "in" / "*.tar")], "output": str(tmp_path / "lost"),
+              "num_workers": 2, "cpus_per_worker": 1, "batch_size": 2}
+    node = subprocess.Popen(
+        [str(BIN / "ray"), "start", f"--address={head.address}", "--block", "--node-ip-address=127.0.0.1",
+         "--num-cpus=1", "--disable-usage-stats"],
+        cwd=tmp_path, env=cluster_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while head.alive_nodes() < 2:
+            assert time.monotonic() < deadline and node.poll() is None, "the second node did not join"
+            time.sleep(1)
+        raylet = raylet_pid(node)
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+        run = subprocess.Popen([sys.executable, "-m", "jobs.label", "--config", "job.yaml"], cwd=tmp_path,
+                               env=cluster_env(RAY_ADDRESS=head.address), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        layout = OutputLayout(config["output"])
+        deadline = time.monotonic() + 300
+        while not read_markers(layout) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(raylet, signal.SIGKILL)  # the second node is lost with a worker mid-shard (each worker holds one of 6)
+        log, _ = run.communicate(timeout=400)
+    finally:
+        stop(node)
+        if "run" in locals() and run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, log[-4000:]
+    assert "6 labelled" in log and "actor restarts: 1" in log, log[-4000:]
+
+    clean = driver({**config, "output": str(tmp_path / "clean")}, tmp_path, head.address)
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "lost" / "labels").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "clean" / "labels").iterdir()) and len(names) == 6
+    for name in names:
+        lost, uninterrupted = (pq.read_table(tmp_path / out / "labels" / name) for out in ("lost", "clean"))
+        assert lost.equals(uninterrupted) and lost.schema.metadata == uninterrupted.schema.metadata
