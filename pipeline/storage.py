@@ -156,6 +156,15 @@ def same_file_version(old: Optional[dict], new: Optional[dict]) -> bool:
     return True
 
 
+def stat_file(url: str, storage_options: Optional[StorageOptions] = None) -> Optional[dict]:
+    """fsspec info (size, etag/mtime) of one file, or None where unknown."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return fs.info(path)
+    except (OSError, ValueError):
+        return None
+
+
 def stat_files(urls: list[str], storage_options: Optional[StorageOptions] = None) -> dict[str, Optional[dict]]:
     """URL -> fsspec info (size, etag/mtime) or None where unknown; one listing per folder."""
     infos: dict[str, Optional[dict]] = {}

@@ -27,7 +27,7 @@ from pipeline.manifest import OutputLayout, write_json
 from pipeline.reader import DecodedSample, PrefetchingReader, decode_sample, error_text
 from pipeline.schema import table_from_rows
 from pipeline.shards import Shard
-from pipeline.storage import file_identity, remove, stat_files, write_bytes_atomic
+from pipeline.storage import file_identity, remove, stat_file, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class ShardLabeler:
         shard cannot be read, having written nothing."""
         started, wall = datetime.now(timezone.utc), time.perf_counter()
         # Recorded before reading: a shard replaced later has another identity and is relabelled.
-        input_identity = file_identity(stat_files([shard.url], self.config.storage_options)[shard.url])
+        input_identity = file_identity(stat_file(shard.url, self.config.storage_options))
         timings: Counter = Counter()
         rows: list[dict] = []
         batch: list[DecodedSample] = []
