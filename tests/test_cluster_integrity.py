@@ -1,10 +1,12 @@
 """One output wherever the driver runs, and node loss, on real multi-process Ray clusters on
 127.0.0.1 (issue 7): an external head, a driver in another folder, a second node killed mid-run."""
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -133,54 +135,72 @@ def test_a_relative_output_under_ray_job_submit_is_refused(head, base_config, tm
     assert not list(Path(head.temp_dir).rglob("rel/labels"))
 
 
-def raylet_pid(node: subprocess.Popen) -> int:
-    """The raylet started by `node` (in its process group: started with a new session)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        for entry in Path("/proc").iterdir():
-            try:
-                if entry.name.isdigit() and os.getpgid(int(entry.name)) == node.pid and \
-                        (entry / "comm").read_text().strip() == "raylet":
-                    return int(entry.name)
-            except (OSError, ProcessLookupError):
-                continue
-        time.sleep(0.5)
-    pytest.fail("the second node's raylet did not start")
+# Two Ray nodes on this machine, both on 127.0.0.1, as Ray's own tests make them
+# (`ray start --address` refuses to join a second node on a loopback-only machine). The helper
+# prints the cluster's address and the second node's raylet PID, and shuts the cluster down
+# when its stdin closes.
+TWO_NODES = textwrap.dedent("""
+    import json, socket, sys
+    from ray.cluster_utils import Cluster
+
+    def port():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    def node_args(**extra):
+        return dict(num_cpus=1, node_ip_address="127.0.0.1", dashboard_agent_listen_port=port(),
+                    metrics_export_port=port(), runtime_env_agent_port=port(), **extra)
+
+    cluster = Cluster(initialize_head=True, head_node_args=node_args(temp_dir=sys.argv[1], include_dashboard=False))
+    try:
+        second = cluster.add_node(**node_args())
+        cluster.wait_for_nodes()
+        print(json.dumps({"address": cluster.address, "raylet": second.all_processes["raylet"][0].process.pid}),
+              flush=True)
+        sys.stdin.read()
+    finally:
+        cluster.shutdown()
+""")
 
 
-def test_losing_a_node_mid_run_gives_the_uninterrupted_output(head, base_config, tmp_path):
+def test_losing_a_node_mid_run_gives_the_uninterrupted_output(base_config, tmp_path):
     write_shards(tmp_path / "in", shards=6, per_shard=8)
     config = {**base_config, "input": [str(tmp_path / "in" / "*.tar")], "output": str(tmp_path / "lost"),
               "num_workers": 2, "cpus_per_worker": 1, "batch_size": 2}
-    node = subprocess.Popen(
-        [str(BIN / "ray"), "start", f"--address={head.address}", "--block", "--node-ip-address=127.0.0.1",
-         "--num-cpus=1", "--disable-usage-stats", *own_ports()],
-        cwd=tmp_path, env=cluster_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    cluster = subprocess.Popen([sys.executable, "-c", TWO_NODES, tempfile.mkdtemp(prefix="rgn-", dir="/tmp")],
+                               cwd=tmp_path, env=cluster_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    run = None
     try:
-        deadline = time.monotonic() + 120
-        while head.alive_nodes() < 2:
-            assert time.monotonic() < deadline and node.poll() is None, "the second node did not join"
-            time.sleep(1)
-        raylet = raylet_pid(node)
-        (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+        started = json.loads(cluster.stdout.readline())
         run = subprocess.Popen([sys.executable, "-m", "jobs.label", "--config", "job.yaml"], cwd=tmp_path,
-                               env=cluster_env(RAY_ADDRESS=head.address), stdout=subprocess.PIPE,
+                               env=cluster_env(RAY_ADDRESS=started["address"]), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
         layout = OutputLayout(config["output"])
         deadline = time.monotonic() + 300
         while not read_markers(layout) and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        os.kill(raylet, signal.SIGKILL)  # the second node is lost with a worker mid-shard (each worker holds one of 6)
+        # One worker per node, each holding one of the 6 shards: the second node is lost mid-shard.
+        os.kill(started["raylet"], signal.SIGKILL)
         log, _ = run.communicate(timeout=400)
-    finally:
-        stop(node)
-        if "run" in locals() and run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-    assert run.returncode == 0, log[-4000:]
-    assert "6 labelled" in log and "actor restarts: 1" in log, log[-4000:]
+        assert run.returncode == 0, log[-4000:]
+        assert "6 labelled" in log and "actor restarts: 1" in log, log[-4000:]
 
-    clean = driver({**config, "output": str(tmp_path / "clean")}, tmp_path, head.address)
-    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+        # The uninterrupted run, on the surviving node alone (one worker: its one CPU).
+        clean = subprocess.run([sys.executable, "-m", "jobs.label", "--config", "job.yaml", "--output",
+                                str(tmp_path / "clean"), "--num-workers", "1"], cwd=tmp_path, env=cluster_env(RAY_ADDRESS=started["address"]),
+                               capture_output=True, text=True, timeout=400)
+        assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+    finally:
+        if run is not None and run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        cluster.stdin.close()
+        try:
+            cluster.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stop(cluster)
     names = sorted(p.name for p in (tmp_path / "lost" / "labels").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "clean" / "labels").iterdir()) and len(names) == 6
     for name in names:
