@@ -3,7 +3,9 @@
 Work happens at the original image resolution, in bands of rows: the (C, h, w) patch
 similarities are upsampled bilinearly one band at a time (the same values as a full
 ``F.interpolate(..., mode="bilinear")``), so a large photo with a large vocabulary never holds
-a (C, H, W) tensor.
+a (C, H, W) tensor. Masks are never materialised either: each class's COCO RLE is cut straight
+from the runs of the (column-major) label map, so memory stays at the label map plus its run
+boundaries however many classes are present (``ClassRegion.mask`` decodes on demand).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pycocotools import mask as mask_utils
 
 BACKGROUND = -1
 
@@ -44,7 +47,12 @@ class ClassRegion:
     point: tuple[int, int]  # (x, y) of the peak, in original pixels
     area: int
     bbox: tuple[int, int, int, int]  # x, y, width, height
-    mask: np.ndarray        # bool (H, W)
+    rle: dict               # COCO compressed RLE: {'size': [H, W], 'counts': str}
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The bool (H, W) mask, decoded from the RLE on each access."""
+        return mask_utils.decode({"size": self.rle["size"], "counts": self.rle["counts"].encode("ascii")}).astype(bool)
 
 
 def upsampled_bands(x: torch.Tensor, size: tuple[int, int],
@@ -63,9 +71,42 @@ def upsampled_bands(x: torch.Tensor, size: tuple[int, int],
         yield start, band[0]
 
 
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
+class _Runs:
+    """Maximal runs of equal values of a (H, W) label map in column-major (COCO RLE) order."""
+
+    def __init__(self, labels_fortran: np.ndarray):
+        self.height, self.width = labels_fortran.shape
+        flat = labels_fortran.ravel(order="F")  # a view: the map is stored column-major
+        self.total = flat.size
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        self.starts = np.concatenate(([0], change))
+        self.ends = np.concatenate((change, [self.total]))
+        self.values = flat[self.starts]
+        order = np.argsort(self.values, kind="stable")  # runs grouped by class, in position order
+        self._order = order
+        classes, first = np.unique(self.values[order], return_index=True)
+        self._slices = dict(zip(classes.tolist(), zip(first.tolist(), [*first[1:].tolist(), order.size])))
+
+    def region_of(self, class_id: int) -> tuple[dict, tuple[int, int, int, int]]:
+        """(COCO compressed RLE, bbox) of one class, from its runs alone."""
+        begin, end = self._slices[class_id]
+        index = self._order[begin:end]
+        starts, ends = self.starts[index], self.ends[index]
+        counts = np.empty(2 * starts.size + 1, dtype=np.int64)
+        counts[0::2] = np.concatenate((starts, [self.total])) - np.concatenate(([0], ends))  # zeros
+        counts[1::2] = ends - starts  # ones
+        if counts[-1] == 0:
+            counts = counts[:-1]
+        rle = mask_utils.frPyObjects({"size": [self.height, self.width], "counts": counts.tolist()},
+                                     self.height, self.width)
+        h = self.height
+        first_col, last_col = starts // h, (ends - 1) // h
+        one_column = first_col == last_col
+        top = int(np.where(one_column, starts % h, 0).min())
+        bottom = int(np.where(one_column, (ends - 1) % h, h - 1).max())
+        left, right = int(first_col[0]), int(last_col[-1])
+        return ({"size": [self.height, self.width], "counts": rle["counts"].decode("ascii")},
+                (left, top, right - left + 1, bottom - top + 1))
 
 
 def label_image(similarities: torch.Tensor, size: tuple[int, int],
@@ -74,7 +115,7 @@ def label_image(similarities: torch.Tensor, size: tuple[int, int],
     present class, ordered by class id."""
     num_classes = similarities.shape[0]
     height, width = size
-    labels = np.empty((height, width), dtype=np.int16)
+    labels = np.empty((height, width), dtype=np.int16, order="F")  # column-major, as COCO RLE runs
     counts = np.zeros(num_classes, dtype=np.int64)
     prob_sums = np.zeros(num_classes, dtype=np.float64)
     peak_prob = np.full(num_classes, -1.0)
@@ -95,10 +136,32 @@ def label_image(similarities: torch.Tensor, size: tuple[int, int],
         better = band_peak > peak_prob[present]
         peak_prob[present[better]] = band_peak[better]
         peak_index[present[better]] = band_index[better]
-    regions = []
-    for class_id in np.flatnonzero(counts >= thresholds.min_area):
-        mask = labels == class_id
-        y, x = divmod(int(peak_index[class_id]), width)
-        regions.append(ClassRegion(int(class_id), float(prob_sums[class_id] / counts[class_id]),
-                                   float(peak_prob[class_id]), (x, y), int(counts[class_id]), _bbox(mask), mask))
-    return labels, regions
+    stats = ClassStats(counts, prob_sums, peak_prob, peak_index)
+    return labels, list(class_regions(labels, stats, thresholds.min_area))
+
+
+@dataclass
+class ClassStats:
+    """Per class, over the foreground pixels it wins: pixel count, sum of its probabilities, and
+    its peak probability with the peak's flat (row-major) pixel index."""
+
+    counts: np.ndarray
+    prob_sums: np.ndarray
+    peak_prob: np.ndarray
+    peak_index: np.ndarray
+
+
+def class_regions(labels: np.ndarray, stats: ClassStats, min_area: int = 1) -> Iterator[ClassRegion]:
+    """One region per class with at least ``min_area`` pixels, in class order, each with its RLE
+    cut from the label map's runs: no per-class mask is ever built, so memory does not grow with
+    the number of classes present."""
+    width = labels.shape[1]
+    present = np.flatnonzero(stats.counts >= min_area)
+    if not present.size:
+        return
+    runs = _Runs(np.asfortranarray(labels))
+    for class_id in present:
+        rle, bbox = runs.region_of(int(class_id))
+        y, x = divmod(int(stats.peak_index[class_id]), width)
+        yield ClassRegion(int(class_id), float(stats.prob_sums[class_id] / stats.counts[class_id]),
+                          float(stats.peak_prob[class_id]), (x, y), int(stats.counts[class_id]), bbox, rle)

@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("output_prefix", help="e.g. data/shards/train writes data/shards/train-000000.tar, ...")
     pack.add_argument("--per-shard", type=int, default=1000)
     pack.add_argument("--pattern", default="*", help="glob on file names, e.g. '*_image.png'")
+    pack.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL for an s3:// output prefix")
     report = commands.add_parser("report", help="summarise an output from its markers")
     report.add_argument("output")
     report.add_argument("--s3-endpoint", default=None)
@@ -109,14 +110,15 @@ def _report(args: argparse.Namespace) -> int:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     print(json.dumps(report, indent=1) if args.json else format_report(report))
-    return EXIT_FAILED_SHARDS if report["shards_failed"] else EXIT_OK
+    return EXIT_FAILED_SHARDS if report["shards_failed"] or report["shards_missing"] else EXIT_OK
 
 
 def _pack(args: argparse.Namespace) -> int:
     from pipeline.pack import pack_images
     try:
-        shards = pack_images(args.folder, args.output_prefix, args.per_shard, args.pattern)
-    except ValueError as err:
+        shards = pack_images(args.folder, args.output_prefix, args.per_shard, args.pattern,
+                             _storage_options(args.s3_endpoint))
+    except (ValueError, OSError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"gemlabel: wrote {len(shards)} shard(s): {shards[0]} ... {shards[-1]}")

@@ -67,7 +67,7 @@ class LabelConfig:
     progress: bool = True
 
     # Keys whose values change the labels; the rest (where, how fast) do not.
-    FINGERPRINT_KEYS = ("model", "pretrained", "model_config", "gem", "thresholds", "input_size")
+    FINGERPRINT_KEYS = ("model", "pretrained", "model_config", "gem", "thresholds", "input_size", "precision")
 
     def fingerprint_source(self, class_names: list[str], templates: list[str]) -> dict:
         source = {key: _plain(getattr(self, key)) for key in self.FINGERPRINT_KEYS}

@@ -21,7 +21,7 @@ def decode_mask(size: list[int], counts: str) -> np.ndarray:
 
 def label_record(region: ClassRegion, class_names: list[str], points: Optional[list[dict]] = None) -> dict:
     """``points``: prompt points ({x, y, score}); default: the peak alone."""
-    rle = encode_mask(region.mask)
+    rle = region.rle  # encoded as the region was found: no full-size mask is made here
     return {"class_id": region.class_id, "name": class_names[region.class_id], "score": region.score,
             "peak_score": region.peak_score, "area": region.area, "bbox": list(region.bbox),
             "point_x": region.point[0], "point_y": region.point[1],

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.metrics import IGNORE_INDEX
-from pipeline.pack import sample_key
+from pipeline.pack import sample_keys
 from pipeline.reader import IMAGE_EXTENSIONS, iter_tar_samples
 from pipeline.shards import list_shards
 from pipeline.storage import StorageOptions, read_bytes
@@ -123,6 +123,13 @@ def _check_indices(target: np.ndarray, classes: list[str], name: str) -> np.ndar
     return target
 
 
+def _pack_keys(paths: list[Path], root: Path) -> dict[Path, str]:
+    """The keys ``gemlabel pack`` gives these files when it packs them (in sorted order), so
+    labels and masks meet by key."""
+    ordered = sorted(set(paths))
+    return dict(zip(ordered, sample_keys(ordered, root)))
+
+
 def folder_ground_truth(images: str, masks: Optional[str], classes_file: str, image_suffix: str = "",
                         mask_suffix: str = "") -> GroundTruth:
     """Images under ``images`` (any depth); each one's mask is ``masks/<same relative path, stem
@@ -149,10 +156,12 @@ def folder_ground_truth(images: str, masks: Optional[str], classes_file: str, im
         raise GroundTruthError(f"no images with masks under {images} (masks: {mask_root}, "
                                f"image suffix {image_suffix!r}, mask suffix {mask_suffix!r})")
 
+    keys = _pack_keys([path for path, _ in pairs], image_root)
+
     def samples() -> Iterator[GroundTruthSample]:
         for path, mask in pairs:
             target = _check_indices(decode_mask_png(mask.read_bytes(), str(mask)), classes, str(mask))
-            yield GroundTruthSample(sample_key(path, image_root), path.read_bytes(),
+            yield GroundTruthSample(keys[path], path.read_bytes(),
                                     path.suffix.lower().lstrip("."), target)
 
     return GroundTruth(classes, samples, count=len(pairs))
@@ -212,10 +221,12 @@ def coco_ground_truth(annotations: str, images: str, panoptic_masks: Optional[st
                 target[coco.annToMask(ann).astype(bool)] = IGNORE_INDEX
         return target
 
+    keys = _pack_keys([image_root / info["file_name"] for info in data["images"]], image_root)
+
     def samples() -> Iterator[GroundTruthSample]:
         for info in data["images"]:
             file = image_root / info["file_name"]
-            yield GroundTruthSample(sample_key(file, image_root), file.read_bytes(),
+            yield GroundTruthSample(keys[file], file.read_bytes(),
                                     file.suffix.lower().lstrip("."), semantic(info))
 
     return GroundTruth(classes, samples, count=len(data["images"]))

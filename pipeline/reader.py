@@ -4,11 +4,27 @@ The tar is read through fsspec (webdataset has no s3:// opener) and split into s
 webdataset's own tar iterators. Each sample is decoded on a thread pool while the model works on
 the previous batch. A sample that cannot be decoded becomes a ``DecodedSample`` with an error; a
 shard that cannot be read (missing, truncated) raises ``ShardReadError`` from the iterator.
+
+How tar members become rows (every image member gets exactly one row):
+
+- Members are grouped as webdataset groups them: a sample's key is the member's path up to the
+  first dot of its file name (``a/img.v1.jpg`` -> key ``a/img``, entry ``v1.jpg``), and adjacent
+  members with the same key form one sample (``x.jpg`` + ``x.txt``).
+- A sample holding several images (``x.jpg`` + ``x.png``, ``img.v1.jpg`` + ``img.v2.jpg``) gives
+  one row per image, in tar order; a member name repeated inside a sample starts a new sample.
+- ``sample_id`` is ``<shard id>/<key>`` for the first row of a key in the shard and
+  ``<shard id>/<key>#2``, ``#3``, ... for later ones (repeated keys, adjacent or not, and the
+  extra images of one key), so ids are unique within the output.
+- A sample with no image is an error row. A tar without its end-of-archive blocks (cut, even
+  exactly at a member boundary) is a truncated shard.
 """
 from __future__ import annotations
 
 import io
+import posixpath
 import queue
+import re
+import tarfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +33,6 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from PIL import Image, ImageOps
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from gem.preprocess import image_to_tensor, to_rgb
 from pipeline.storage import StorageOptions, open_file
@@ -38,25 +53,91 @@ class DecodedSample:
     tensor: Optional[torch.Tensor] = None  # the model input; the decoded image itself is not kept
     error: Optional[str] = None
     error_kind: Optional[str] = None  # short label for the error histogram
+    uid: str = ""              # unique within the shard: the key, or key#2, key#3 for repeats
+
+    def __post_init__(self):
+        self.uid = self.uid or self.key
+
+
+_ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
+
+
+def error_text(err: BaseException) -> str:
+    """``Type: message`` without run-specific object addresses (``<_io.BytesIO object at
+    0x7f..>``), so two runs over the same data write equal rows."""
+    return _ADDRESS.sub("", f"{type(err).__name__}: {err}")
+
+
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """Notes on its archive when the end-of-archive (all-zero) block is read: tarfile stops as
+    quietly at a cut between two members as at a real end."""
+
+    @classmethod
+    def fromtarfile(cls, archive):
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.EOFHeaderError:
+            archive.gemlabel_complete = True
+            raise
+
+
+def iter_tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every regular file of a tar stream, in order; raises tarfile.ReadError
+    when the archive is cut (mid-member or at a member boundary)."""
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo) as archive:
+        for member in archive:
+            if member.isreg():
+                yield member.name, archive.extractfile(member).read()
+            archive.members = []  # streaming: keep no index of past members
+        if not getattr(archive, "gemlabel_complete", False):
+            raise tarfile.ReadError(f"truncated: no end-of-archive block after {archive.offset} bytes")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset's rule: key = path up to the first dot of the file name, entry = the rest."""
+    folder, base = posixpath.split(name)
+    stem, dot, rest = base.partition(".")
+    return posixpath.join(folder, stem) if folder else stem, rest if dot else ""
+
+
+def _is_image(entry: str) -> bool:
+    return entry.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+def group_samples(members: Iterator[tuple[str, bytes]]) -> Iterator[dict]:
+    """Members -> raw samples ({'__key__', '__uid__', entry: bytes}), one per image (see the
+    module docstring for the rule)."""
+    seen: dict[str, int] = {}
+
+    def emit(sample: dict) -> Iterator[dict]:
+        images = [entry for entry in sample if not entry.startswith("__") and _is_image(entry)]
+        others = {k: v for k, v in sample.items() if k not in images}
+        for entry in images or [None]:
+            key = sample["__key__"]
+            seen[key] = seen.get(key, 0) + 1
+            uid = key if seen[key] == 1 else f"{key}#{seen[key]}"
+            yield {**others, **({entry: sample[entry]} if entry else {}), "__uid__": uid}
+
+    current: Optional[dict] = None
+    for name, data in members:
+        key, entry = split_member_name(name)
+        if current is None or key != current["__key__"] or entry in current:
+            if current is not None:
+                yield from emit(current)
+            current = {"__key__": key}
+        current[entry] = data
+    if current is not None:
+        yield from emit(current)
 
 
 def iter_tar_samples(url: str, storage_options: Optional[StorageOptions] = None) -> Iterator[dict]:
-    """Raw samples ({'__key__': ..., 'jpg': bytes, ...}) of one tar, in order."""
+    """Raw samples ({'__key__': ..., '__uid__': ..., 'jpg': bytes, ...}) of one tar, in order."""
     try:
         with open_file(url, "rb", storage_options) as stream:
-            files = ({**entry, "__url__": url} for entry in tar_file_iterator(stream))
-            yield from group_by_keys(files, handler=_skip_duplicate_files)
+            for sample in group_samples(iter_tar_members(stream)):
+                yield {**sample, "__url__": url}
     except Exception as err:  # missing file, tarfile.ReadError on truncation, storage errors
-
-        raise ShardReadError(f"{type(err).__name__}: {err}") from err
-
-
-def _skip_duplicate_files(err: Exception) -> bool:
-    """A repeated file name inside one sample: keep the first and go on (webdataset handler)."""
-    if isinstance(err, ValueError) and "duplicate file name" in str(err):
-        warnings.warn(str(err))
-        return True
-    return False
+        raise ShardReadError(error_text(err)) from err
 
 
 def _image_entry(sample: dict) -> Optional[str]:
@@ -64,7 +145,7 @@ def _image_entry(sample: dict) -> Optional[str]:
         if ext in sample:
             return ext
     for suffix in sample:
-        if not suffix.startswith("__") and suffix.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
+        if not suffix.startswith("__") and _is_image(suffix):
             return suffix
     return None
 
@@ -73,11 +154,12 @@ def decode_sample(index: int, raw: dict, input_size: tuple[int, int], mean, std)
     """Bytes -> the model's input tensor and the image's size (EXIF orientation applied); never
     raises. Images over Pillow's decompression-bomb limit are errors too."""
     key = raw.get("__key__", f"#{index}")
+    uid = raw.get("__uid__", key)
     entry = _image_entry(raw)
     if entry is None:
         found = sorted(k for k in raw if not k.startswith("__"))
         return DecodedSample(index, key, error=f"no image ({'/'.join(IMAGE_EXTENSIONS)}) in sample; "
-                                               f"found {found}", error_kind="no_image")
+                                               f"found {found}", error_kind="no_image", uid=uid)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -86,9 +168,9 @@ def decode_sample(index: int, raw: dict, input_size: tuple[int, int], mean, std)
         image = to_rgb(ImageOps.exif_transpose(image))
         tensor = image_to_tensor(image, input_size, mean, std)
     except Exception as err:  # any decoder failure is this sample's, not the shard's
-        return DecodedSample(index, key, error=f"decode {entry}: {type(err).__name__}: {err}",
-                             error_kind=f"decode:{type(err).__name__}")
-    return DecodedSample(index, key, image.width, image.height, tensor)
+        return DecodedSample(index, key, error=f"decode {entry}: {error_text(err)}",
+                             error_kind=f"decode:{type(err).__name__}", uid=uid)
+    return DecodedSample(index, key, image.width, image.height, tensor, uid=uid)
 
 
 _END = object()

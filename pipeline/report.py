@@ -1,20 +1,24 @@
-"""Summarise an output prefix from its markers alone (no Parquet is read)."""
+"""Summarise an output prefix from its markers (no Parquet is read; one listing of labels/ checks
+that each marker's Parquet file is there with the recorded size)."""
 from __future__ import annotations
 
 from collections import Counter
 from typing import Optional
 
-from pipeline.manifest import OutputLayout, read_failures, read_markers, read_output_config, read_runs
-from pipeline.storage import StorageOptions
+from pipeline.manifest import (OutputLayout, read_failures, read_markers, read_output_config, read_runs,
+                               verify_markers)
+from pipeline.storage import StorageOptions, exists
 
 
 def summarize_output(output: str, storage_options: Optional[StorageOptions] = None) -> dict:
     layout = OutputLayout(output)
-    config = read_output_config(layout, storage_options)
-    if config is None:
+    if not exists(layout.config_url, storage_options):
         raise FileNotFoundError(f"{output} is not a gemlabel output (no _config.json)")
-    markers = read_markers(layout, storage_options)
+    config = read_output_config(layout, storage_options) or {"fingerprint": "unreadable"}  # warned
+    all_markers = read_markers(layout, storage_options)
+    markers, broken = verify_markers(layout, all_markers, storage_options, read_footers=False)
     failures = {k: v for k, v in read_failures(layout, storage_options).items() if k not in markers}
+    missing = {all_markers[k]["shard"]: why for k, why in broken.items() if k not in failures}
     histogram: Counter = Counter()
     for marker in markers.values():
         histogram.update(marker.get("error_histogram", {}))
@@ -25,7 +29,7 @@ def summarize_output(output: str, storage_options: Optional[StorageOptions] = No
     return {
         "output": output, "fingerprint": config["fingerprint"], "model": settings.get("model"),
         "pretrained": settings.get("pretrained"), "classes": len(settings.get("vocab", [])),
-        "shards_done": len(markers), "shards_failed": len(failures),
+        "shards_done": len(markers), "shards_failed": len(failures), "shards_missing": len(missing),
         "shards_with_image_errors": sum(1 for m in markers.values() if m["errors"]),
         "images": images, "images_ok": sum(m["ok"] for m in markers.values()),
         "image_errors": sum(m["errors"] for m in markers.values()),
@@ -33,6 +37,7 @@ def summarize_output(output: str, storage_options: Optional[StorageOptions] = No
         "error_histogram": dict(histogram.most_common()),
         "worker_images_per_s": round(images / busy, 3) if busy else None,
         "failed_shards": {f["shard"]: f["error"] for f in failures.values()},
+        "missing_shards": missing,
         "runs": [{k: r.get(k) for k in ("run_id", "started_at", "finished_at", "shards_done", "shards_skipped",
                                         "shards_failed", "images", "images_per_s")} for r in runs],
     }
@@ -42,6 +47,7 @@ def format_report(report: dict) -> str:
     lines = [f"output      {report['output']}  (config {report['fingerprint']})",
              f"model       {report['model']} / {report['pretrained']}, {report['classes']} classes",
              f"shards      {report['shards_done']} done, {report['shards_failed']} failed, "
+             f"{report['shards_missing']} missing, "
              f"{report['shards_with_image_errors']} with image errors",
              f"images      {report['images']} ({report['images_ok']} ok, {report['image_errors']} errors), "
              f"{report['labels']} labels",
@@ -49,6 +55,7 @@ def format_report(report: dict) -> str:
     if report["error_histogram"]:
         lines.append("errors      " + ", ".join(f"{k}: {v}" for k, v in report["error_histogram"].items()))
     lines += [f"FAILED      {url}: {error}" for url, error in report["failed_shards"].items()]
+    lines += [f"MISSING     {url}: {why} (a rerun relabels it)" for url, why in report["missing_shards"].items()]
     for run in report["runs"]:
         lines.append(f"run         {run['run_id']}: {run['shards_done']} labelled, {run['shards_skipped']} skipped, "
                      f"{run['shards_failed']} failed, {run['images']} images at {run['images_per_s']} images/s")

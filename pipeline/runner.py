@@ -23,9 +23,10 @@ from tqdm import tqdm
 from gem.loading import WeightsUnavailableError, check_weights_available
 from gem.templates import clean_class_names, resolve_templates
 from pipeline.config import ConfigError, LabelConfig, fingerprint
-from pipeline.manifest import OutputLayout, prepare_output, read_markers, write_json
+from pipeline.manifest import OutputLayout, prepare_output, read_markers, verify_markers, write_json
+from pipeline.resolve import content_fingerprints, resolve_paths
 from pipeline.shards import Shard, list_shards
-from pipeline.storage import join, read_bytes
+from pipeline.storage import file_identity, read_bytes, same_file_version, stat_files
 from pipeline.worker import RunSpec, ShardLabeler, register_model_config
 
 log = logging.getLogger(__name__)
@@ -97,16 +98,22 @@ def build_spec(config: LabelConfig) -> RunSpec:
         templates = list(resolve_templates(config.templates))
     except ValueError as err:
         raise ConfigError(f"templates: {err}") from None
-    return RunSpec(config, class_names, templates, fingerprint(config.fingerprint_source(class_names, templates)))
+    contents = content_fingerprints(config)
+    source = {**config.fingerprint_source(class_names, templates), **contents}
+    return RunSpec(config, class_names, templates, fingerprint(source), contents)
 
 
-def select_shards(shards: list[Shard], markers: dict[str, dict], spec: RunSpec) -> list[Shard]:
-    """Shards still to label: not done (or done under another fingerprint), or with failed
-    samples when retry_failed is set."""
+def select_shards(shards: list[Shard], markers: dict[str, dict], spec: RunSpec,
+                  inputs: Optional[dict[str, Optional[dict]]] = None) -> list[Shard]:
+    """Shards still to label: not done (no readable labels, done under another fingerprint, or
+    the input shard changed since: ``inputs`` maps its URL to its current identity), or with
+    failed samples when retry_failed is set. ``markers`` holds only shards whose labels are
+    readable (see ``verify_markers``)."""
     todo = []
     for shard in shards:
         marker = markers.get(shard.shard_id)
-        done = marker is not None and marker.get("fingerprint") == spec.fingerprint
+        done = (marker is not None and marker.get("fingerprint") == spec.fingerprint
+                and same_file_version(marker.get("input"), (inputs or {}).get(shard.url)))
         if spec.config.overwrite or not done or (spec.config.retry_failed and marker.get("errors", 0) > 0):
             todo.append(shard)
     return todo
@@ -179,30 +186,47 @@ def _error_text(err: BaseException) -> str:
 
 def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary: RunSummary,
                  on_result: Callable[[Shard, Optional[dict]], None]) -> None:
-    """Dispatch shards to the started actors until each is done or has failed for good."""
+    """Dispatch shards to the started actors until each is done or has failed for good. A
+    replacement actor gets shards only once it has started, so when a node is lost (and its
+    replacement cannot be placed yet) the surviving actors take its shards."""
     config = pool.config
     queue: deque[Shard] = deque(todo)
     attempts: Counter = Counter()
     idle = list(actors)
     inflight: dict = {}
+    starting: dict = {}  # describe() call -> replacement actor not yet known to be up
+
+    def replace(err: BaseException) -> None:
+        summary.actor_restarts += 1
+        if summary.actor_restarts > config.max_actor_restarts:
+            raise WorkersLostError(f"{summary.actor_restarts} workers died (max_actor_restarts="
+                                   f"{config.max_actor_restarts}); last: {_error_text(err)}") from None
+        actor = pool.new_actor()
+        starting[actor.describe.remote()] = actor
+
     while queue or inflight:
         while queue and idle:
             actor, shard = idle.pop(), queue.popleft()
             inflight[actor.label_shard.remote(shard, attempts[shard])] = (actor, shard)
-        ready, _ = ray.wait(list(inflight), num_returns=1)
+        ready, _ = ray.wait([*inflight, *starting], num_returns=1)
+        if ready[0] in starting:
+            actor = starting.pop(ready[0])
+            try:
+                ray.get(ready[0])
+                idle.append(actor)
+            except RayActorError as err:
+                ray.kill(actor)
+                replace(err)
+            continue
         actor, shard = inflight.pop(ready[0])
         try:
             marker = ray.get(ready[0])
         except RayActorError as err:  # the actor died (killed, OOM, node lost): redo the shard elsewhere
             ray.kill(actor)  # merely unreachable actors too, so no two workers label one shard
-            summary.actor_restarts += 1
-            if summary.actor_restarts > config.max_actor_restarts:
-                raise WorkersLostError(f"{summary.actor_restarts} workers died (max_actor_restarts="
-                                   f"{config.max_actor_restarts}); last: {_error_text(err)}") from None
             log.warning("worker died while labelling %s (%s); retrying elsewhere", shard.url, _error_text(err))
             attempts[shard] += 1
             _retry_or_fail(shard, attempts, queue, summary, _error_text(err), config, on_result)
-            idle.append(pool.new_actor())
+            replace(err)
             continue
         except RayTaskError as err:  # the shard could not be read
             attempts[shard] += 1
@@ -238,6 +262,7 @@ def run_labeling(config: LabelConfig, out=None) -> RunSummary:
     out = out or sys.stderr
     started = datetime.now(timezone.utc)
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    config = resolve_paths(config)
     spec = build_spec(config)
     layout = OutputLayout(config.output)
     try:
@@ -247,9 +272,13 @@ def run_labeling(config: LabelConfig, out=None) -> RunSummary:
     if not shards:
         raise ConfigError("input: no shards found")
     check_model(config)
-    prepare_output(layout, spec.fingerprint, config.fingerprint_source(spec.class_names, spec.templates),
-                   config.overwrite, config.storage_options)
-    todo = select_shards(shards, read_markers(layout, config.storage_options), spec)
+    prepare_output(layout, spec.fingerprint, spec.source, config.overwrite, config.storage_options, run_id)
+    markers, unreadable = verify_markers(layout, read_markers(layout, config.storage_options), config.storage_options)
+    for shard_id, why in sorted(unreadable.items()):
+        log.warning("relabelling %s: %s", shard_id, why)
+    inputs = {url: file_identity(info) for url, info in
+              stat_files([s.url for s in shards], config.storage_options).items()}
+    todo = select_shards(shards, markers, spec, inputs)
     summary = RunSummary(run_id, config.output, started.isoformat(), shards_total=len(shards),
                          shards_skipped=len(shards) - len(todo))
     wall = time.perf_counter()
@@ -264,7 +293,7 @@ def run_labeling(config: LabelConfig, out=None) -> RunSummary:
     finally:
         summary.seconds = time.perf_counter() - wall
         summary.finished_at = datetime.now(timezone.utc).isoformat()
-        write_json(join(layout.runs_dir, f"{run_id}.json"), summary.as_record(), config.storage_options)
+        write_json(layout.run_url(run_id), summary.as_record(), config.storage_options)
     print(summary.text(), file=out, flush=True)
     return summary
 

@@ -8,9 +8,10 @@ from typing import Iterable, Optional
 
 from braceexpand import braceexpand
 
-from pipeline.storage import StorageOptions, filesystem, full_url, normalize_url, read_bytes
+from pipeline.storage import StorageOptions, filesystem, full_url, join, normalize_url, protocol_of, read_bytes
 
 GLOB_CHARS = "*?["
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what globs match: a folder may also hold .parquet, .json
 
 
 @dataclass(frozen=True, order=True)
@@ -27,16 +28,33 @@ def shard_id_for(url: str) -> str:
     return f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
 
 
+def _relative_to(entry: str, list_url: str) -> str:
+    """A list entry: URLs and absolute paths as they are, relative ones against the list's folder."""
+    if "://" in entry or posixpath.isabs(entry):
+        return entry
+    folder = list_url.rsplit("/", 1)[0] if "/" in list_url else "."
+    if protocol_of(list_url) == "file":
+        return posixpath.normpath(join(normalize_url(folder), entry))
+    return join(folder, entry)
+
+
+def read_shard_list(url: str, storage_options: Optional[StorageOptions] = None) -> list[str]:
+    """Entries of a .txt shard list: one a line; blank lines and lines starting with # (after
+    stripping) are skipped; relative entries are relative to the list file's folder."""
+    text = read_bytes(url, storage_options).decode("utf-8")
+    lines = (line.strip() for line in text.splitlines())
+    return [_relative_to(line, url) for line in lines if line and not line.startswith("#")]
+
+
 def _expand_one(pattern: str, storage_options: Optional[StorageOptions]) -> list[str]:
     if pattern.endswith(".txt"):
-        text = read_bytes(pattern, storage_options).decode("utf-8")
-        listed = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        listed = read_shard_list(pattern, storage_options)
         if not listed:
             raise ValueError(f"shard list {pattern} is empty")
         return expand_shards(listed, storage_options, allow_missing=True)
     if any(ch in pattern for ch in GLOB_CHARS):
         fs, path = filesystem(pattern, storage_options)
-        return [full_url(fs, p) for p in sorted(fs.glob(path))]
+        return [full_url(fs, p) for p in sorted(fs.glob(path)) if p.endswith(TAR_SUFFIXES)]
     return [normalize_url(pattern)]
 
 
@@ -52,7 +70,7 @@ def expand_shards(patterns: Iterable[str], storage_options: Optional[StorageOpti
             if not matches and not allow_missing:
                 raise ValueError(f"input pattern {expanded} matches no file")
             if not matches and any(ch in expanded for ch in GLOB_CHARS):
-                raise ValueError(f"input glob {expanded} matches no file")
+                raise ValueError(f"input glob {expanded} matches no file (globs match only {', '.join(TAR_SUFFIXES)} files)")
             urls.extend(matches)
     seen: set[str] = set()
     return [u for u in urls if not (u in seen or seen.add(u))]

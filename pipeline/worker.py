@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
 
@@ -25,10 +25,10 @@ from pipeline.components import prompt_points
 from pipeline.config import LabelConfig
 from pipeline.encode import label_record
 from pipeline.manifest import OutputLayout, write_json
-from pipeline.reader import DecodedSample, PrefetchingReader, decode_sample
+from pipeline.reader import DecodedSample, PrefetchingReader, decode_sample, error_text
 from pipeline.schema import table_from_rows
 from pipeline.shards import Shard
-from pipeline.storage import remove, write_bytes_atomic
+from pipeline.storage import file_identity, remove, stat_file, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,17 @@ class RunSpec:
     class_names: list[str]
     templates: list[str]
     fingerprint: str
+    contents: dict = field(default_factory=dict)  # size + hash of the checkpoint / model config files
+
+    @property
+    def source(self) -> dict:
+        """Everything the fingerprint is computed from."""
+        return {**self.config.fingerprint_source(self.class_names, self.templates), **self.contents}
 
     @property
     def run_metadata(self) -> dict:
         """What produced the labels (the fingerprinted settings), for each Parquet file's metadata."""
-        return {**self.config.fingerprint_source(self.class_names, self.templates),
-                "fingerprint": self.fingerprint, "precision": self.config.precision}
+        return {**self.source, "fingerprint": self.fingerprint, "precision": self.config.precision}
 
 
 def register_model_config(path: Optional[str]) -> None:
@@ -101,23 +106,28 @@ class ShardLabeler:
         for sample, sample_sims in zip(batch, sims):
             try:
                 _, regions = label_image(sample_sims, (sample.height, sample.width), self.thresholds)
-                labels = [label_record(r, self.spec.class_names, prompt_points(
-                    r.mask, r.point, r.peak_score, r.score, self.config.points, self.config.max_points))
-                    for r in regions]
+                labels = [label_record(r, self.spec.class_names, self._points(r)) for r in regions]
                 rows.append(self._row(shard, sample, labels=labels))
             except Exception as err:  # this image's failure only
                 rows.append(self._error_row(shard, sample, "label", err))
         timings["postprocess_s"] += time.perf_counter() - start
         return rows
 
+    def _points(self, region) -> Optional[list[dict]]:
+        """Per-component prompt points when asked; None keeps the peak alone (no mask decoded)."""
+        if self.config.points == "peak":
+            return None
+        return prompt_points(region.mask, region.point, region.peak_score, region.score,
+                             self.config.points, self.config.max_points)
+
     @classmethod
     def _error_row(cls, shard: Shard, sample: DecodedSample, stage: str, err: Exception) -> dict:
-        sample.error, sample.error_kind = f"{stage}: {type(err).__name__}: {err}", f"{stage}:{type(err).__name__}"
+        sample.error, sample.error_kind = f"{stage}: {error_text(err)}", f"{stage}:{type(err).__name__}"
         return cls._row(shard, sample)
 
     @staticmethod
     def _row(shard: Shard, sample: DecodedSample, labels: Optional[list] = None) -> dict:
-        return {"sample_id": f"{shard.shard_id}/{sample.key}", "key": sample.key, "shard": shard.url,
+        return {"sample_id": f"{shard.shard_id}/{sample.uid}", "key": sample.key, "shard": shard.url,
                 "width": sample.width, "height": sample.height, "status": "error" if sample.error else "ok",
                 "error": sample.error, "labels": labels or [], "_index": sample.index, "_kind": sample.error_kind}
 
@@ -125,6 +135,8 @@ class ShardLabeler:
         """Label a shard and commit it; returns its stats marker. Raises ShardReadError if the
         shard cannot be read, having written nothing."""
         started, wall = datetime.now(timezone.utc), time.perf_counter()
+        # Recorded before reading: a shard replaced later has another identity and is relabelled.
+        input_identity = file_identity(stat_file(shard.url, self.config.storage_options))
         timings: Counter = Counter()
         rows: list[dict] = []
         batch: list[DecodedSample] = []
@@ -152,12 +164,14 @@ class ShardLabeler:
         start = time.perf_counter()
         buffer = io.BytesIO()
         pq.write_table(table_from_rows(rows, self.spec.run_metadata), buffer, compression="zstd")
-        write_bytes_atomic(self.layout.labels_url(shard.shard_id), buffer.getvalue(), self.config.storage_options)
+        parquet = buffer.getvalue()
+        write_bytes_atomic(self.layout.labels_url(shard.shard_id), parquet, self.config.storage_options)
         timings["write_s"] += time.perf_counter() - start
         total = time.perf_counter() - wall
         marker = {
             "shard": shard.url, "shard_id": shard.shard_id, "fingerprint": self.spec.fingerprint,
-            "parquet": f"labels/{shard.shard_id}.parquet", "samples": len(rows),
+            "parquet": f"labels/{shard.shard_id}.parquet", "parquet_bytes": len(parquet), "samples": len(rows),
+            "input": input_identity,
             "ok": len(rows) - sum(errors.values()), "errors": sum(errors.values()),
             "labels": sum(len(row["labels"]) for row in rows), "error_histogram": dict(errors),
             "timings": {k: round(v, 4) for k, v in {**timings, "total_s": total}.items()},

@@ -59,6 +59,10 @@ def test_s3_in_s3_out_end_to_end(base_config, s3_endpoint, tmp_path):
     assert all(m["timings"]["model_s"] > 0 for m in markers.values())
     report = summarize_output("s3://labels/run-1", options)
     assert (report["shards_done"], report["images"], report["image_errors"]) == (3, 24, 0)
+    assert all(m["input"]["etag"] and m["parquet_bytes"] > 0 for m in markers.values())
+    assert run_labeling(config).shards_skipped == 3  # etags and Parquet sizes match: nothing to redo
+    fs.put(str(tmp_path / "local" / "shard-0000.tar"), "raw-images/shards/shard-0001.tar")  # replaced
+    assert run_labeling(config).shards_done == 1
 
 
 def test_bad_images_become_error_rows_and_bad_shards_fail_alone(base_config, tmp_path):

@@ -1,0 +1,146 @@
+"""Storage, listing and packing details that keep labels complete and readable (issues 7, 8):
+no Ray needed; object-store cases run on the moto S3 server."""
+import io
+import threading
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from jobs.cli import main
+from pipeline.manifest import OutputLayout, prepare_output
+from pipeline.config import ConfigError
+from pipeline.reader import iter_tar_samples
+from pipeline.shards import list_shards
+from pipeline.storage import temp_path, write_bytes_atomic, write_bytes_if_absent
+from tests.conftest import S3_CREDENTIALS
+from tests.shards import encode, photo
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, **S3_CREDENTIALS)
+    options = {"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}}
+    return fs, options
+
+
+def parquet_bytes(rows: int) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"x": list(range(rows))}), buffer)
+    return buffer.getvalue()
+
+
+def test_dataset_readers_skip_a_write_in_progress(tmp_path):
+    labels = tmp_path / "labels"
+    write_bytes_atomic(str(labels / "a.parquet"), parquet_bytes(3))
+    in_progress = temp_path(str(labels / "b.parquet"))  # where a worker's write is while it runs
+    with open(in_progress, "wb") as handle:
+        handle.write(parquet_bytes(5)[:20])
+    assert len(pd.read_parquet(labels)) == 3
+    assert ds.dataset(str(labels), format="parquet").count_rows() == 3
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_create_if_absent_has_exactly_one_winner(where, tmp_path, s3):
+    fs, options = s3
+    if where == "s3":
+        fs.mkdir("claims")
+        url = "s3://claims/_config.json"
+    else:
+        url = str(tmp_path / "_config.json")
+    barrier, wins = threading.Barrier(8), []
+
+    def claim(i):
+        barrier.wait()
+        if write_bytes_if_absent(url, f"claim {i}".encode(), options):
+            wins.append(i)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(wins) == 1
+    content = fs.cat_file(url) if where == "s3" else open(url, "rb").read()
+    assert content == f"claim {wins[0]}".encode()
+
+
+def test_racing_claims_on_s3_refuse_the_other_config(s3):
+    fs, options = s3
+    fs.mkdir("race")
+    layout = OutputLayout("s3://race/labels")
+    barrier, outcomes = threading.Barrier(2), {}
+
+    def claim(fingerprint):
+        barrier.wait()
+        try:
+            prepare_output(layout, fingerprint, {"vocab": [fingerprint]}, False, options, run_id=fingerprint)
+            outcomes[fingerprint] = "claimed"
+        except ConfigError as err:
+            outcomes[fingerprint] = str(err)
+
+    threads = [threading.Thread(target=claim, args=(f,)) for f in ("fp-a", "fp-b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(o == "claimed" for o in outcomes.values()) == [False, True], outcomes
+    assert any("changed: vocab" in o for o in outcomes.values())
+
+
+def test_globs_match_only_tars_and_lists_resolve_relative_entries(tmp_path, s3):
+    (tmp_path / "sub").mkdir()
+    for name in ["00000.tar", "00000.parquet", "00000_stats.json", "sub/a.tar", "sub/b.tar"]:
+        (tmp_path / name).write_bytes(b"x")
+    assert [s.url for s in list_shards([str(tmp_path / "*")])] == [str(tmp_path / "00000.tar")]
+    listing = tmp_path / "sub" / "list.txt"
+    listing.write_text("  # indented comment\n a.tar \nb.tar\n../00000.tar\n")
+    assert [s.url for s in list_shards([str(listing)])] == [
+        str(tmp_path / "sub" / "a.tar"), str(tmp_path / "sub" / "b.tar"), str(tmp_path / "00000.tar")]
+    fs, options = s3
+    fs.mkdir("lists")
+    fs.pipe("lists/shards/p-0.tar", b"x")
+    fs.pipe("lists/shards/all.txt", b"# shards next to me\np-0.tar\n  s3://lists/other.tar\n")
+    assert [s.url for s in list_shards(["s3://lists/shards/all.txt"], options)] == [
+        "s3://lists/shards/p-0.tar", "s3://lists/other.tar"]
+
+
+def image_folder(root):
+    root.mkdir()
+    names = ["x.jpg", "x.png", "a.b.jpg", "a_b.jpg", "img.v1.jpg", "img.v2.jpg", "sub/x.jpg"]
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_bytes(encode(photo(i, (20 + i, 20)), "PNG" if name.endswith("png") else "JPEG"))
+    return names
+
+
+def test_pack_keeps_every_file_and_never_overwrites(tmp_path, capsys):
+    names = image_folder(tmp_path / "images")
+    prefix = str(tmp_path / "shards" / "p")
+    assert main(["pack", str(tmp_path / "images"), prefix, "--per-shard", "0"]) == 2
+    assert "--per-shard" in capsys.readouterr().err and not (tmp_path / "shards").exists()
+    assert main(["pack", str(tmp_path / "images"), prefix, "--per-shard", "4"]) == 0
+    assert main(["pack", str(tmp_path / "images"), prefix, "--per-shard", "4"]) == 0  # more shards, none replaced
+    shards = sorted((tmp_path / "shards").glob("p-*.tar"))
+    assert [s.name for s in shards] == [f"p-{i:06d}.tar" for i in range(4)]
+    samples = [s for shard in shards[:2] for s in iter_tar_samples(str(shard))]
+    keys = [s["__uid__"] for s in samples]
+    assert len(samples) == len(names) and len(set(keys)) == len(names), keys
+    assert all("#" not in key and "." not in key for key in keys)
+
+
+def test_pack_to_an_object_store(tmp_path, s3, s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_CREDENTIALS["key"])  # what the pack command's s3fs reads
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_CREDENTIALS["secret"])
+    fs, _ = s3
+    fs.mkdir("packed")
+    names = image_folder(tmp_path / "images")
+    args = ["pack", str(tmp_path / "images"), "s3://packed/shards/p", "--per-shard", "5", "--s3-endpoint", s3_endpoint]
+    assert main(args) == 0 and main(args) == 0
+    assert sorted(fs.ls("packed/shards")) == [f"packed/shards/p-{i:06d}.tar" for i in range(4)]
+    options = {"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}}
+    samples = [s for i in range(2) for s in iter_tar_samples(f"s3://packed/shards/p-{i:06d}.tar", options)]
+    assert len(samples) == len(names)
