@@ -87,16 +87,23 @@ def decode_image(raw: dict) -> Image.Image:
     return to_rgb(ImageOps.exif_transpose(image))
 
 
-def fetch_images(shard_url: str, keys: Iterable[str],
+def sample_uid(row: dict) -> str:
+    """The sample's name within its shard (its key, ``key#2`` for a repeated key): the part of
+    ``sample_id`` after the shard id, as the reader names it (``__uid__``)."""
+    return row["sample_id"].split("/", 1)[1]
+
+
+def fetch_images(shard_url: str, uids: Iterable[str],
                  storage_options: Optional[StorageOptions] = None) -> Iterator[tuple[str, Image.Image]]:
-    """(key, image) for the wanted keys of one shard, read in one pass; stops once all are found."""
-    wanted = set(keys)
+    """(uid, image) for the wanted samples of one shard (see ``sample_uid``), read in one pass;
+    stops once all are found."""
+    wanted = set(uids)
     if not wanted:
         return
     for raw in iter_tar_samples(shard_url, storage_options):
-        key = raw.get("__key__")
-        if key in wanted:
-            wanted.discard(key)
-            yield key, decode_image(raw)
+        uid = raw.get("__uid__")
+        if uid in wanted:
+            wanted.discard(uid)
+            yield uid, decode_image(raw)
             if not wanted:
                 return

@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.labelset import LabelSet, fetch_images, label_mask, label_points
+from pipeline.labelset import LabelSet, fetch_images, sample_uid, label_mask, label_points
 from pipeline.palette import class_color
 
 PICKS = ("random", "class", "lowest", "highest", "errors")
@@ -72,11 +72,11 @@ def fetch_picked_images(picks: list[Pick], labelset: LabelSet) -> dict[str, Imag
     by_shard: dict[str, dict[str, str]] = defaultdict(dict)
     for pick in picks:
         if pick.row["status"] == "ok":
-            by_shard[pick.row["shard"]][pick.row["key"]] = pick.row["sample_id"]
+            by_shard[pick.row["shard"]][sample_uid(pick.row)] = pick.row["sample_id"]
     images = {}
-    for shard_url, keys in by_shard.items():
-        for key, image in fetch_images(shard_url, keys, labelset.storage_options):
-            images[keys[key]] = image
+    for shard_url, uids in by_shard.items():
+        for uid, image in fetch_images(shard_url, uids, labelset.storage_options):
+            images[uids[uid]] = image
     return images
 
 

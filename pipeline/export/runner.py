@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.export import coco, semantic, yolo
 from pipeline.export.common import ExportOptions, ShardContext, done_url, image_file, split_of, write_image
-from pipeline.labelset import LabelSet, fetch_images
+from pipeline.labelset import LabelSet, fetch_images, sample_uid
 from pipeline.manifest import write_json
 from pipeline.storage import join, list_files, read_bytes
 
@@ -66,10 +66,10 @@ def export_shard(labelset: LabelSet, shard_id: str, options: ExportOptions) -> d
     counts = writer.export_shard(ctx, ok_rows)
     if options.images and ok_rows:
         folder = writer.image_folder(split)
-        by_key = {row["key"]: row for row in ok_rows}
+        by_uid = {sample_uid(row): row for row in ok_rows}
         found = 0
-        for key, image in fetch_images(ok_rows[0]["shard"], by_key, labelset.storage_options):
-            write_image(join(options.dest, *folder, image_file(by_key[key]["sample_id"], options)), image, options)
+        for uid, image in fetch_images(ok_rows[0]["shard"], by_uid, labelset.storage_options):
+            write_image(join(options.dest, *folder, image_file(by_uid[uid]["sample_id"], options)), image, options)
             found += 1
         if found != len(ok_rows):
             raise RuntimeError(f"{ok_rows[0]['shard']}: {len(ok_rows) - found} labelled images not found in the shard")
