@@ -25,11 +25,10 @@ from PIL import Image
 
 from pipeline.metrics import IGNORE_INDEX
 from pipeline.pack import sample_keys
-from pipeline.reader import IMAGE_EXTENSIONS, iter_tar_samples
+from pipeline.reader import IMAGE_EXTENSIONS, MASK_ENTRY, iter_tar_samples
 from pipeline.shards import list_shards
 from pipeline.storage import StorageOptions, read_bytes
 
-MASK_ENTRY = "seg.png"
 VOC_VOID_COLOUR = (224, 224, 192)
 COCO_BACKGROUND = "background"
 

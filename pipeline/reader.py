@@ -15,6 +15,8 @@ How tar members become rows (every image member gets exactly one row):
 - ``sample_id`` is ``<shard id>/<key>`` for the first row of a key in the shard and
   ``<shard id>/<key>#2``, ``#3``, ... for later ones (repeated keys, adjacent or not, and the
   extra images of one key), so ids are unique within the output.
+- A ``seg.png`` entry (``key.seg.png``) is the image's ground-truth mask, not an image: it rides
+  with the sample (``gemlabel eval`` reads it) and gets no row of its own.
 - A sample with no image is an error row. A tar without its end-of-archive blocks (cut, even
   exactly at a member boundary) is a truncated shard.
 """
@@ -38,6 +40,9 @@ from gem.preprocess import image_to_tensor, to_rgb
 from pipeline.storage import StorageOptions, open_file
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Entries that annotate the sample's image rather than being images to label: the ground-truth
+# mask of evaluation shards (``key.jpg`` + ``key.seg.png``).
+MASK_ENTRY = "seg.png"
 
 
 class ShardReadError(RuntimeError):
@@ -101,7 +106,7 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def _is_image(entry: str) -> bool:
-    return entry.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+    return entry.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and entry.lower() != MASK_ENTRY
 
 
 def group_samples(members: Iterator[tuple[str, bytes]]) -> Iterator[dict]:

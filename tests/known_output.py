@@ -75,5 +75,7 @@ def write_known_output(shard_folder: str, output: str, images: int = 3, storage_
     write_bytes_atomic(layout.labels_url(shard_id), buffer.getvalue(), storage_options)
     write_json(layout.marker_url(shard_id), {"shard": shard_url, "shard_id": shard_id, "fingerprint": "known",
                                              "samples": len(rows), "ok": images, "errors": 1,
+                                             "labels": sum(len(row["labels"]) for row in rows),
+                                             "parquet_bytes": buffer.getbuffer().nbytes,
                                              "finished_at": datetime.now(timezone.utc).isoformat()}, storage_options)
     return known

@@ -65,3 +65,12 @@ def test_a_tar_cut_at_a_member_boundary_is_truncated(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ShardReadError):
         list(iter_tar_samples(str(empty)))
+
+
+def test_a_ground_truth_mask_rides_with_its_image_and_gets_no_row(tmp_path):
+    """``key.seg.png`` is the image's mask (eval shards), not a second image to label."""
+    jpg, mask = encode(photo(0, (40, 30)), "JPEG"), encode(photo(1, (40, 30)).convert("L"), "PNG")
+    shard = write_members(tmp_path / "eval.tar", [("p.jpg", jpg), ("p.seg.png", mask), ("q.png", jpg)])
+    samples = list(iter_tar_samples(str(shard)))
+    assert [s["__uid__"] for s in samples] == ["p", "q"]
+    assert samples[0]["seg.png"] == mask and samples[0]["jpg"] == jpg
