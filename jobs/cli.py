@@ -9,51 +9,53 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from typing import Optional, Sequence
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_CONFIG = 0, 1, 2
 
-# flag -> config key (dotted keys go into sections)
-LABEL_FLAGS = {
-    "--input": ("input", dict(nargs="+", help="shard URLs, globs, brace patterns or .txt shard lists")),
-    "--output": ("output", dict(help="output prefix: a local path or s3://, gs:// URL")),
-    "--vocab": ("vocab", dict(help='comma-separated class names, e.g. "cat,dog,traffic light"')),
-    "--vocab-file": ("vocab_file", dict(help="a file with one class name per line")),
-    "--templates": ("templates", dict(help="single | imagenet80 | a file of templates | one template with {}")),
-    "--model": ("model", dict(help="open_clip model name, e.g. ViT-B-16")),
-    "--pretrained": ("pretrained", dict(help="open_clip tag (openai, ...) or a local checkpoint path")),
-    "--model-config": ("model_config", dict(help="extra open_clip model config JSON (file or folder)")),
-    "--depth": ("gem.depth", dict(type=int)),
-    "--iters": ("gem.iters", dict(type=int)),
-    "--inv-temperature": ("gem.inv_temperature", dict(type=float, help="fixed; default adaptive")),
-    "--logit-scale": ("thresholds.logit_scale", dict(type=float)),
-    "--background-threshold": ("thresholds.background_threshold", dict(type=float)),
-    "--min-area": ("thresholds.min_area", dict(type=int)),
-    "--input-size": ("input_size", dict(type=int, nargs="+", help="model input: SIZE or HEIGHT WIDTH")),
-    "--precision": ("precision", dict(choices=["auto", "fp32", "bf16", "fp16"])),
-    "--batch-size": ("batch_size", dict(type=int)),
-    "--num-workers": ("num_workers", dict(type=int)),
-    "--cpus-per-worker": ("cpus_per_worker", dict(type=float)),
-    "--gpus-per-worker": ("gpus_per_worker", dict(type=float)),
-    "--decode-threads": ("decode_threads", dict(type=int)),
-    "--max-shard-retries": ("max_shard_retries", dict(type=int)),
-    "--ray-address": ("ray_address", dict(help="Ray cluster address; default: RAY_ADDRESS or a local cluster")),
-}
-SWITCHES = {"--overwrite": "overwrite", "--retry-failed": "retry_failed"}
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("gemlabel")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _flag_options(key) -> dict:
+    """argparse options of one config key, from the schema: type, help text with its default."""
+    from pipeline.config import default_text
+    help_text = f"{key.description} (default: {default_text(key)})".replace("%", "%%")
+    if key.kind == "bool":
+        return dict(action="store_false" if key.default else "store_true", help=help_text)
+    options: dict = dict(help=help_text, metavar=key.key.rpartition(".")[2].upper())
+    if key.kind == "choice":
+        options.update(choices=list(typing.get_args(key.annotation)), metavar=None)
+    elif key.kind in ("int", "float"):
+        options["type"] = {"int": int, "float": float}[key.kind]
+    elif key.kind == "list-int":
+        options.update(type=int, nargs="+")
+    elif key.kind == "list-str" and key.cli != "comma":
+        options["nargs"] = "+"
+    return options
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from pipeline.config import config_keys
+    for key in config_keys():
+        if key.flag:
+            parser.add_argument(key.flag, dest=key.key, default=None, **_flag_options(key))
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemlabel", description="Open-vocabulary pseudo-labeling with GEM.")
+    parser.add_argument("--version", action="version", version=f"gemlabel {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     label = commands.add_parser("label", help="label shards; reruns skip shards already done")
     label.add_argument("--config", help="YAML config; flags override its keys")
-    for flag, (key, options) in LABEL_FLAGS.items():
-        label.add_argument(flag, dest=key, default=None, **options)
-    for flag, key in SWITCHES.items():
-        label.add_argument(flag, dest=key, action="store_true", default=None)
-    label.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, R2, ...)")
-    label.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                       help="one line per shard instead of a progress bar")
+    _add_config_flags(label)
+    label.add_argument("--s3-endpoint", default=None,
+                       help="S3-compatible endpoint URL (MinIO, R2, ...): sets storage_options.s3.endpoint_url")
     pack = commands.add_parser("pack", help="pack a folder of images into webdataset shards")
     pack.add_argument("folder")
     pack.add_argument("output_prefix", help="e.g. data/shards/train writes data/shards/train-000000.tar, ...")
@@ -71,12 +73,26 @@ def _storage_options(endpoint: Optional[str]) -> dict:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    keys = [key for key, _ in LABEL_FLAGS.values()] + list(SWITCHES.values()) + ["progress"]
-    overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
-    if "vocab" in overrides:
-        overrides["vocab"] = [name for name in overrides["vocab"].split(",")]
+    """The flags given, as config keys; the flag's text parsed as its key's schema says."""
+    from pipeline.config import ConfigError, config_keys
+    overrides = {}
+    for key in config_keys():
+        value = getattr(args, key.key, None) if key.flag else None
+        if value is None:
+            continue
+        if key.cli == "comma":
+            value = [name.strip() for name in value.split(",")]
+        elif key.cli == "json":
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"{key.key}: {key.flag} expects JSON, e.g. "
+                                  f"'{{\"s3\": {{\"endpoint_url\": \"http://127.0.0.1:9000\"}}}}'") from None
+        overrides[key.key] = value
     if args.s3_endpoint:
-        overrides["storage_options"] = _storage_options(args.s3_endpoint)
+        options = dict(overrides.get("storage_options") or {})
+        options["s3"] = {**options.get("s3", {}), "endpoint_url": args.s3_endpoint}
+        overrides["storage_options"] = options
     return overrides
 
 
