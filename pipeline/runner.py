@@ -7,7 +7,9 @@ back in the queue and a replacement actor is started. Other shards go on in both
 from __future__ import annotations
 
 import logging
+import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -51,6 +53,8 @@ class RunSummary:
     actor_restarts: int = 0
     shard_retries: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # shard url -> last error
+    status: str = "running"  # ok | failed (some shards) | error (did not start or crashed) | interrupted
+    error: str = ""
 
     @property
     def images_per_s(self) -> float:
@@ -113,13 +117,103 @@ def select_shards(shards: list[Shard], markers: dict[str, dict], spec: RunSpec) 
 
 
 def connect_ray(config: LabelConfig) -> None:
+    """Join the cluster at ray_address / RAY_ADDRESS, or start a local one; an address that does
+    not answer is a ConfigError within seconds, not Ray's minute of retries."""
     if ray.is_initialized():
         return
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     kwargs = {"namespace": NAMESPACE, "log_to_driver": True}
     if not address:  # start a local cluster: no dashboard needed
         kwargs["include_dashboard"] = False
-    ray.init(address=address, **kwargs)
+    else:
+        _check_reachable(address)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError) as err:
+        raise ConfigError(f"ray_address: cannot connect to the Ray cluster at {address}: "
+                          f"{_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A host:port (or ray://host:port) address must accept a TCP connection."""
+    if address == "auto" or address.startswith("local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray_address: expected HOST:PORT (e.g. 10.0.0.1:6379) or ray://HOST:10001, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(f"ray_address: nothing answers at {hostport} ({err.strerror or err}); "
+                          "is the Ray head running there?") from None
+
+
+def autoscaler_present() -> bool:
+    """Whether the cluster can add nodes: Ray's autoscaler v2, or a v1 autoscaler whose node types
+    come from a cluster config (a cluster without one mirrors its nodes as types named node_<id>)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+    try:
+        if _internal_kv_get("__autoscaler_v2_enabled") == b"1":
+            return True
+        status = json.loads(_internal_kv_get("__autoscaling_status") or b"{}")
+    except Exception:  # an older Ray or no monitor: assume none
+        return False
+    report = status.get("autoscaler_report") or {}
+    mapping = report.get("node_type_mapping") or {}
+    return any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items()) \
+        or bool(report.get("pending_launches")) or bool(report.get("pending_nodes"))
+
+
+def worker_capacity(resources: dict) -> int:
+    """How many workers with these resources the cluster's live nodes can hold at once."""
+    need = {"CPU": resources.get("num_cpus", 0), "GPU": resources.get("num_gpus", 0)}
+    need = {name: amount for name, amount in need.items() if amount > 0}
+    capacity = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        capacity += min((int(have.get(name, 0) / amount + 1e-9) for name, amount in need.items()), default=0)
+    return capacity
+
+
+def _cluster_text() -> str:
+    total = ray.cluster_resources()
+    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return f"{alive} node(s) with {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU in all"
+
+
+def ensure_schedulable(pool: "WorkerPool", out) -> None:
+    """Fail at once if the workers can never be scheduled on this cluster; with an autoscaler,
+    wait (visibly) up to schedule_timeout_s for it to add the nodes."""
+    config = pool.config
+    if worker_capacity(pool.resources) >= pool.size:
+        return
+    wants = f"{pool.size} worker(s) x {pool.resources['num_cpus']:g} CPU"
+    if pool.resources["num_gpus"]:
+        wants += f" + {pool.resources['num_gpus']:g} GPU"
+    if not autoscaler_present():
+        if pool.resources["num_gpus"] and not ray.cluster_resources().get("GPU"):
+            key = "device" if config.device == "cuda" else "gpus_per_worker"
+            raise ConfigError(f"{key}: {wants} asked for, but the cluster ({_cluster_text()}) has no GPUs and "
+                              "no autoscaler; use device: cpu or a cluster with GPUs")
+        key = "num_workers" if worker_capacity(pool.resources) >= 1 else "cpus_per_worker"
+        raise ConfigError(f"{key}: {wants} can never be scheduled on this cluster ({_cluster_text()}, room for "
+                          f"{worker_capacity(pool.resources)}); lower num_workers or cpus_per_worker")
+    print(f"gemlabel: waiting up to {config.schedule_timeout_s:g}s for the autoscaler to provide {wants} "
+          f"(now: {_cluster_text()})", file=out, flush=True)
+    deadline = time.monotonic() + config.schedule_timeout_s
+    while worker_capacity(pool.resources) < pool.size:
+        if time.monotonic() > deadline:
+            raise ConfigError(f"schedule_timeout_s: the autoscaler did not provide {wants} within "
+                              f"{config.schedule_timeout_s:g}s (now: {_cluster_text()})")
+        time.sleep(2.0)
 
 
 class WorkerStartError(RuntimeError):
@@ -161,14 +255,32 @@ class WorkerPool:
         for actor in self._actors:
             ray.kill(actor)
 
-    def start(self) -> list:
-        actors = [self.new_actor() for _ in range(self.size)]
-        try:  # surface model-loading errors (weights, config) once, before any shard is handed out
-            ray.get([a.describe.remote() for a in actors])
-        except RayActorError as err:
-            cause = getattr(err, "cause", None) or err
-            raise WorkerStartError(f"workers could not start: {_error_text(cause)}") from None
-        return actors
+    def start(self, summary: "RunSummary") -> list:
+        """Start the workers and wait until each has loaded the model. The same error from an
+        actor's constructor is a model problem (WorkerStartError, exit 2); an actor that died
+        while loading (killed, OOM, node lost) is replaced, counting against max_actor_restarts."""
+        pending = {actor.describe.remote(): actor for actor in (self.new_actor() for _ in range(self.size))}
+        started = []
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except RayActorError as err:
+                if err.actor_init_failed:
+                    raise WorkerStartError(f"workers could not start: {_error_text(err)}") from None
+                ray.kill(actor)
+                summary.actor_restarts += 1
+                if summary.actor_restarts > self.config.max_actor_restarts:
+                    raise WorkersLostError(f"{summary.actor_restarts} workers died while loading the model "
+                                           f"(max_actor_restarts={self.config.max_actor_restarts}); last: "
+                                           f"{_error_text(err)}") from None
+                log.warning("a worker died while loading the model (%s); starting another", _error_text(err))
+                replacement = self.new_actor()
+                pending[replacement.describe.remote()] = replacement
+                continue
+            started.append(actor)
+        return started
 
 
 def _error_text(err: BaseException) -> str:
@@ -231,13 +343,29 @@ def _retry_or_fail(shard: Shard, attempts: Counter, queue: deque, summary: RunSu
     on_result(shard, None)
 
 
-def run_labeling(config: LabelConfig, out=None) -> RunSummary:
-    """Label every shard of the input not yet done in the output; progress and the summary go to
-    ``out`` (default stderr). Raises ConfigError on a bad vocabulary, templates or an output made
-    with other settings."""
+def check_output_location(output: str) -> None:
+    """A local output must be (or be creatable as) a folder: not a file, nor under one."""
+    if "://" in output and not output.startswith("file://"):
+        return
+    path = os.path.abspath(output[len("file://"):] if output.startswith("file://") else output)
+    if os.path.isfile(path):
+        raise ConfigError(f"output: {output} is a file; give a folder (it is created if missing)")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not os.path.isdir(parent):
+        raise ConfigError(f"output: {output} is under {parent}, which is a file, not a folder")
+
+
+def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
+    """Label every shard of the input not yet done in the output; progress goes to ``out``
+    (default stderr), the summary to ``summary_out`` (default stdout). Raises ConfigError on a
+    bad vocabulary, templates, model, an output made with other settings, or workers the cluster
+    can never schedule -- all before the output is claimed."""
     out = out or sys.stderr
     started = datetime.now(timezone.utc)
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    check_output_location(config.output)
     spec = build_spec(config)
     layout = OutputLayout(config.output)
     try:
@@ -247,31 +375,40 @@ def run_labeling(config: LabelConfig, out=None) -> RunSummary:
     if not shards:
         raise ConfigError("input: no shards found")
     check_model(config)
-    prepare_output(layout, spec.fingerprint, config.fingerprint_source(spec.class_names, spec.templates),
-                   config.overwrite, config.storage_options)
     todo = select_shards(shards, read_markers(layout, config.storage_options), spec)
     summary = RunSummary(run_id, config.output, started.isoformat(), shards_total=len(shards),
                          shards_skipped=len(shards) - len(todo))
+    pool = None
+    if todo:  # the workers must fit the cluster before the output is claimed
+        connect_ray(config)
+        pool = WorkerPool(spec, run_id)
+        ensure_schedulable(pool, out)
+    prepare_output(layout, spec.fingerprint, config.fingerprint_source(spec.class_names, spec.templates),
+                   config.overwrite, config.storage_options)
     wall = time.perf_counter()
     try:
-        if todo:
-            connect_ray(config)
-            pool = WorkerPool(spec, run_id)
-            try:
-                _label_with_progress(pool, todo, summary, wall, len(shards), config, out)
-            finally:
-                pool.shutdown()
+        if pool is not None:
+            _label_with_progress(pool, todo, summary, wall, len(shards), config, out)
+        summary.status = "failed" if summary.shards_failed else "ok"
+    except KeyboardInterrupt:
+        summary.status = "interrupted"
+        raise
+    except BaseException as err:
+        summary.status, summary.error = "error", _first_line(err)
+        raise
     finally:
+        if pool is not None:
+            pool.shutdown()
         summary.seconds = time.perf_counter() - wall
         summary.finished_at = datetime.now(timezone.utc).isoformat()
         write_json(join(layout.runs_dir, f"{run_id}.json"), summary.as_record(), config.storage_options)
-    print(summary.text(), file=out, flush=True)
+    print(summary.text(), file=summary_out or sys.stdout, flush=True)
     return summary
 
 
 def _label_with_progress(pool: WorkerPool, todo: list[Shard], summary: RunSummary, wall: float, total: int,
                          config: LabelConfig, out) -> None:
-    actors = pool.start()
+    actors = pool.start(summary)
     print(f"gemlabel: {len(todo)} of {total} shards to label with {pool.size} worker(s) "
           f"({pool.resources}); {summary.shards_skipped} already done", file=out, flush=True)
     with tqdm(total=len(todo), unit="shard", file=out, disable=not config.progress, dynamic_ncols=True) as bar:
