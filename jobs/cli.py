@@ -118,8 +118,18 @@ def _report(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as err:  # storage back ends raise their own kinds (botocore, aiohttp, ...)
+        hint = ("; for MinIO, R2 or Ceph pass --s3-endpoint URL, for AWS set its credentials"
+                if args.output.startswith("s3") and not args.s3_endpoint else "")
+        print(f"gemlabel: error: cannot read {args.output}: {_first_line(err)}{hint}", file=sys.stderr)
+        return EXIT_CONFIG
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return EXIT_FAILED_SHARDS if report["shards_failed"] else EXIT_OK
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _pack(args: argparse.Namespace) -> int:

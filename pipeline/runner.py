@@ -22,7 +22,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
-from gem.loading import WeightsUnavailableError, check_weights_available
+from gem.loading import WeightsUnavailableError, check_checkpoint_file, check_weights_available, vision_config
 from gem.templates import clean_class_names, resolve_templates
 from pipeline.config import ConfigError, LabelConfig, fingerprint
 from pipeline.manifest import OutputLayout, prepare_output, read_markers, write_json
@@ -74,12 +74,26 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def read_vocab_file(url: str, storage_options) -> list[str]:
+    """Class names from a UTF-8 file, one a line; '#' starts a comment (whole-line or inline)."""
+    try:
+        data = read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise ConfigError(f"vocab_file: no such file {url}") from None
+    except Exception as err:  # fsspec back ends raise their own kinds (aiohttp, botocore, ...)
+        raise ConfigError(f"vocab_file: cannot read {url}: {_first_line(err)}") from None
+    if b"\x00" in data:
+        raise ConfigError(f"vocab_file: {url} looks binary; give a text file with one class name a line")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"vocab_file: {url} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+
+
 def resolve_vocabulary(config: LabelConfig) -> list[str]:
-    if config.vocab_file:
-        text = read_bytes(config.vocab_file, config.storage_options).decode("utf-8")
-        names = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    else:
-        names = [n for item in config.vocab for n in item.split(",")]
+    """Each YAML list item is one class (the --vocab flag's commas were split by the CLI)."""
+    names = read_vocab_file(config.vocab_file, config.storage_options) if config.vocab_file else list(config.vocab)
     try:
         return list(clean_class_names(names))
     except ValueError as err:
@@ -87,12 +101,26 @@ def resolve_vocabulary(config: LabelConfig) -> list[str]:
 
 
 def check_model(config: LabelConfig) -> None:
-    """Model name and weights, checked in the driver before any worker starts."""
+    """Model name, weights, and the settings that depend on the model's architecture (GEM depth,
+    input size vs patch size), checked in the driver from the model config before any worker starts."""
     register_model_config(config.model_config)
     try:
         check_weights_available(config.model, config.pretrained)
+        check_checkpoint_file(config.pretrained)
     except (ValueError, WeightsUnavailableError) as err:  # UnsupportedModelError is a ValueError
         raise ConfigError(f"model: {err}") from None
+    vision = vision_config(config.model)
+    if not vision:
+        return
+    layers, patch = vision.get("layers"), vision.get("patch_size")
+    if isinstance(layers, int) and config.gem.depth > layers:
+        raise ConfigError(f"gem.depth: {config.model} has {layers} blocks, so depth must be at most {layers}; "
+                          f"got {config.gem.depth}")
+    if isinstance(patch, int):
+        height, width = config.input_size
+        if min(height, width) < patch or height % patch or width % patch:
+            raise ConfigError(f"input_size: {config.model} uses {patch}-pixel patches, so each side must be a "
+                              f"multiple of {patch} (at least {patch}); got {config.input_size}")
 
 
 def build_spec(config: LabelConfig) -> RunSpec:
@@ -100,7 +128,8 @@ def build_spec(config: LabelConfig) -> RunSpec:
     try:
         templates = list(resolve_templates(config.templates))
     except ValueError as err:
-        raise ConfigError(f"templates: {err}") from None
+        message = str(err)
+        raise ConfigError(message if message.startswith("templates:") else f"templates: {message}") from None
     return RunSpec(config, class_names, templates, fingerprint(config.fingerprint_source(class_names, templates)))
 
 
@@ -343,6 +372,35 @@ def _retry_or_fail(shard: Shard, attempts: Counter, queue: deque, summary: RunSu
     on_result(shard, None)
 
 
+def filesystem_parameters(protocol: str) -> set[str]:
+    """The option names a protocol's fsspec filesystem takes (its and its bases' named
+    parameters), plus the top-level endpoint_url/region_name that pipeline.storage moves for s3."""
+    import inspect
+
+    import fsspec
+    names = {"endpoint_url", "region_name"} if protocol in ("s3", "s3a") else set()
+    for klass in fsspec.get_filesystem_class(protocol).__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {name for name, param in inspect.signature(init).parameters.items()
+                      if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)}
+    return names | {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
+
+
+def check_storage_options(config: LabelConfig) -> None:
+    """Each protocol's options must be ones its fsspec filesystem takes (fsspec would silently
+    ignore a misspelt key such as endpont_url)."""
+    for protocol, options in config.storage_options.items():
+        try:
+            known = filesystem_parameters(protocol)
+        except (ValueError, ImportError) as err:
+            raise ConfigError(f"storage_options.{protocol}: {_first_line(err)}") from None
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"storage_options.{protocol}: unknown key {unknown[0]} for the {protocol} "
+                              f"filesystem (known: {', '.join(sorted(known))})")
+
+
 def check_output_location(output: str) -> None:
     """A local output must be (or be creatable as) a folder: not a file, nor under one."""
     if "://" in output and not output.startswith("file://"):
@@ -368,10 +426,13 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     check_output_location(config.output)
     spec = build_spec(config)
     layout = OutputLayout(config.output)
+    check_storage_options(config)
     try:
         shards = list_shards(config.input, config.storage_options)
     except (ValueError, OSError) as err:
-        raise ConfigError(f"input: {err}") from None
+        raise ConfigError(f"input: {_first_line(err)}") from None
+    except Exception as err:  # e.g. botocore's NoCredentialsError
+        raise ConfigError(f"input: cannot list {', '.join(config.input)}: {_first_line(err)}") from None
     if not shards:
         raise ConfigError("input: no shards found")
     check_model(config)

@@ -111,3 +111,135 @@ def test_worker_killed_while_loading_the_model_is_replaced(base_config, shards, 
     assert killed
     (run,) = read_runs(OutputLayout(config["output"]))
     assert run["actor_restarts"] == 1 and run["shards_done"] == 2 and run["status"] == "ok"
+
+
+# ---- C: bad paths, files and options: one line, exit 2, nothing written ----
+
+def run_label(config: dict, capsys, *extra) -> str:
+    assert main([*label_args(config), *extra]) == 2
+    return one_line_error(capsys)
+
+
+def test_output_that_is_a_file_or_under_one(base_config, shards, tmp_path, capsys):
+    afile = tmp_path / "taken.txt"
+    afile.write_text("not a folder")
+    assert "is a file" in run_label({**base_config, "input": shards, "output": str(afile)}, capsys)
+    message = run_label({**base_config, "input": shards, "output": str(afile / "labels" / "v1")}, capsys)
+    assert f"is under {afile}, which is a file" in message
+    assert afile.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("caf\xe9\ndog\n".encode("latin-1"), "is not UTF-8 text"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "looks binary"),
+])
+def test_vocab_file_that_is_not_text(base_config, shards, tmp_path, capsys, content, message):
+    vocab = tmp_path / "classes.txt"
+    vocab.write_bytes(content)
+    config = {**base_config, "input": shards}
+    args = [a for a in label_args(config)]
+    args[args.index("--vocab"):args.index("--vocab") + 2] = ["--vocab-file", str(vocab)]
+    assert main(args) == 2
+    assert message in one_line_error(capsys) and not Path(config["output"]).exists()
+
+
+def test_vocab_file_missing_on_s3_or_unreachable_over_http(base_config, shards, s3_endpoint, capsys):
+    import s3fs
+    from tests.conftest import S3_CREDENTIALS, free_port
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, **S3_CREDENTIALS).mkdir("vocabs")
+    config = {**base_config, "input": shards}
+    options = json.dumps({"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}})
+    for url, message in ((f"s3://vocabs/missing.txt", "vocab_file: no such file s3://vocabs/missing.txt"),
+                         (f"http://127.0.0.1:{free_port()}/classes.txt", "vocab_file: cannot read http://127.0.0.1")):
+        args = label_args(config)
+        args[args.index("--vocab"):args.index("--vocab") + 2] = ["--vocab-file", url]
+        start = time.monotonic()
+        assert main([*args, "--storage-options", options]) == 2
+        assert message in one_line_error(capsys) and time.monotonic() - start < 30
+    assert not Path(config["output"]).exists()
+
+
+def test_model_config_not_json_and_config_folder(base_config, shards, tmp_path, capsys):
+    broken = tmp_path / "model.json"
+    broken.write_text('{"embed_dim": 64, "vision_cfg": {')
+    assert "model_config: " + str(broken) + " is not valid JSON" in run_label(
+        {**base_config, "input": shards, "model_config": str(broken)}, capsys)
+    assert main(["label", "--config", str(tmp_path)]) == 2
+    assert "is a folder; give a YAML file" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("options, message", [
+    ('{"s3": "http://127.0.0.1:9000"}', "storage_options.s3: expected a mapping, got 'http://127.0.0.1:9000'"),
+    ("[1, 2]", "storage_options: expected a mapping"),
+    ('{"s3": {"endpont_url": "http://127.0.0.1:9000"}}', "storage_options.s3: unknown key endpont_url for the s3"),
+    ('{"file": {"auto_mkdirs": true}}', "storage_options.file: unknown key auto_mkdirs"),
+    ("{s3: x}", "storage_options: --storage-options expects JSON"),
+])
+def test_malformed_storage_options(base_config, shards, capsys, options, message):
+    assert message in run_label({**base_config, "input": shards}, capsys, "--storage-options", options)
+
+
+def test_malformed_storage_options_in_yaml(base_config, shards, tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**base_config, "input": shards, "storage_options": "s3"}))
+    assert main(["label", "--config", str(path)]) == 2
+    assert "storage_options: expected a mapping, got 's3'" in one_line_error(capsys)
+
+
+def test_report_on_s3_without_endpoint_is_one_line():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent",
+               AWS_EC2_METADATA_DISABLED="true")
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "report", "s3://some-bucket/labels"],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("gemlabel: error: cannot read s3://some-bucket/labels: ") and "--s3-endpoint" in lines[0]
+
+
+# ---- E: what only a worker found before, found by the driver before Ray starts ----
+
+@pytest.mark.parametrize("flags, message", [
+    (["--depth", "5"], "gem.depth: gemtest-micro has 4 blocks, so depth must be at most 4; got 5"),
+    (["--input-size", "16"], "input_size: gemtest-micro uses 32-pixel patches, so each side must be a multiple "
+                             "of 32 (at least 32); got [16, 16]"),
+    (["--input-size", "128", "100"], "input_size: gemtest-micro uses 32-pixel patches"),
+    (["--templates", "a photo of a {0}."], "templates: 'a photo of a {0}.' is neither a built-in set"),
+    (["--templates", "a {} of a {0}."], "no other {...} field"),
+    (["--templates", "a {} photo of {name}"], "no other {...} field"),
+])
+def test_model_dependent_settings_checked_in_the_driver(base_config, shards, capsys, flags, message):
+    import ray
+    config = {**base_config, "input": shards}
+    start = time.monotonic()
+    assert message in run_label(config, capsys, *flags)
+    assert time.monotonic() - start < 20 and not ray.is_initialized() and not Path(config["output"]).exists()
+
+
+def test_corrupt_checkpoint_checked_in_the_driver(base_config, shards, micro_checkpoint, tmp_path, capsys):
+    import ray
+    data = Path(micro_checkpoint).read_bytes()
+    for name, content in (("truncated.pt", data[: len(data) // 2]), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(content)
+        config = {**base_config, "input": shards, "pretrained": str(tmp_path / name)}
+        message = run_label(config, capsys)
+        assert message.startswith(f"gemlabel: error: model: --pretrained {tmp_path / name} is not a readable "
+                                  "checkpoint")
+    assert not ray.is_initialized()
+
+
+# ---- F: vocabulary ----
+
+def test_vocabulary_items_comments_and_case(base_config, tmp_path, capsys):
+    from pipeline.config import load_config
+    from pipeline.runner import resolve_vocabulary
+    config = load_config(None, {**base_config, "input": ["a.tar"], "vocab": ["pepper, sweet", "dog"]})
+    assert resolve_vocabulary(config) == ["pepper, sweet", "dog"]  # a YAML item is one class
+    vocab = tmp_path / "classes.txt"
+    vocab.write_text("# animals\ndog   # the pet\ncat#x\n  # indented comment\nsweet pepper\n", encoding="utf-8")
+    config = load_config(None, {**base_config, "input": ["a.tar"], "vocab": [], "vocab_file": str(vocab)})
+    assert resolve_vocabulary(config) == ["dog", "cat", "sweet pepper"]
+    (tmp_path / "a.tar").write_bytes(b"")
+    assert main(["label", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "o"),
+                 "--vocab", "Dog,cat,dog"]) == 2
+    assert "repeats class names (case-insensitively): ['Dog', 'dog']" in one_line_error(capsys)
