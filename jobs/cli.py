@@ -1,7 +1,8 @@
 """The ``gemlabel`` command: ``label`` runs a labeling job, ``report`` summarises an output.
 
 Exit codes: 0 all shards labelled; 1 some shards failed (listed in the summary); 2 bad
-configuration (one line on stderr saying what to fix).
+configuration (one line on stderr saying what to fix); 130 interrupted (Ctrl-C: one line saying what
+was finished; rerunning the same command goes on).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import typing
 from typing import Optional, Sequence
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_CONFIG = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -98,7 +100,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _label(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, load_config
-    from pipeline.runner import WorkersLostError, WorkerStartError, run_labeling
+    from pipeline.runner import RunInterrupted, WorkersLostError, WorkerStartError, run_labeling
     try:
         config = load_config(args.config, _overrides(args))
         summary = run_labeling(config)
@@ -108,6 +110,12 @@ def _label(args: argparse.Namespace) -> int:
     except WorkersLostError as err:  # the shards left are not done; a rerun picks them up
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_FAILED_SHARDS
+    except RunInterrupted as err:
+        print(f"gemlabel: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("gemlabel: interrupted before labelling started; rerun the same command", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_FAILED_SHARDS if summary.shards_failed else EXIT_OK
 
 

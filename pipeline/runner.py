@@ -249,6 +249,17 @@ class WorkerStartError(RuntimeError):
     """The workers could not load the model (weights, model name, device)."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during the run; the message says what was finished and how to resume."""
+
+    def __init__(self, summary: "RunSummary"):
+        left = summary.shards_total - summary.shards_skipped - summary.shards_done - summary.shards_failed
+        super().__init__(f"interrupted: {summary.shards_done} shard(s) labelled in this run, {summary.shards_skipped} "
+                         f"were already done, {left} left; rerun the same command to label the rest "
+                         "(finished shards are kept)")
+        self.summary = summary
+
+
 class WorkersLostError(RuntimeError):
     """More workers died than max_actor_restarts allows: the cluster itself is failing."""
 
@@ -453,7 +464,7 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
         summary.status = "failed" if summary.shards_failed else "ok"
     except KeyboardInterrupt:
         summary.status = "interrupted"
-        raise
+        raise RunInterrupted(summary) from None
     except BaseException as err:
         summary.status, summary.error = "error", _first_line(err)
         raise

@@ -243,3 +243,40 @@ def test_vocabulary_items_comments_and_case(base_config, tmp_path, capsys):
     assert main(["label", "--input", str(tmp_path / "a.tar"), "--output", str(tmp_path / "o"),
                  "--vocab", "Dog,cat,dog"]) == 2
     assert "repeats class names (case-insensitively): ['Dog', 'dog']" in one_line_error(capsys)
+
+
+# ---- G: Ctrl-C ----
+
+def test_sigint_prints_one_line_and_a_rerun_finishes(base_config, tmp_path):
+    import signal
+    from pipeline.manifest import read_markers
+    shards = [str(p) for p in write_shards(tmp_path / "in", shards=6, per_shard=6)]
+    config = {**base_config, "input": shards, "batch_size": 2}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.label", "--config", str(path)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    layout = OutputLayout(config["output"])
+    deadline = time.monotonic() + 240
+    while len(read_markers(layout)) < 1 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGINT)
+    try:
+        stdout, stderr = driver.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # a local Ray the driver may leave behind
+        except ProcessLookupError:
+            pass
+    assert driver.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("gemlabel: interrupted: ") and "rerun the same command" in last
+    done = int(last.split(": ")[2].split(" ")[0])
+    assert done >= 1 and len(read_markers(layout)) >= done
+    (run,) = read_runs(layout)
+    assert run["status"] == "interrupted"
+    rerun = subprocess.run([sys.executable, "-m", "jobs.label", "--config", str(path)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert len(read_markers(layout)) == 6 and "6 total" in rerun.stdout  # the summary is on stdout
