@@ -65,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("--pattern", default="*", help="glob on file names, e.g. '*_image.png'")
     report = commands.add_parser("report", help="summarise an output from its markers")
     report.add_argument("output")
-    report.add_argument("--s3-endpoint", default=None)
+    report.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, R2, ...)")
+    report.add_argument("--input", nargs="+", default=None,
+                        help="the run's input (shard URLs, globs, .txt lists): also count the shards still pending")
     report.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -122,7 +124,7 @@ def _label(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pipeline.report import format_report, summarize_output
     try:
-        report = summarize_output(args.output, _storage_options(args.s3_endpoint))
+        report = summarize_output(args.output, _storage_options(args.s3_endpoint), args.input)
     except FileNotFoundError as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG

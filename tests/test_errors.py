@@ -280,3 +280,60 @@ def test_sigint_prints_one_line_and_a_rerun_finishes(base_config, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert len(read_markers(layout)) == 6 and "6 total" in rerun.stdout  # the summary is on stdout
+
+
+# ---- H: newcomer fixes ----
+
+@pytest.mark.usefixtures("ray_session")
+def test_model_error_in_the_workers_is_exit_2_and_recorded(base_config, shards, tmp_path, capsys):
+    """A checkpoint that is a whole file but not this model's passes the driver's checks and fails
+    in every worker's constructor: exit 2 with the worker's error, and the run record says so."""
+    import torch
+    wrong = tmp_path / "other-model.pt"
+    torch.save({"not_a_layer.weight": torch.zeros(3)}, wrong)
+    config = {**base_config, "input": shards, "pretrained": str(wrong)}
+    assert main(label_args(config)) == 2
+    message = one_line_error(capsys)
+    assert message.startswith("gemlabel: error: workers could not start: ")
+    (run,) = read_runs(OutputLayout(config["output"]))
+    assert run["status"] == "error" and run["error"].startswith("workers could not start") and run["shards_done"] == 0
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_report_counts_pending_shards_given_the_input(base_config, tmp_path, capsys):
+    paths = [str(p) for p in write_shards(tmp_path / "in", shards=3, per_shard=2)]
+    config = {**base_config, "input": paths[:2]}
+    assert main(label_args(config)) == 0
+    summary = capsys.readouterr()
+    assert "3 total" not in summary.out and "2 total, 2 labelled" in summary.out  # the summary is on stdout
+    assert "2 total" not in summary.err
+    assert main(["report", config["output"], "--input", str(tmp_path / "in" / "*.tar")]) == 0
+    assert "2 done, 0 failed, 0 with image errors, 1 pending (of the given input)" in capsys.readouterr().out
+    assert main(["report", config["output"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_pending"] is None
+
+
+def test_offline_check_goes_through_the_https_proxy(monkeypatch):
+    """With HTTPS_PROXY set, the reachability check asks the proxy (CONNECT), as downloads do."""
+    import socket
+    from gem.loading import _reachable
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    seen = []
+
+    def proxy_once():
+        conn, _ = server.accept()
+        seen.append(conn.recv(4096).decode("latin-1").splitlines()[0])
+        conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        conn.close()
+
+    thread = threading.Thread(target=proxy_once, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert _reachable("weights.example.invalid", timeout=5) is False  # the proxy refused the tunnel
+    thread.join(5)
+    server.close()
+    assert seen and seen[0].startswith("CONNECT weights.example.invalid:443 HTTP/")
