@@ -102,14 +102,14 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _label(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, load_config
-    from pipeline.runner import RunInterrupted, WorkersLostError, WorkerStartError, run_labeling
+    from pipeline.runner import RunInterrupted, RunRecordError, WorkersLostError, WorkerStartError, run_labeling
     try:
         config = load_config(args.config, _overrides(args))
         summary = run_labeling(config)
     except (ConfigError, WorkerStartError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except WorkersLostError as err:  # the shards left are not done; a rerun picks them up
+    except (WorkersLostError, RunRecordError) as err:  # the shards left are not done; a rerun picks them up
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_FAILED_SHARDS
     except RunInterrupted as err:

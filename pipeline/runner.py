@@ -33,6 +33,7 @@ from pipeline.worker import RunSpec, ShardLabeler, register_model_config
 log = logging.getLogger(__name__)
 
 NAMESPACE = "gemlabel"
+RECORD_WAIT_S = 120.0  # how long the end of a run waits for unreachable storage to write its record
 WORKER_PREFIX = "gemlabel-worker"
 
 
@@ -152,7 +153,7 @@ def connect_ray(config: LabelConfig) -> None:
         return
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     kwargs = {"namespace": NAMESPACE, "log_to_driver": True}
-    if not address:  # start a local cluster: no dashboard needed
+    if not address or address == "local":  # start a local cluster: no dashboard needed
         kwargs["include_dashboard"] = False
     else:
         _check_reachable(address)
@@ -377,9 +378,12 @@ def _retry_or_fail(shard: Shard, attempts: Counter, queue: deque, summary: RunSu
         return
     summary.shards_failed += 1
     summary.failed[shard.url] = error
-    write_json(OutputLayout(config.output).failed_url(shard.shard_id),
-               {"shard": shard.url, "shard_id": shard.shard_id, "error": error, "attempts": attempts[shard],
-                "failed_at": datetime.now(timezone.utc).isoformat()}, config.storage_options)
+    try:  # a note for `gemlabel report`; the shard is not done either way, so a rerun redoes it
+        write_json(OutputLayout(config.output).failed_url(shard.shard_id),
+                   {"shard": shard.url, "shard_id": shard.shard_id, "error": error, "attempts": attempts[shard],
+                    "failed_at": datetime.now(timezone.utc).isoformat()}, config.storage_options)
+    except Exception as err:  # the output's storage is failing too (outage)
+        log.warning("could not record %s as failed: %s", shard.url, _first_line(err))
     on_result(shard, None)
 
 
@@ -424,6 +428,31 @@ def check_output_location(output: str) -> None:
         parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
     if parent and not os.path.isdir(parent):
         raise ConfigError(f"output: {output} is under {parent}, which is a file, not a folder")
+
+
+class RunRecordError(RuntimeError):
+    """The output's storage stayed unreachable: the run record could not be written."""
+
+
+def record_run(url: str, summary: RunSummary, config: LabelConfig, out, wait_s: float = RECORD_WAIT_S) -> None:
+    """Write the run record; while the output's storage is unreachable, wait for it (saying so)
+    up to ``wait_s``, then give up with RunRecordError (the labels written so far stay done)."""
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        try:
+            write_json(url, summary.as_record(), config.storage_options)
+            return
+        except Exception as err:  # fsspec back ends raise their own kinds
+            if time.monotonic() > deadline:
+                raise RunRecordError(
+                    f"storage unreachable, run record not written ({_first_line(err)}): {summary.shards_done} "
+                    f"shard(s) labelled, {summary.shards_failed} failed, {summary.shards_skipped} already done; "
+                    "rerun the same command once storage is back") from None
+            if not said:
+                print(f"gemlabel: cannot write the run record ({_first_line(err)}); retrying for up to "
+                      f"{wait_s:g}s", file=out, flush=True)
+                said = True
+            time.sleep(2.0)
 
 
 def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
@@ -473,7 +502,7 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
             pool.shutdown()
         summary.seconds = time.perf_counter() - wall
         summary.finished_at = datetime.now(timezone.utc).isoformat()
-        write_json(join(layout.runs_dir, f"{run_id}.json"), summary.as_record(), config.storage_options)
+        record_run(join(layout.runs_dir, f"{run_id}.json"), summary, config, out)
     print(summary.text(), file=summary_out or sys.stdout, flush=True)
     return summary
 

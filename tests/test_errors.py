@@ -254,7 +254,8 @@ def test_sigint_prints_one_line_and_a_rerun_finishes(base_config, tmp_path):
     config = {**base_config, "input": shards, "batch_size": 2}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.label", "--config", str(path)], cwd=REPO,
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own cluster, not one another process started here
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.label", "--config", str(path)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     layout = OutputLayout(config["output"])
     deadline = time.monotonic() + 240
@@ -276,7 +277,7 @@ def test_sigint_prints_one_line_and_a_rerun_finishes(base_config, tmp_path):
     assert done >= 1 and len(read_markers(layout)) >= done
     (run,) = read_runs(layout)
     assert run["status"] == "interrupted"
-    rerun = subprocess.run([sys.executable, "-m", "jobs.label", "--config", str(path)], cwd=REPO,
+    rerun = subprocess.run([sys.executable, "-m", "jobs.label", "--config", str(path)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert len(read_markers(layout)) == 6 and "6 total" in rerun.stdout  # the summary is on stdout
@@ -337,3 +338,111 @@ def test_offline_check_goes_through_the_https_proxy(monkeypatch):
     thread.join(5)
     server.close()
     assert seen and seen[0].startswith("CONNECT weights.example.invalid:443 HTTP/")
+
+
+# ---- D: object-store outage mid-run, stalled HTTP ----
+
+class TcpProxy:
+    """A TCP relay on 127.0.0.1 in front of a server; stop() cuts every connection at once, as an
+    outage would, and a new TcpProxy on the same port brings the service back."""
+
+    def __init__(self, target_port: int, port: int = 0):
+        import socket
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.connections: list = []
+        self.running = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        while self.running:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            self.connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        import socket
+        self.running = False
+        self.listener.close()
+        for sock in self.connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_object_store_outage_mid_run(base_config, s3_endpoint, tmp_path, capsys):
+    import s3fs
+    from pipeline.manifest import read_markers
+    from tests.conftest import S3_CREDENTIALS
+    from tests.outputs import read_tables
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, **S3_CREDENTIALS).mkdir("outage")
+    paths = [str(p) for p in write_shards(tmp_path / "in", shards=4, per_shard=4)]
+    proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    options = {"s3": {"endpoint_url": f"http://127.0.0.1:{proxy.port}", **S3_CREDENTIALS,  # fail fast when down
+                      "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}}
+    config = {**base_config, "input": paths, "output": "s3://outage/run", "batch_size": 2, "max_shard_retries": 0}
+    args = [*label_args(config), "--storage-options", json.dumps(options), "--max-shard-retries", "0"]
+    layout = OutputLayout(config["output"])
+    codes = []
+    driver = threading.Thread(target=lambda: codes.append(main(args)))
+    driver.start()
+    deadline = time.monotonic() + 240
+    while not read_markers(layout, options) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proxy.stop()  # storage goes away with shards in flight ...
+    err, out = "", ""
+    while "cannot write the run record" not in err and time.monotonic() < deadline:  # ... until the run's end
+        captured = capsys.readouterr()
+        err, out = err + captured.err, out + captured.out
+        time.sleep(0.2)
+    assert ": failed" in err  # the shards in flight were recorded as failed
+    proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]), port=proxy.port)  # ... and comes back
+    driver.join(300)
+    captured = capsys.readouterr()
+    err, out = err + captured.err, out + captured.out
+    assert codes == [1] and "Traceback" not in err, err  # exit 1, the failed shards listed, no traceback
+    (run,) = read_runs(layout, options)  # the run record was written once storage returned
+    assert run["shards_done"] + run["shards_failed"] == 4 and run["status"] == "failed"
+    assert run["shards_failed"] >= 1 and "FAILED" in out
+    # nothing lost: a rerun labels what failed, and the result equals a clean run's
+    assert main(args) == 0
+    assert len(read_markers(layout, options)) == 4
+    clean = {**config, "output": str(tmp_path / "clean")}
+    assert main(label_args(clean)) == 0
+    capsys.readouterr()
+    outage_tables, clean_tables = read_tables(config["output"], options), read_tables(clean["output"])
+    assert sorted(outage_tables) == sorted(clean_tables)
+    for name, table in clean_tables.items():
+        assert outage_tables[name].to_pylist() == table.to_pylist()
+    proxy.stop()
