@@ -78,6 +78,8 @@ class LabelConfig:
     max_actor_restarts: StrictInt = Field(8, ge=0, description="replacement actors before the run gives up")
     schedule_timeout_s: StrictFloat = Field(
         600.0, gt=0, description="with an autoscaler: seconds to wait for the workers' resources to appear")
+    read_timeout_s: StrictFloat = Field(
+        60.0, gt=0, description="an HTTP(S) shard whose stream sends nothing for this long fails as stalled")
     storage_options: dict[StrictStr, dict[StrictStr, Any]] = Field(
         default_factory=dict, json_schema_extra=_flag(cli="json"),
         description="fsspec options per protocol, e.g. `{s3: {endpoint_url: http://minio:9000}}` "

@@ -7,6 +7,7 @@ back in the queue and a replacement actor is started. Other shards go on in both
 from __future__ import annotations
 
 import logging
+import dataclasses
 import json
 import os
 import socket
@@ -27,7 +28,7 @@ from gem.templates import clean_class_names, resolve_templates
 from pipeline.config import ConfigError, LabelConfig, fingerprint
 from pipeline.manifest import OutputLayout, prepare_output, read_markers, write_json
 from pipeline.shards import Shard, list_shards
-from pipeline.storage import join, read_bytes
+from pipeline.storage import join, protocol_of, read_bytes
 from pipeline.worker import RunSpec, ShardLabeler, register_model_config
 
 log = logging.getLogger(__name__)
@@ -377,6 +378,7 @@ def _retry_or_fail(shard: Shard, attempts: Counter, queue: deque, summary: RunSu
         queue.append(shard)
         return
     summary.shards_failed += 1
+    error = _shard_error(shard, error, config)
     summary.failed[shard.url] = error
     try:  # a note for `gemlabel report`; the shard is not done either way, so a rerun redoes it
         write_json(OutputLayout(config.output).failed_url(shard.shard_id),
@@ -430,6 +432,25 @@ def check_output_location(output: str) -> None:
         raise ConfigError(f"output: {output} is under {parent}, which is a file, not a folder")
 
 
+def with_read_timeout(config: LabelConfig) -> LabelConfig:
+    """HTTP(S) streams get a read timeout (aiohttp's default waits 5 minutes in all), so a stalled
+    server fails the shard in read_timeout_s; a timeout the user set in client_kwargs wins."""
+    import aiohttp
+    options = {protocol: dict(values) for protocol, values in config.storage_options.items()}
+    for protocol in ("http", "https"):
+        client = dict(options.get(protocol, {}).get("client_kwargs", {}))
+        client.setdefault("timeout", aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=config.read_timeout_s))
+        options.setdefault(protocol, {})["client_kwargs"] = client
+    return dataclasses.replace(config, storage_options=options)
+
+
+def _shard_error(shard: Shard, error: str, config: LabelConfig) -> str:
+    """The error recorded for a shard; a read timeout says that the stream stalled, and where."""
+    if "Timeout" in error and protocol_of(shard.url) in ("http", "https"):
+        return f"stalled: no data for {config.read_timeout_s:g}s while reading {shard.url} ({error.strip()})"
+    return error
+
+
 class RunRecordError(RuntimeError):
     """The output's storage stayed unreachable: the run record could not be written."""
 
@@ -464,6 +485,7 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     started = datetime.now(timezone.utc)
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     check_output_location(config.output)
+    config = with_read_timeout(config)
     spec = build_spec(config)
     layout = OutputLayout(config.output)
     check_storage_options(config)

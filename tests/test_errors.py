@@ -446,3 +446,45 @@ def test_object_store_outage_mid_run(base_config, s3_endpoint, tmp_path, capsys)
     for name, table in clean_tables.items():
         assert outage_tables[name].to_pylist() == table.to_pylist()
     proxy.stop()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_stalled_http_shard_fails_saying_so(base_config, tmp_path, capsys):
+    """A server that sends the start of a shard and then nothing: the shard fails within
+    read_timeout_s with a message that says it stalled and where; the other shard is labelled."""
+    import http.server
+    good, stalled = write_shards(tmp_path / "www", shards=2, per_shard=4)
+    release = threading.Event()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "www"), **kwargs)
+
+        def do_GET(self):
+            if not self.path.endswith(stalled.name):
+                return super().do_GET()
+            data = stalled.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:1536])
+            self.wfile.flush()
+            release.wait(120)  # stall with the connection open
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    config = {**base_config, "input": [f"{base}/{good.name}", f"{base}/{stalled.name}"]}
+    start = time.monotonic()
+    try:
+        code = main([*label_args(config), "--read-timeout-s", "3", "--max-shard-retries", "0"])
+    finally:
+        release.set()
+        server.shutdown()
+    assert code == 1 and time.monotonic() - start < 120
+    out = capsys.readouterr().out
+    assert f"FAILED {base}/{stalled.name}: stalled: no data for 3s while reading {base}/{stalled.name}" in out
+    assert "1 labelled" in out
