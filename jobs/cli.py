@@ -1,8 +1,8 @@
 """The ``gemlabel`` command: ``label`` runs a labeling job, ``report`` summarises an output.
 
-Exit codes: 0 all shards labelled; 1 some shards failed (listed in the summary); 2 bad
-configuration (one line on stderr saying what to fix); 130 interrupted (Ctrl-C: one line saying what
-was finished; rerunning the same command goes on).
+Exit codes: 0 all shards labelled; 1 some shards failed (listed in the summary) or storage failed
+mid-run; 2 bad configuration (one line on stderr saying what to fix); 130 interrupted (Ctrl-C: one
+line saying what was finished; rerunning the same command goes on).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_CONFIG = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -153,8 +154,22 @@ def _pack(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is logged (not the stream at setup time,
+    which a test harness or an embedding program may have closed since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        handlers=[_StderrHandler()])
     args = _parser().parse_args(argv)
     return {"label": _label, "report": _report, "pack": _pack}[args.command](args)
 

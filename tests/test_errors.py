@@ -209,15 +209,13 @@ def test_report_on_s3_without_endpoint_is_one_line():
     (["--templates", "a {} photo of {name}"], "no other {...} field"),
 ])
 def test_model_dependent_settings_checked_in_the_driver(base_config, shards, capsys, flags, message):
-    import ray
     config = {**base_config, "input": shards}
     start = time.monotonic()
     assert message in run_label(config, capsys, *flags)
-    assert time.monotonic() - start < 20 and not ray.is_initialized() and not Path(config["output"]).exists()
+    assert time.monotonic() - start < 20 and not Path(config["output"]).exists()  # before Ray, nothing written
 
 
 def test_corrupt_checkpoint_checked_in_the_driver(base_config, shards, micro_checkpoint, tmp_path, capsys):
-    import ray
     data = Path(micro_checkpoint).read_bytes()
     for name, content in (("truncated.pt", data[: len(data) // 2]), ("empty.pt", b"")):
         (tmp_path / name).write_bytes(content)
@@ -225,7 +223,7 @@ def test_corrupt_checkpoint_checked_in_the_driver(base_config, shards, micro_che
         message = run_label(config, capsys)
         assert message.startswith(f"gemlabel: error: model: --pretrained {tmp_path / name} is not a readable "
                                   "checkpoint")
-    assert not ray.is_initialized()
+        assert not Path(config["output"]).exists()
 
 
 # ---- F: vocabulary ----
@@ -331,11 +329,12 @@ def test_offline_check_goes_through_the_https_proxy(monkeypatch):
 
     thread = threading.Thread(target=proxy_once, daemon=True)
     thread.start()
-    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.getsockname()[1]}")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    assert _reachable("weights.example.invalid", timeout=5) is False  # the proxy refused the tunnel
-    thread.join(5)
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{server.getsockname()[1]}")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert _reachable("weights.example.invalid", timeout=20) is False  # the proxy refused the tunnel
+    thread.join(20)
     server.close()
     assert seen and seen[0].startswith("CONNECT weights.example.invalid:443 HTTP/")
 
