@@ -1,9 +1,29 @@
-"""GEM (Grounding Everything Module) over open_clip ViTs: training-free open-vocabulary segmentation."""
-from gem.postprocess import ClassRegion, LabelingThresholds, label_image
-from gem.segmenter import GEMSegmenter, GEMSettings
-from gem.vision import GEMTokens, GEMVisionTower, UnsupportedModelError
-from gem.loading import WeightsUnavailableError, load_clip
-from gem.vocabulary import Vocabulary
+"""GEM (Grounding Everything Module) over open_clip ViTs: training-free open-vocabulary segmentation.
 
-__all__ = ["ClassRegion", "GEMSegmenter", "GEMSettings", "GEMTokens", "GEMVisionTower", "LabelingThresholds",
-           "UnsupportedModelError", "Vocabulary", "WeightsUnavailableError", "label_image", "load_clip"]
+Names are imported on first use (PEP 562), so ``from gem.settings import GEMSettings`` and the
+command's config checks do not import torch and open_clip.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ClassRegion": "gem.postprocess", "label_image": "gem.postprocess",
+    "GEMSegmenter": "gem.segmenter", "GEMSettings": "gem.settings", "LabelingThresholds": "gem.settings",
+    "GEMTokens": "gem.vision", "GEMVisionTower": "gem.vision", "UnsupportedModelError": "gem.vision",
+    "WeightsUnavailableError": "gem.loading", "load_clip": "gem.loading", "Vocabulary": "gem.vocabulary",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'gem' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

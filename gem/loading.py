@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
+import urllib.error
+import urllib.request
+import zipfile
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 from urllib.parse import urlparse
@@ -67,11 +69,50 @@ def _weights_host(model_name: str, tag: str) -> Optional[str]:
 
 
 def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether https://host answers, through the proxy settings (HTTPS_PROXY, NO_PROXY) the
+    downloads themselves use; any HTTP status counts as an answer."""
+    request = urllib.request.Request(f"https://{host}/", method="HEAD")
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        urllib.request.urlopen(request, timeout=timeout).close()
         return True
-    except OSError:
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # URLError, timeouts, refused proxies
         return False
+
+
+def vision_config(model_name: str) -> dict:
+    """The model's vision tower config (layers, patch_size, ...) without building the model;
+    empty for hub / local-dir models whose config is not known yet."""
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return {}
+    return dict((open_clip.get_model_config(model_name) or {}).get("vision_cfg", {}))
+
+
+def check_checkpoint_file(pretrained: Optional[str]) -> None:
+    """A local checkpoint that cannot be a whole one (a truncated zip or safetensors file) is
+    refused in the driver instead of failing in every worker. Reads only the file's index."""
+    if not pretrained or not os.path.isfile(pretrained):
+        return
+    size = os.path.getsize(pretrained)
+    with open(pretrained, "rb") as handle:
+        head = handle.read(8)
+    problem = None
+    if pretrained.endswith(".safetensors"):
+        header = int.from_bytes(head, "little") if len(head) == 8 else size
+        problem = None if 8 + header <= size else "its header runs past the end of the file"
+    elif head.startswith(b"PK"):  # torch.save's zip format
+        try:
+            with zipfile.ZipFile(pretrained) as archive:
+                end = max((info.header_offset + info.compress_size for info in archive.infolist()), default=0)
+            problem = None if end <= size else "its entries run past the end of the file"
+        except (zipfile.BadZipFile, OSError) as err:
+            problem = str(err)
+    elif size == 0:
+        problem = "the file is empty"
+    if problem:
+        raise WeightsUnavailableError(f"--pretrained {pretrained} is not a readable checkpoint ({problem}); "
+                                      "it may be truncated: copy it again")
 
 
 @contextlib.contextmanager

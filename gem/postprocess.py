@@ -17,26 +17,9 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
+from gem.settings import LabelingThresholds  # one definition, shared with the run's config
+
 BACKGROUND = -1
-
-
-@dataclass(frozen=True)
-class LabelingThresholds:
-    """logit_scale multiplies cosine similarities before the softmax over classes; a pixel whose
-    top class probability is below background_threshold is background; classes covering fewer
-    than min_area pixels are dropped."""
-
-    logit_scale: float = 100.0
-    background_threshold: float = 0.0
-    min_area: int = 1
-
-    def __post_init__(self):
-        if self.logit_scale <= 0:
-            raise ValueError(f"logit_scale must be positive, got {self.logit_scale}")
-        if not 0.0 <= self.background_threshold <= 1.0:
-            raise ValueError(f"background_threshold must be in [0, 1], got {self.background_threshold}")
-        if self.min_area < 1:
-            raise ValueError(f"min_area must be >= 1, got {self.min_area}")
 
 
 @dataclass

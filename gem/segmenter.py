@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, asdict
 from typing import Optional, Sequence
 
 import torch
@@ -12,22 +11,10 @@ from PIL import Image
 from gem.loading import LoadedCLIP, load_clip
 from gem.postprocess import ClassRegion, LabelingThresholds, label_image
 from gem.preprocess import image_to_tensor
+from gem.settings import GEMSettings
 from gem.templates import TemplateSpec
 from gem.vision import GEMTokens, GEMVisionTower
 from gem.vocabulary import TextEmbeddingCache, Vocabulary
-
-
-@dataclass(frozen=True)
-class GEMSettings:
-    """depth: GEM on the last depth-1 blocks; iters: clustering iterations; inv_temperature:
-    None = adaptive per image, else a fixed multiplier of the cosine similarities."""
-
-    depth: int = 7
-    iters: int = 1
-    inv_temperature: Optional[float] = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def default_device() -> torch.device:

@@ -1,6 +1,7 @@
 """Prompt templates: named built-in sets, user lists, or a file with one template a line."""
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -21,8 +22,18 @@ TemplateSpec = Union[str, Sequence[str], None]
 
 
 def validate_template(template: str) -> str:
-    if not isinstance(template, str) or template.count("{}") != 1:
-        raise ValueError(f"a prompt template must contain '{{}}' exactly once, got {template!r}")
+    """Exactly one ``{}`` field and no other: ``{0}``, ``{name}``, ``{:>5}`` or a stray brace
+    would fail (or format wrongly) in every worker."""
+    if not isinstance(template, str):
+        raise ValueError(f"a prompt template must be text, got {template!r}")
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as err:
+        raise ValueError(f"a prompt template must contain '{{}}' exactly once ({err}), got {template!r}") from None
+    if fields != [("", "", None)]:
+        raise ValueError(f"a prompt template must contain '{{}}' exactly once and no other {{...}} field, "
+                         f"got {template!r}")
     return template
 
 
@@ -35,7 +46,7 @@ def resolve_templates(spec: TemplateSpec) -> tuple[str, ...]:
             return TEMPLATE_SETS[spec]()
         if "{}" not in spec and Path(spec).is_file():
             lines = Path(spec).read_text(encoding="utf-8").splitlines()
-            spec = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+            spec = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
         elif "{}" not in spec:
             raise ValueError(f"templates: {spec!r} is neither a built-in set {sorted(TEMPLATE_SETS)}, "
                              "a file, nor a template containing '{}'")
@@ -54,7 +65,8 @@ def clean_class_names(names: Iterable[str]) -> tuple[str, ...]:
         raise ValueError("the vocabulary is empty: give at least one class name")
     if any(not name for name in cleaned):
         raise ValueError("the vocabulary has an empty class name")
-    duplicates = sorted({n for n in cleaned if cleaned.count(n) > 1})
+    folded = [name.casefold() for name in cleaned]  # the tokenizer lowercases: Dog and dog are one class
+    duplicates = sorted({n for n, key in zip(cleaned, folded) if folded.count(key) > 1})
     if duplicates:
-        raise ValueError(f"the vocabulary repeats class names: {duplicates}")
+        raise ValueError(f"the vocabulary repeats class names (case-insensitively): {duplicates}")
     return cleaned

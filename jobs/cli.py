@@ -1,7 +1,8 @@
 """The ``gemlabel`` command: ``label`` runs a labeling job, ``report`` summarises an output.
 
-Exit codes: 0 all shards labelled; 1 some shards failed (listed in the summary); 2 bad
-configuration (one line on stderr saying what to fix).
+Exit codes: 0 all shards labelled; 1 some shards failed (listed in the summary) or storage failed
+mid-run; 2 bad configuration (one line on stderr saying what to fix); 130 interrupted (Ctrl-C: one
+line saying what was finished; rerunning the same command goes on).
 """
 from __future__ import annotations
 
@@ -9,53 +10,56 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from typing import Optional, Sequence
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_CONFIG = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
-# flag -> config key (dotted keys go into sections)
-LABEL_FLAGS = {
-    "--input": ("input", dict(nargs="+", help="shard URLs, globs, brace patterns or .txt shard lists")),
-    "--output": ("output", dict(help="output prefix: a local path or s3://, gs:// URL")),
-    "--vocab": ("vocab", dict(help='comma-separated class names, e.g. "cat,dog,traffic light"')),
-    "--vocab-file": ("vocab_file", dict(help="a file with one class name per line")),
-    "--templates": ("templates", dict(help="single | imagenet80 | a file of templates | one template with {}")),
-    "--model": ("model", dict(help="open_clip model name, e.g. ViT-B-16")),
-    "--pretrained": ("pretrained", dict(help="open_clip tag (openai, ...) or a local checkpoint path")),
-    "--model-config": ("model_config", dict(help="extra open_clip model config JSON (file or folder)")),
-    "--depth": ("gem.depth", dict(type=int)),
-    "--iters": ("gem.iters", dict(type=int)),
-    "--inv-temperature": ("gem.inv_temperature", dict(type=float, help="fixed; default adaptive")),
-    "--logit-scale": ("thresholds.logit_scale", dict(type=float)),
-    "--background-threshold": ("thresholds.background_threshold", dict(type=float)),
-    "--min-area": ("thresholds.min_area", dict(type=int)),
-    "--input-size": ("input_size", dict(type=int, nargs="+", help="model input: SIZE or HEIGHT WIDTH")),
-    "--points": ("points", dict(choices=["peak", "per_component"], help="prompt points per class")),
-    "--max-points": ("max_points", dict(type=int, help="per class, with --points per_component")),
-    "--precision": ("precision", dict(choices=["auto", "fp32", "bf16", "fp16"])),
-    "--batch-size": ("batch_size", dict(type=int)),
-    "--num-workers": ("num_workers", dict(type=int)),
-    "--cpus-per-worker": ("cpus_per_worker", dict(type=float)),
-    "--gpus-per-worker": ("gpus_per_worker", dict(type=float)),
-    "--decode-threads": ("decode_threads", dict(type=int)),
-    "--max-shard-retries": ("max_shard_retries", dict(type=int)),
-    "--ray-address": ("ray_address", dict(help="Ray cluster address; default: RAY_ADDRESS or a local cluster")),
-}
-SWITCHES = {"--overwrite": "overwrite", "--retry-failed": "retry_failed"}
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("gemlabel")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _flag_options(key) -> dict:
+    """argparse options of one config key, from the schema: type, help text with its default."""
+    from pipeline.config import default_text
+    help_text = f"{key.description} (default: {default_text(key)})".replace("%", "%%")
+    if key.kind == "bool":
+        return dict(action="store_false" if key.default else "store_true", help=help_text)
+    options: dict = dict(help=help_text, metavar=key.key.rpartition(".")[2].upper())
+    if key.kind == "choice":
+        options.update(choices=list(typing.get_args(key.annotation)), metavar=None)
+    elif key.kind in ("int", "float"):
+        options["type"] = {"int": int, "float": float}[key.kind]
+    elif key.kind == "list-int":
+        options.update(type=int, nargs="+")
+    elif key.kind == "list-str" and key.cli != "comma":
+        options["nargs"] = "+"
+    return options
+
+
+def _add_config_flags(parser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per config key (a parser or an argument group), except the keys in ``skip``."""
+    from pipeline.config import config_keys
+    for key in config_keys():
+        if key.flag and key.key not in skip:
+            parser.add_argument(key.flag, dest=key.key, default=None, **_flag_options(key))
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemlabel", description="Open-vocabulary pseudo-labeling with GEM.")
+    parser.add_argument("--version", action="version", version=f"gemlabel {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     label = commands.add_parser("label", help="label shards; reruns skip shards already done")
     label.add_argument("--config", help="YAML config; flags override its keys")
-    for flag, (key, options) in LABEL_FLAGS.items():
-        label.add_argument(flag, dest=key, default=None, **options)
-    for flag, key in SWITCHES.items():
-        label.add_argument(flag, dest=key, action="store_true", default=None)
-    label.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, R2, ...)")
-    label.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                       help="one line per shard instead of a progress bar")
+    _add_config_flags(label)
+    label.add_argument("--s3-endpoint", default=None,
+                       help="S3-compatible endpoint URL (MinIO, R2, ...): sets storage_options.s3.endpoint_url")
     pack = commands.add_parser("pack", help="pack a folder of images into webdataset shards")
     pack.add_argument("folder")
     pack.add_argument("output_prefix", help="e.g. data/shards/train writes data/shards/train-000000.tar, ...")
@@ -64,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL for an s3:// output prefix")
     report = commands.add_parser("report", help="summarise an output from its markers")
     report.add_argument("output")
-    report.add_argument("--s3-endpoint", default=None)
+    report.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, R2, ...)")
+    report.add_argument("--input", nargs="+", default=None,
+                        help="the run's input (shard URLs, globs, .txt lists): also count the shards still pending")
     report.add_argument("--json", action="store_true", help="print JSON")
     from jobs import labels_cli, quality_cli
     quality_cli.add_commands(commands)  # eval, calibrate
@@ -78,39 +84,69 @@ def _storage_options(endpoint: Optional[str]) -> dict:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    keys = [key for key, _ in LABEL_FLAGS.values()] + list(SWITCHES.values()) + ["progress"]
-    overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
-    if "vocab" in overrides:
-        overrides["vocab"] = [name for name in overrides["vocab"].split(",")]
+    """The flags given, as config keys; the flag's text parsed as its key's schema says."""
+    from pipeline.config import ConfigError, config_keys
+    overrides = {}
+    for key in config_keys():
+        value = getattr(args, key.key, None) if key.flag else None
+        if value is None:
+            continue
+        if key.cli == "comma":
+            value = [name.strip() for name in value.split(",")]
+        elif key.cli == "json":
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"{key.key}: {key.flag} expects JSON, e.g. "
+                                  f"'{{\"s3\": {{\"endpoint_url\": \"http://127.0.0.1:9000\"}}}}'") from None
+        overrides[key.key] = value
     if args.s3_endpoint:
-        overrides["storage_options"] = _storage_options(args.s3_endpoint)
+        options = dict(overrides.get("storage_options") or {})
+        options["s3"] = {**options.get("s3", {}), "endpoint_url": args.s3_endpoint}
+        overrides["storage_options"] = options
     return overrides
 
 
 def _label(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, load_config
-    from pipeline.runner import WorkersLostError, WorkerStartError, run_labeling
+    from pipeline.runner import RunInterrupted, RunRecordError, WorkersLostError, WorkerStartError, run_labeling
     try:
         config = load_config(args.config, _overrides(args))
         summary = run_labeling(config)
     except (ConfigError, WorkerStartError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except WorkersLostError as err:  # the shards left are not done; a rerun picks them up
+    except (WorkersLostError, RunRecordError) as err:  # the shards left are not done; a rerun picks them up
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_FAILED_SHARDS
+    except RunInterrupted as err:
+        print(f"gemlabel: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("gemlabel: interrupted before labelling started; rerun the same command", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_FAILED_SHARDS if summary.shards_failed else EXIT_OK
 
 
 def _report(args: argparse.Namespace) -> int:
     from pipeline.report import format_report, summarize_output
     try:
-        report = summarize_output(args.output, _storage_options(args.s3_endpoint))
+        report = summarize_output(args.output, _storage_options(args.s3_endpoint), args.input)
     except FileNotFoundError as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as err:  # storage back ends raise their own kinds (botocore, aiohttp, ...)
+        hint = ("; for MinIO, R2 or Ceph pass --s3-endpoint URL, for AWS set its credentials"
+                if args.output.startswith("s3") and not args.s3_endpoint else "")
+        print(f"gemlabel: error: cannot read {args.output}: {_first_line(err)}{hint}", file=sys.stderr)
+        return EXIT_CONFIG
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return EXIT_FAILED_SHARDS if report["shards_failed"] or report["shards_missing"] else EXIT_OK
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _pack(args: argparse.Namespace) -> int:
@@ -125,8 +161,22 @@ def _pack(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is logged (not the stream at setup time,
+    which a test harness or an embedding program may have closed since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        handlers=[_StderrHandler()])
     args = _parser().parse_args(argv)
     handlers = {"label": _label, "report": _report, "pack": _pack, **args.handlers}
     return handlers[args.command](args)

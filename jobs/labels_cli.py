@@ -9,10 +9,6 @@ from typing import Optional
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_CONFIG = 0, 1, 2
 
 
-def _storage_options(endpoint: Optional[str]) -> dict:
-    return {"s3": {"endpoint_url": endpoint}} if endpoint else {}
-
-
 def add_commands(commands: argparse._SubParsersAction) -> dict:
     """Add the subcommands to the ``gemlabel`` parser; returns command name -> handler."""
     from pipeline.export.common import FORMATS
@@ -61,6 +57,7 @@ def _export(args: argparse.Namespace) -> int:
     from pipeline.export.common import ExportError, ExportOptions, parse_splits
     from pipeline.export.runner import default_dest, run_export
     from pipeline.labelset import NotAnOutputError, open_labelset
+    from jobs.cli import _storage_options
     storage_options = _storage_options(args.s3_endpoint)
     try:
         labelset = open_labelset(args.output, storage_options)
@@ -80,6 +77,7 @@ def _export(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from pipeline.gallery import show_output
     from pipeline.labelset import NotAnOutputError, open_labelset
+    from jobs.cli import _storage_options
     storage_options = _storage_options(args.s3_endpoint)
     try:
         if not 0.0 <= args.alpha <= 1.0:

@@ -35,17 +35,12 @@ def _add_ground_truth_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_label_flags(parser: argparse.ArgumentParser) -> None:
-    from jobs.cli import LABEL_FLAGS, SWITCHES
+    from jobs.cli import _add_config_flags
     group = parser.add_argument_group("labelling configuration (as for gemlabel label)")
     group.add_argument("--config", help="YAML config; flags override its keys")
-    for flag, (key, options) in LABEL_FLAGS.items():
-        if key != "input":
-            group.add_argument(flag, dest=key, default=None, **options)
-    for flag, key in SWITCHES.items():
-        group.add_argument(flag, dest=key, action="store_true", default=None)
+    _add_config_flags(group, skip=("input",))  # the input comes from the ground truth
     parser.set_defaults(input=None)
     parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, R2, ...)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
 def add_commands(commands) -> None:

@@ -1,221 +1,368 @@
-"""The labeling run's configuration: YAML file + command-line overrides, validated up front.
+"""The labeling run's configuration: one pydantic schema for the YAML keys, the ``gemlabel label``
+flags, the validation messages and the README's configuration table.
 
 Every key is checked (unknown keys, types, ranges) before any work starts, so a bad config is one
-clear ``ConfigError`` line instead of a traceback from deep inside a Ray actor.
+clear ``ConfigError`` line (``key: what is wrong``) instead of a traceback from inside a Ray actor.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass as plain_dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
+from pydantic import (ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter,
+                      ValidationError, field_validator, model_validator)
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
+
+from gem.settings import GEMSettings, LabelingThresholds
 
 SCHEMA_VERSION = 1
+
+# The sections are the library's own settings classes: one definition for both.
+GEMConfig = GEMSettings
+ThresholdConfig = LabelingThresholds
 
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message says which key and why."""
 
 
-@dataclass
-class GEMConfig:
-    depth: int = 7
-    iters: int = 1
-    inv_temperature: Optional[float] = None
+def _flag(*, flag: Optional[str] = None, no_flag: Optional[str] = None, cli: Optional[str] = None) -> dict:
+    """Command-line metadata of a key: its flag name if not derived from the key, the reason it
+    has none, or how the flag's text is parsed ('comma': a comma-separated list, 'json')."""
+    return {k: v for k, v in {"flag": flag, "no_flag": no_flag, "cli": cli}.items() if v is not None}
 
 
-@dataclass
-class ThresholdConfig:
-    logit_scale: float = 100.0
-    background_threshold: float = 0.0
-    min_area: int = 1
-
-
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid", protected_namespaces=()))
 class LabelConfig:
-    input: list[str] = field(default_factory=list)       # shard URLs / globs / braces, or .txt list files
-    output: str = ""                                      # output prefix (local path or fsspec URL)
-    vocab: list[str] = field(default_factory=list)
-    vocab_file: Optional[str] = None                      # one class name a line
-    templates: Union[str, list[str]] = "single"           # single | imagenet80 | file | list
-    model: str = "ViT-B-16"
-    pretrained: Optional[str] = "openai"                  # open_clip tag, local path, or none
-    model_config: Optional[str] = None                    # extra open_clip model config JSON (file or dir)
-    gem: GEMConfig = field(default_factory=GEMConfig)
-    thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
-    input_size: list[int] = field(default_factory=lambda: [448, 448])  # model input (height, width)
-    points: str = "peak"                                  # prompt points: peak | per_component
-    max_points: int = 5                                   # per class, with points: per_component
-    precision: str = "auto"
-    batch_size: int = 16
-    device: str = "auto"                                  # auto: GPUs if the cluster has some; cuda | cpu
-    num_workers: Optional[int] = None                     # default: one per GPU, else 1
-    gpus_per_worker: float = 1.0                          # used when the cluster has GPUs
-    cpus_per_worker: float = 1.0
-    decode_threads: int = 4
-    max_shard_retries: int = 2                            # attempts after the first, per shard
-    max_actor_restarts: int = 8                           # replacement actors before giving up
-    storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per protocol: {s3: {...}}
-    ray_address: Optional[str] = None
-    overwrite: bool = False
-    retry_failed: bool = False
-    progress: bool = True
+    input: list[StrictStr] = Field(
+        default_factory=list, description="shard URLs, globs (`*`), brace patterns (`{000..099}`) or `.txt` "
+                                          "lists of shards, local or on any fsspec filesystem")
+    output: StrictStr = Field("", description="output prefix: a local folder or an `s3://`, `gs://` URL")
+    vocab: list[StrictStr] = Field(
+        default_factory=list, json_schema_extra=_flag(cli="comma"),
+        description="class names; in YAML one list item per class (`\"pepper, sweet\"` is one class), "
+                    "the flag splits on commas")
+    vocab_file: Optional[StrictStr] = Field(
+        None, description="a UTF-8 file (local or URL) with one class name a line; `#` starts a comment")
+    templates: Union[StrictStr, list[StrictStr]] = Field(
+        "single", description="prompt templates: `single` (`a photo of a {}.`), `imagenet80`, a file with one "
+                              "a line, or templates containing `{}`")
+    model: StrictStr = Field("ViT-B-16", description="open_clip model name")
+    pretrained: Optional[StrictStr] = Field(
+        "openai", description="open_clip weights tag, a local checkpoint path, or `none` (random weights)")
+    model_config: Optional[StrictStr] = Field(
+        None, description="an extra open_clip model config JSON (file or folder) for custom architectures")
+    gem: GEMSettings = Field(default_factory=GEMSettings, description="GEM settings")
+    thresholds: LabelingThresholds = Field(default_factory=LabelingThresholds, description="post-processing")
+    input_size: list[StrictInt] = Field(
+        default_factory=lambda: [448, 448],
+        description="model input, `SIZE` or `HEIGHT WIDTH` (>= 16, multiples of the patch size): images are "
+                    "resized to it, masks, boxes and points come back at the image's own size")
+    points: Literal["peak", "per_component"] = Field(
+        "peak", description="prompt points per label: the class's `peak`, or one per connected component "
+                            "(`per_component`, largest first, e.g. for SAM)")
+    max_points: StrictInt = Field(5, ge=1, description="with `points: per_component`: at most this many a label")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="`auto`: bf16 on GPU, fp32 on CPU")
+    batch_size: StrictInt = Field(16, gt=0, description="images per model call")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="`auto`: GPUs if the cluster has some; `cuda`: GPU actors (also waits for an "
+                            "autoscaler); `cpu`")
+    num_workers: Optional[StrictInt] = Field(None, ge=1, description="Ray actors; default: one per GPU, else 1")
+    gpus_per_worker: StrictFloat = Field(1.0, ge=0, description="GPUs per actor when GPUs are used")
+    cpus_per_worker: StrictFloat = Field(1.0, gt=0, description="CPUs per actor (fractions allowed)")
+    decode_threads: StrictInt = Field(4, gt=0, description="image-decoding threads per actor")
+    max_shard_retries: StrictInt = Field(2, ge=0, description="attempts after the first, per shard")
+    max_actor_restarts: StrictInt = Field(8, ge=0, description="replacement actors before the run gives up")
+    schedule_timeout_s: StrictFloat = Field(
+        600.0, gt=0, description="with an autoscaler: seconds to wait for the workers' resources to appear")
+    read_timeout_s: StrictFloat = Field(
+        60.0, gt=0, description="an HTTP(S) shard whose stream sends nothing for this long fails as stalled")
+    storage_options: dict[StrictStr, dict[StrictStr, Any]] = Field(
+        default_factory=dict, json_schema_extra=_flag(cli="json"),
+        description="fsspec options per protocol, e.g. `{s3: {endpoint_url: http://minio:9000}}` "
+                    "(or `--s3-endpoint URL`)")
+    ray_address: Optional[StrictStr] = Field(
+        None, description="Ray cluster address; default: `RAY_ADDRESS` (set inside `ray job submit`), "
+                          "else a local Ray")
+    overwrite: StrictBool = Field(False, description="redo every shard, even under other settings")
+    retry_failed: StrictBool = Field(False, description="redo shards that had failed images")
+    progress: StrictBool = Field(True, json_schema_extra=_flag(flag="--no-progress"),
+                                 description="a progress bar (`--no-progress`: one line per shard)")
 
     # Keys whose values change the labels; the rest (where, how fast) do not.
-    FINGERPRINT_KEYS = ("model", "pretrained", "model_config", "gem", "thresholds", "input_size", "precision")
+    FINGERPRINT_KEYS: ClassVar[tuple[str, ...]] = ("model", "pretrained", "model_config", "gem", "thresholds",
+                                                   "input_size", "precision")
+
+    @field_validator("input", "vocab", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _square(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value, value]
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            return [value[0], value[0]]
+        return value
+
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _templates(cls, value: Any) -> Any:
+        if isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+            return value
+        raise ValueError(f"expected a name, a file or a list of templates, got {value!r}")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LabelConfig":
+        _check_consistency(self)
+        return self
 
     def fingerprint_source(self, class_names: list[str], templates: list[str]) -> dict:
-        source = {key: _plain(getattr(self, key)) for key in self.FINGERPRINT_KEYS}
+        settings = self.to_dict()
+        source = {key: settings[key] for key in self.FINGERPRINT_KEYS}
         source.update(vocab=class_names, templates=templates, schema_version=SCHEMA_VERSION)
         if self.points != "peak":  # only then: outputs made before these keys keep their fingerprint
             source.update(points=self.points, max_points=self.max_points)
         return source
 
     def to_dict(self) -> dict:
-        return _plain(self)
+        return _ADAPTER.dump_python(self)
+
+
+_ADAPTER = TypeAdapter(LabelConfig)
+
+
+def _check_consistency(config: LabelConfig) -> None:
+    """Rules across keys, and local files that must exist; each raises ``key: what is wrong``."""
+    if not config.input:
+        raise ValueError("input: give at least one shard URL, glob, brace pattern or .txt list")
+    if not config.output:
+        raise ValueError("output: give an output prefix (a local path or a URL such as s3://bucket/labels)")
+    if config.vocab and config.vocab_file:
+        raise ValueError("vocab and vocab_file: give one, not both")
+    if not config.vocab and not config.vocab_file:
+        raise ValueError("vocab: give class names (vocab: [cat, dog] or --vocab cat,dog) or vocab_file")
+    if len(config.input_size) != 2 or min(config.input_size) < 16:
+        raise ValueError(f"input_size: expected one or two sizes >= 16 (height, width), got {config.input_size}")
+    if config.device == "cuda" and config.gpus_per_worker <= 0:
+        raise ValueError("gpus_per_worker: must be positive with device: cuda")
+    if config.vocab_file and "://" not in config.vocab_file and not Path(config.vocab_file).is_file():
+        raise ValueError(f"vocab_file: no such file {config.vocab_file}")
+    if config.model_config:
+        _check_model_config(config.model_config)
+
+
+def _check_model_config(path: str) -> None:
+    """A model config that open_clip could not parse fails here, not in every worker."""
+    where = Path(path)
+    if not where.exists():
+        raise ValueError(f"model_config: no such file or folder {path}")
+    files = sorted(where.glob("*.json")) if where.is_dir() else [where]
+    if not files:
+        raise ValueError(f"model_config: no .json file in the folder {path}")
+    for file in files:
+        try:
+            parsed = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"model_config: {file} is not valid JSON ({str(err).splitlines()[0]})") from None
+        if not isinstance(parsed, dict) or "vision_cfg" not in parsed:
+            raise ValueError(f"model_config: {file} is not an open_clip model config (no vision_cfg)")
 
 
 def fingerprint(source: dict) -> str:
     return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+# ---- keys, flags and docs, all derived from the schema ----
+
+@plain_dataclass(frozen=True)
+class ConfigKey:
+    """One leaf key of the schema, as the YAML, the flags and the README see it."""
+
+    key: str              # dotted: "gem.depth"
+    annotation: Any
+    default: Any
+    description: str
+    flag: Optional[str]   # None: no flag (see no_flag)
+    cli: Optional[str]    # how the flag's text is parsed: None, "comma", "json"
+    no_flag: Optional[str] = None
+
+    @property
+    def kind(self) -> str:
+        """bool | int | float | list-int | list-str | str | mapping."""
+        return _kind(self.annotation)
 
 
-def _check_type(key: str, value: Any, expected: Any) -> Any:
-    """Coerce YAML/CLI scalars to the field's type, or raise ConfigError naming the key."""
-    origin = getattr(expected, "__origin__", None)
-    args = getattr(expected, "__args__", ())
+def _kind(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Annotated:  # StrictInt and friends
+        return _kind(typing.get_args(annotation)[0])
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if origin is Union:
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _check_type(key, value, option)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[-1])
+        return _kind(args[0]) if len(args) == 1 else "str"  # templates: one name, file or template
+    if origin is Literal:
+        return "choice"
     if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+        return "list-" + _kind(args[0])
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if expected is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if expected in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (expected is int and value != int(value)):
-            raise ConfigError(f"{key}: expected {'an integer' if expected is int else 'a number'}, got {value!r}")
-        return expected(value)
-    if expected is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    return value
+        return "mapping"
+    return {bool: "bool", int: "int", float: "float"}.get(annotation, "str")
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
-    values = {}
-    hints = typing.get_type_hints(cls)
-    for name, value in data.items():
-        expected = hints[name]
-        if dataclasses.is_dataclass(expected):
-            values[name] = _build(expected, value or {}, f"{prefix}{name}.")
+def _leaf(key: str, info: FieldInfo, flag_name: str) -> ConfigKey:
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    default = info.get_default(call_default_factory=True)
+    return ConfigKey(key, info.annotation, default, info.description or "",
+                     extra.get("flag", "--" + flag_name.replace("_", "-")), extra.get("cli"), extra.get("no_flag"))
+
+
+def config_keys() -> list[ConfigKey]:
+    """Every leaf key, in schema order; sections' keys get flags named after the leaf (--depth)."""
+    keys = []
+    for name, info in LabelConfig.__pydantic_fields__.items():
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, (GEMSettings, LabelingThresholds)):
+            keys += [_leaf(f"{name}.{leaf}", leaf_info, leaf) for leaf, leaf_info in section.model_fields.items()]
         else:
-            values[name] = _check_type(prefix + name, value, expected)
-    return cls(**values)
+            keys.append(_leaf(name, info, name))
+    return keys
 
 
-def _validate(config: LabelConfig) -> None:
-    if not config.input:
-        raise ConfigError("input: give at least one shard URL, glob, brace pattern or .txt list")
-    if not config.output:
-        raise ConfigError("output: give an output prefix (a local path or a URL such as s3://bucket/labels)")
-    if config.vocab and config.vocab_file:
-        raise ConfigError("vocab and vocab_file: give one, not both")
-    if not config.vocab and not config.vocab_file:
-        raise ConfigError("vocab: give class names (vocab: [cat, dog] or --vocab cat,dog) or vocab_file")
-    if len(config.input_size) == 1:
-        config.input_size = config.input_size * 2
-    if len(config.input_size) != 2 or min(config.input_size) < 16:
-        raise ConfigError(f"input_size: expected one or two sizes >= 16 (height, width), got {config.input_size}")
-    positive = {"batch_size": config.batch_size, "decode_threads": config.decode_threads,
-                "cpus_per_worker": config.cpus_per_worker, "gem.depth": config.gem.depth,
-                "thresholds.logit_scale": config.thresholds.logit_scale, "thresholds.min_area": config.thresholds.min_area}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
-    if config.num_workers is not None and config.num_workers < 1:
-        raise ConfigError(f"num_workers: must be at least 1, got {config.num_workers}")
-    for key in ("max_shard_retries", "max_actor_restarts", "gem.iters", "gpus_per_worker"):
-        section, _, name = key.rpartition(".")
-        value = getattr(getattr(config, section) if section else config, name)
-        if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
-    if not 0.0 <= config.thresholds.background_threshold <= 1.0:
-        raise ConfigError(f"thresholds.background_threshold: must be in [0, 1], got "
-                          f"{config.thresholds.background_threshold}")
-    if config.gem.inv_temperature is not None and config.gem.inv_temperature <= 0:
-        raise ConfigError("gem.inv_temperature: must be positive, or null for the adaptive temperature")
-    if config.points not in ("peak", "per_component"):
-        raise ConfigError(f"points: one of peak, per_component; got {config.points!r}")
-    if config.max_points < 1:
-        raise ConfigError(f"max_points: must be at least 1, got {config.max_points}")
-    if config.device not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"device: one of auto, cuda, cpu; got {config.device!r}")
-    if config.device == "cuda" and config.gpus_per_worker <= 0:
-        raise ConfigError("gpus_per_worker: must be positive with device: cuda")
-    if config.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f"precision: one of auto, fp32, bf16, fp16; got {config.precision!r}")
-    if config.vocab_file and not Path(config.vocab_file).is_file() and "://" not in config.vocab_file:
-        raise ConfigError(f"vocab_file: no such file {config.vocab_file}")
-    if config.model_config and not Path(config.model_config).exists():
-        raise ConfigError(f"model_config: no such file or folder {config.model_config}")
+def _shown(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, dict)):
+        return json.dumps(value) if value else ("[]" if isinstance(value, list) else "{}")
+    return str(value)
+
+
+def default_text(key: ConfigKey) -> str:
+    if key.key in ("input", "output", "vocab"):
+        return "required" if key.key != "vocab" else "required (or vocab_file)"
+    return _shown(key.default)
+
+
+def markdown_table() -> str:
+    """The README's configuration table (a test checks the README holds exactly this)."""
+    rows = ["| key | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for key in config_keys():
+        flag = f"`{key.flag}`" if key.flag else f"— ({key.no_flag})"
+        meaning = key.description.replace("|", "\\|")
+        rows.append(f"| `{key.key}` | {flag} | `{default_text(key)}` | {meaning} |")
+    return "\n".join(rows)
+
+
+# ---- loading ----
+
+_PHRASES = {
+    "int_type": "expected an integer", "int_from_float": "expected an integer", "int_parsing": "expected an integer",
+    "float_type": "expected a number", "float_parsing": "expected a number",
+    "bool_type": "expected true or false", "bool_parsing": "expected true or false",
+    "string_type": "expected a string", "list_type": "expected a list", "dict_type": "expected a mapping",
+    "model_type": "expected a mapping", "dataclass_type": "expected a mapping",
+}
+
+
+def _dotted(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    if len(loc) > 1 and loc[0] in ("gem", "thresholds"):
+        return list(LabelConfig.__pydantic_fields__[loc[0]].annotation.model_fields)
+    return list(LabelConfig.__pydantic_fields__)
+
+
+def error_message(err: ValidationError) -> str:
+    """The first problem as one line: ``key: what is wrong``."""
+    first = err.errors(include_url=False)[0]
+    kind, loc, ctx, got = first["type"], tuple(first["loc"]), first.get("ctx") or {}, first.get("input")
+    key = _dotted(loc)
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"unknown key {key} (known: {', '.join(sorted(_known_keys(loc)))})"
+    if kind == "value_error":
+        message = str(ctx.get("error", first["msg"]))
+        return f"{key}: {message}" if key else message
+    if kind == "missing":
+        return f"{key}: required"
+    if kind == "literal_error":
+        return f"{key}: one of {ctx['expected'].replace(' or ', ', ')}; got {got!r}"
+    if kind == "greater_than":
+        bound = "positive" if ctx["gt"] == 0 else f"> {ctx['gt']}"
+        return f"{key}: must be {bound}, got {got}"
+    if kind in ("greater_than_equal", "less_than_equal", "less_than"):
+        field = _field_info(loc)
+        low = next((m.ge for m in field.metadata if hasattr(m, "ge")), None) if field else None
+        high = next((m.le for m in field.metadata if hasattr(m, "le")), None) if field else None
+        if low is not None and high is not None:
+            return f"{key}: must be in [{low}, {high}], got {got}"
+        op, bound = {"greater_than_equal": (">=", "ge"), "less_than_equal": ("<=", "le"),
+                     "less_than": ("<", "lt")}[kind]
+        return f"{key}: must be {op} {ctx[bound]}, got {got}"
+    if kind in _PHRASES:
+        return f"{key}: {_PHRASES[kind]}, got {got!r}"
+    return f"{key}: {first['msg'][0].lower()}{first['msg'][1:]}, got {got!r}"
+
+
+def _field_info(loc: tuple) -> Optional[FieldInfo]:
+    fields = LabelConfig.__pydantic_fields__
+    if loc and loc[0] in fields:
+        if len(loc) > 1 and loc[0] in ("gem", "thresholds"):
+            return fields[loc[0]].annotation.model_fields.get(loc[1])
+        return fields[loc[0]]
+    return None
+
+
+def _read_yaml(path: str) -> dict:
+    where = Path(path)
+    if where.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file such as jobs/configs/local.yaml")
+    try:
+        data = yaml.safe_load(where.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
+    return data
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> LabelConfig:
     """Read YAML (if given), apply overrides (dotted keys allowed: 'gem.depth'), validate."""
-    data: dict = {}
-    if path:
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
+    data: dict = _read_yaml(path) if path else {}
     for dotted, value in (overrides or {}).items():
         section, _, name = dotted.rpartition(".")
         target = data.setdefault(section, {}) if section else data
         if not isinstance(target, dict):
-            raise ConfigError(f"{section}: expected a mapping")
+            raise ConfigError(f"{section}: expected a mapping, got {target!r}")
         target[name] = value
-    config = _build(LabelConfig, data)
-    _validate(config)
-    return config
+    for section in ("gem", "thresholds"):
+        if data.get(section) is None and section in data:
+            data[section] = {}
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as err:
+        raise ConfigError(error_message(err)) from None
+
+
+if __name__ == "__main__":  # print the README's configuration table
+    print(markdown_table())

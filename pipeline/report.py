@@ -10,7 +10,10 @@ from pipeline.manifest import (OutputLayout, read_failures, read_markers, read_o
 from pipeline.storage import StorageOptions, exists
 
 
-def summarize_output(output: str, storage_options: Optional[StorageOptions] = None) -> dict:
+def summarize_output(output: str, storage_options: Optional[StorageOptions] = None,
+                     input_patterns: Optional[list[str]] = None) -> dict:
+    """Counts from the output's markers; given the input too, also how many of its shards are
+    still to label (not done under the output's configuration)."""
     layout = OutputLayout(output)
     if not exists(layout.config_url, storage_options):
         raise FileNotFoundError(f"{output} is not a gemlabel output (no _config.json)")
@@ -26,10 +29,16 @@ def summarize_output(output: str, storage_options: Optional[StorageOptions] = No
     images = sum(m["samples"] for m in markers.values())
     runs = sorted(read_runs(layout, storage_options), key=lambda r: r["started_at"])
     settings = config.get("settings", {})
+    pending = None
+    if input_patterns:
+        from pipeline.shards import list_shards
+        done = {k for k, m in markers.items() if m.get("fingerprint") == config["fingerprint"]}
+        pending = sum(1 for shard in list_shards(input_patterns, storage_options) if shard.shard_id not in done)
     return {
         "output": output, "fingerprint": config["fingerprint"], "model": settings.get("model"),
         "pretrained": settings.get("pretrained"), "classes": len(settings.get("vocab", [])),
         "shards_done": len(markers), "shards_failed": len(failures), "shards_missing": len(missing),
+        "shards_pending": pending,
         "shards_with_image_errors": sum(1 for m in markers.values() if m["errors"]),
         "images": images, "images_ok": sum(m["ok"] for m in markers.values()),
         "image_errors": sum(m["errors"] for m in markers.values()),
@@ -48,7 +57,9 @@ def format_report(report: dict) -> str:
              f"model       {report['model']} / {report['pretrained']}, {report['classes']} classes",
              f"shards      {report['shards_done']} done, {report['shards_failed']} failed, "
              f"{report['shards_missing']} missing, "
-             f"{report['shards_with_image_errors']} with image errors",
+             f"{report['shards_with_image_errors']} with image errors"
+             + (f", {report['shards_pending']} pending (of the given input)" if report["shards_pending"] is not None
+                else ""),
              f"images      {report['images']} ({report['images_ok']} ok, {report['image_errors']} errors), "
              f"{report['labels']} labels",
              f"throughput  {report['worker_images_per_s']} images/s per worker"]

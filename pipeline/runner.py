@@ -7,7 +7,10 @@ back in the queue and a replacement actor is started. Other shards go on in both
 from __future__ import annotations
 
 import logging
+import dataclasses
+import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -20,18 +23,19 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
-from gem.loading import WeightsUnavailableError, check_weights_available
+from gem.loading import WeightsUnavailableError, check_checkpoint_file, check_weights_available, vision_config
 from gem.templates import clean_class_names, resolve_templates
 from pipeline.config import ConfigError, LabelConfig, fingerprint
 from pipeline.manifest import OutputLayout, prepare_output, read_markers, verify_markers, write_json
 from pipeline.resolve import content_fingerprints, resolve_paths
 from pipeline.shards import Shard, list_shards
-from pipeline.storage import file_identity, read_bytes, same_file_version, stat_files
+from pipeline.storage import file_identity, protocol_of, read_bytes, same_file_version, stat_files
 from pipeline.worker import RunSpec, ShardLabeler, register_model_config
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "gemlabel"
+RECORD_WAIT_S = 120.0  # how long the end of a run waits for unreachable storage to write its record
 WORKER_PREFIX = "gemlabel-worker"
 
 
@@ -52,6 +56,8 @@ class RunSummary:
     actor_restarts: int = 0
     shard_retries: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # shard url -> last error
+    status: str = "running"  # ok | failed (some shards) | error (did not start or crashed) | interrupted
+    error: str = ""
 
     @property
     def images_per_s(self) -> float:
@@ -71,12 +77,26 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def read_vocab_file(url: str, storage_options) -> list[str]:
+    """Class names from a UTF-8 file, one a line; '#' starts a comment (whole-line or inline)."""
+    try:
+        data = read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise ConfigError(f"vocab_file: no such file {url}") from None
+    except Exception as err:  # fsspec back ends raise their own kinds (aiohttp, botocore, ...)
+        raise ConfigError(f"vocab_file: cannot read {url}: {_first_line(err)}") from None
+    if b"\x00" in data:
+        raise ConfigError(f"vocab_file: {url} looks binary; give a text file with one class name a line")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"vocab_file: {url} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+
+
 def resolve_vocabulary(config: LabelConfig) -> list[str]:
-    if config.vocab_file:
-        text = read_bytes(config.vocab_file, config.storage_options).decode("utf-8")
-        names = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    else:
-        names = [n for item in config.vocab for n in item.split(",")]
+    """Each YAML list item is one class (the --vocab flag's commas were split by the CLI)."""
+    names = read_vocab_file(config.vocab_file, config.storage_options) if config.vocab_file else list(config.vocab)
     try:
         return list(clean_class_names(names))
     except ValueError as err:
@@ -84,12 +104,26 @@ def resolve_vocabulary(config: LabelConfig) -> list[str]:
 
 
 def check_model(config: LabelConfig) -> None:
-    """Model name and weights, checked in the driver before any worker starts."""
+    """Model name, weights, and the settings that depend on the model's architecture (GEM depth,
+    input size vs patch size), checked in the driver from the model config before any worker starts."""
     register_model_config(config.model_config)
     try:
         check_weights_available(config.model, config.pretrained)
+        check_checkpoint_file(config.pretrained)
     except (ValueError, WeightsUnavailableError) as err:  # UnsupportedModelError is a ValueError
         raise ConfigError(f"model: {err}") from None
+    vision = vision_config(config.model)
+    if not vision:
+        return
+    layers, patch = vision.get("layers"), vision.get("patch_size")
+    if isinstance(layers, int) and config.gem.depth > layers:
+        raise ConfigError(f"gem.depth: {config.model} has {layers} blocks, so depth must be at most {layers}; "
+                          f"got {config.gem.depth}")
+    if isinstance(patch, int):
+        height, width = config.input_size
+        if min(height, width) < patch or height % patch or width % patch:
+            raise ConfigError(f"input_size: {config.model} uses {patch}-pixel patches, so each side must be a "
+                              f"multiple of {patch} (at least {patch}); got {config.input_size}")
 
 
 def build_spec(config: LabelConfig) -> RunSpec:
@@ -97,7 +131,8 @@ def build_spec(config: LabelConfig) -> RunSpec:
     try:
         templates = list(resolve_templates(config.templates))
     except ValueError as err:
-        raise ConfigError(f"templates: {err}") from None
+        message = str(err)
+        raise ConfigError(message if message.startswith("templates:") else f"templates: {message}") from None
     contents = content_fingerprints(config)
     source = {**config.fingerprint_source(class_names, templates), **contents}
     return RunSpec(config, class_names, templates, fingerprint(source), contents)
@@ -120,17 +155,118 @@ def select_shards(shards: list[Shard], markers: dict[str, dict], spec: RunSpec,
 
 
 def connect_ray(config: LabelConfig) -> None:
+    """Join the cluster at ray_address / RAY_ADDRESS, or start a local one; an address that does
+    not answer is a ConfigError within seconds, not Ray's minute of retries."""
     if ray.is_initialized():
         return
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     kwargs = {"namespace": NAMESPACE, "log_to_driver": True}
-    if not address:  # start a local cluster: no dashboard needed
+    if not address or address == "local":  # start a local cluster: no dashboard needed
         kwargs["include_dashboard"] = False
-    ray.init(address=address, **kwargs)
+    else:
+        _check_reachable(address)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError) as err:
+        raise ConfigError(f"ray_address: cannot connect to the Ray cluster at {address}: "
+                          f"{_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A host:port (or ray://host:port) address must accept a TCP connection."""
+    if address == "auto" or address.startswith("local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray_address: expected HOST:PORT (e.g. 10.0.0.1:6379) or ray://HOST:10001, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(f"ray_address: nothing answers at {hostport} ({err.strerror or err}); "
+                          "is the Ray head running there?") from None
+
+
+def autoscaler_present() -> bool:
+    """Whether the cluster can add nodes: Ray's autoscaler v2, or a v1 autoscaler whose node types
+    come from a cluster config (a cluster without one mirrors its nodes as types named node_<id>)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+    try:
+        if _internal_kv_get("__autoscaler_v2_enabled") == b"1":
+            return True
+        status = json.loads(_internal_kv_get("__autoscaling_status") or b"{}")
+    except Exception:  # an older Ray or no monitor: assume none
+        return False
+    report = status.get("autoscaler_report") or {}
+    mapping = report.get("node_type_mapping") or {}
+    return any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items()) \
+        or bool(report.get("pending_launches")) or bool(report.get("pending_nodes"))
+
+
+def worker_capacity(resources: dict) -> int:
+    """How many workers with these resources the cluster's live nodes can hold at once."""
+    need = {"CPU": resources.get("num_cpus", 0), "GPU": resources.get("num_gpus", 0)}
+    need = {name: amount for name, amount in need.items() if amount > 0}
+    capacity = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        capacity += min((int(have.get(name, 0) / amount + 1e-9) for name, amount in need.items()), default=0)
+    return capacity
+
+
+def _cluster_text() -> str:
+    total = ray.cluster_resources()
+    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return f"{alive} node(s) with {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU in all"
+
+
+def ensure_schedulable(pool: "WorkerPool", out) -> None:
+    """Fail at once if the workers can never be scheduled on this cluster; with an autoscaler,
+    wait (visibly) up to schedule_timeout_s for it to add the nodes."""
+    config = pool.config
+    if worker_capacity(pool.resources) >= pool.size:
+        return
+    wants = f"{pool.size} worker(s) x {pool.resources['num_cpus']:g} CPU"
+    if pool.resources["num_gpus"]:
+        wants += f" + {pool.resources['num_gpus']:g} GPU"
+    if not autoscaler_present():
+        if pool.resources["num_gpus"] and not ray.cluster_resources().get("GPU"):
+            key = "device" if config.device == "cuda" else "gpus_per_worker"
+            raise ConfigError(f"{key}: {wants} asked for, but the cluster ({_cluster_text()}) has no GPUs and "
+                              "no autoscaler; use device: cpu or a cluster with GPUs")
+        key = "num_workers" if worker_capacity(pool.resources) >= 1 else "cpus_per_worker"
+        raise ConfigError(f"{key}: {wants} can never be scheduled on this cluster ({_cluster_text()}, room for "
+                          f"{worker_capacity(pool.resources)}); lower num_workers or cpus_per_worker")
+    print(f"gemlabel: waiting up to {config.schedule_timeout_s:g}s for the autoscaler to provide {wants} "
+          f"(now: {_cluster_text()})", file=out, flush=True)
+    deadline = time.monotonic() + config.schedule_timeout_s
+    while worker_capacity(pool.resources) < pool.size:
+        if time.monotonic() > deadline:
+            raise ConfigError(f"schedule_timeout_s: the autoscaler did not provide {wants} within "
+                              f"{config.schedule_timeout_s:g}s (now: {_cluster_text()})")
+        time.sleep(2.0)
 
 
 class WorkerStartError(RuntimeError):
     """The workers could not load the model (weights, model name, device)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during the run; the message says what was finished and how to resume."""
+
+    def __init__(self, summary: "RunSummary"):
+        left = summary.shards_total - summary.shards_skipped - summary.shards_done - summary.shards_failed
+        super().__init__(f"interrupted: {summary.shards_done} shard(s) labelled in this run, {summary.shards_skipped} "
+                         f"were already done, {left} left; rerun the same command to label the rest "
+                         "(finished shards are kept)")
+        self.summary = summary
 
 
 class WorkersLostError(RuntimeError):
@@ -168,14 +304,32 @@ class WorkerPool:
         for actor in self._actors:
             ray.kill(actor)
 
-    def start(self) -> list:
-        actors = [self.new_actor() for _ in range(self.size)]
-        try:  # surface model-loading errors (weights, config) once, before any shard is handed out
-            ray.get([a.describe.remote() for a in actors])
-        except RayActorError as err:
-            cause = getattr(err, "cause", None) or err
-            raise WorkerStartError(f"workers could not start: {_error_text(cause)}") from None
-        return actors
+    def start(self, summary: "RunSummary") -> list:
+        """Start the workers and wait until each has loaded the model. The same error from an
+        actor's constructor is a model problem (WorkerStartError, exit 2); an actor that died
+        while loading (killed, OOM, node lost) is replaced, counting against max_actor_restarts."""
+        pending = {actor.describe.remote(): actor for actor in (self.new_actor() for _ in range(self.size))}
+        started = []
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except RayActorError as err:
+                if err.actor_init_failed:
+                    raise WorkerStartError(f"workers could not start: {_error_text(err)}") from None
+                ray.kill(actor)
+                summary.actor_restarts += 1
+                if summary.actor_restarts > self.config.max_actor_restarts:
+                    raise WorkersLostError(f"{summary.actor_restarts} workers died while loading the model "
+                                           f"(max_actor_restarts={self.config.max_actor_restarts}); last: "
+                                           f"{_error_text(err)}") from None
+                log.warning("a worker died while loading the model (%s); starting another", _error_text(err))
+                replacement = self.new_actor()
+                pending[replacement.describe.remote()] = replacement
+                continue
+            started.append(actor)
+        return started
 
 
 def _error_text(err: BaseException) -> str:
@@ -248,31 +402,126 @@ def _retry_or_fail(shard: Shard, attempts: Counter, queue: deque, summary: RunSu
         queue.append(shard)
         return
     summary.shards_failed += 1
+    error = _shard_error(shard, error, config)
     summary.failed[shard.url] = error
-    write_json(OutputLayout(config.output).failed_url(shard.shard_id),
-               {"shard": shard.url, "shard_id": shard.shard_id, "error": error, "attempts": attempts[shard],
-                "failed_at": datetime.now(timezone.utc).isoformat()}, config.storage_options)
+    try:  # a note for `gemlabel report`; the shard is not done either way, so a rerun redoes it
+        write_json(OutputLayout(config.output).failed_url(shard.shard_id),
+                   {"shard": shard.url, "shard_id": shard.shard_id, "error": error, "attempts": attempts[shard],
+                    "failed_at": datetime.now(timezone.utc).isoformat()}, config.storage_options)
+    except Exception as err:  # the output's storage is failing too (outage)
+        log.warning("could not record %s as failed: %s", shard.url, _first_line(err))
     on_result(shard, None)
 
 
-def run_labeling(config: LabelConfig, out=None) -> RunSummary:
-    """Label every shard of the input not yet done in the output; progress and the summary go to
-    ``out`` (default stderr). Raises ConfigError on a bad vocabulary, templates or an output made
-    with other settings."""
+def filesystem_parameters(protocol: str) -> set[str]:
+    """The option names a protocol's fsspec filesystem takes (its and its bases' named
+    parameters), plus the top-level endpoint_url/region_name that pipeline.storage moves for s3."""
+    import inspect
+
+    import fsspec
+    names = {"endpoint_url", "region_name"} if protocol in ("s3", "s3a") else set()
+    for klass in fsspec.get_filesystem_class(protocol).__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {name for name, param in inspect.signature(init).parameters.items()
+                      if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)}
+    return names | {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
+
+
+def check_storage_options(config: LabelConfig) -> None:
+    """Each protocol's options must be ones its fsspec filesystem takes (fsspec would silently
+    ignore a misspelt key such as endpont_url)."""
+    for protocol, options in config.storage_options.items():
+        try:
+            known = filesystem_parameters(protocol)
+        except (ValueError, ImportError) as err:
+            raise ConfigError(f"storage_options.{protocol}: {_first_line(err)}") from None
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"storage_options.{protocol}: unknown key {unknown[0]} for the {protocol} "
+                              f"filesystem (known: {', '.join(sorted(known))})")
+
+
+def check_output_location(output: str) -> None:
+    """A local output must be (or be creatable as) a folder: not a file, nor under one."""
+    if "://" in output and not output.startswith("file://"):
+        return
+    path = os.path.abspath(output[len("file://"):] if output.startswith("file://") else output)
+    if os.path.isfile(path):
+        raise ConfigError(f"output: {output} is a file; give a folder (it is created if missing)")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not os.path.isdir(parent):
+        raise ConfigError(f"output: {output} is under {parent}, which is a file, not a folder")
+
+
+def with_read_timeout(config: LabelConfig) -> LabelConfig:
+    """HTTP(S) streams get a read timeout (aiohttp's default waits 5 minutes in all), so a stalled
+    server fails the shard in read_timeout_s; a timeout the user set in client_kwargs wins."""
+    import aiohttp
+    options = {protocol: dict(values) for protocol, values in config.storage_options.items()}
+    for protocol in ("http", "https"):
+        client = dict(options.get(protocol, {}).get("client_kwargs", {}))
+        client.setdefault("timeout", aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=config.read_timeout_s))
+        options.setdefault(protocol, {})["client_kwargs"] = client
+    return dataclasses.replace(config, storage_options=options)
+
+
+def _shard_error(shard: Shard, error: str, config: LabelConfig) -> str:
+    """The error recorded for a shard; a read timeout says that the stream stalled, and where."""
+    if "Timeout" in error and protocol_of(shard.url) in ("http", "https"):
+        return f"stalled: no data for {config.read_timeout_s:g}s while reading {shard.url} ({error.strip()})"
+    return error
+
+
+class RunRecordError(RuntimeError):
+    """The output's storage stayed unreachable: the run record could not be written."""
+
+
+def record_run(url: str, summary: RunSummary, config: LabelConfig, out, wait_s: float = RECORD_WAIT_S) -> None:
+    """Write the run record; while the output's storage is unreachable, wait for it (saying so)
+    up to ``wait_s``, then give up with RunRecordError (the labels written so far stay done)."""
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        try:
+            write_json(url, summary.as_record(), config.storage_options)
+            return
+        except Exception as err:  # fsspec back ends raise their own kinds
+            if time.monotonic() > deadline:
+                raise RunRecordError(
+                    f"storage unreachable, run record not written ({_first_line(err)}): {summary.shards_done} "
+                    f"shard(s) labelled, {summary.shards_failed} failed, {summary.shards_skipped} already done; "
+                    "rerun the same command once storage is back") from None
+            if not said:
+                print(f"gemlabel: cannot write the run record ({_first_line(err)}); retrying for up to "
+                      f"{wait_s:g}s", file=out, flush=True)
+                said = True
+            time.sleep(2.0)
+
+
+def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
+    """Label every shard of the input not yet done in the output; progress goes to ``out``
+    (default stderr), the summary to ``summary_out`` (default stdout). Raises ConfigError on a
+    bad vocabulary, templates, model, an output made with other settings, or workers the cluster
+    can never schedule -- all before the output is claimed."""
     out = out or sys.stderr
     started = datetime.now(timezone.utc)
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    config = resolve_paths(config)
+    config = with_read_timeout(resolve_paths(config))
+    check_output_location(config.output)
     spec = build_spec(config)
     layout = OutputLayout(config.output)
+    check_storage_options(config)
     try:
         shards = list_shards(config.input, config.storage_options)
     except (ValueError, OSError) as err:
-        raise ConfigError(f"input: {err}") from None
+        raise ConfigError(f"input: {_first_line(err)}") from None
+    except Exception as err:  # e.g. botocore's NoCredentialsError
+        raise ConfigError(f"input: cannot list {', '.join(config.input)}: {_first_line(err)}") from None
     if not shards:
         raise ConfigError("input: no shards found")
     check_model(config)
-    prepare_output(layout, spec.fingerprint, spec.source, config.overwrite, config.storage_options, run_id)
     markers, unreadable = verify_markers(layout, read_markers(layout, config.storage_options), config.storage_options)
     for shard_id, why in sorted(unreadable.items()):
         log.warning("relabelling %s: %s", shard_id, why)
@@ -281,26 +530,36 @@ def run_labeling(config: LabelConfig, out=None) -> RunSummary:
     todo = select_shards(shards, markers, spec, inputs)
     summary = RunSummary(run_id, config.output, started.isoformat(), shards_total=len(shards),
                          shards_skipped=len(shards) - len(todo))
+    pool = None
+    if todo:  # the workers must fit the cluster before the output is claimed
+        connect_ray(config)
+        pool = WorkerPool(spec, run_id)
+        ensure_schedulable(pool, out)
+    prepare_output(layout, spec.fingerprint, spec.source, config.overwrite, config.storage_options, run_id)
     wall = time.perf_counter()
     try:
-        if todo:
-            connect_ray(config)
-            pool = WorkerPool(spec, run_id)
-            try:
-                _label_with_progress(pool, todo, summary, wall, len(shards), config, out)
-            finally:
-                pool.shutdown()
+        if pool is not None:
+            _label_with_progress(pool, todo, summary, wall, len(shards), config, out)
+        summary.status = "failed" if summary.shards_failed else "ok"
+    except KeyboardInterrupt:
+        summary.status = "interrupted"
+        raise RunInterrupted(summary) from None
+    except BaseException as err:
+        summary.status, summary.error = "error", _first_line(err)
+        raise
     finally:
+        if pool is not None:
+            pool.shutdown()
         summary.seconds = time.perf_counter() - wall
         summary.finished_at = datetime.now(timezone.utc).isoformat()
-        write_json(layout.run_url(run_id), summary.as_record(), config.storage_options)
-    print(summary.text(), file=out, flush=True)
+        record_run(layout.run_url(run_id), summary, config, out)
+    print(summary.text(), file=summary_out or sys.stdout, flush=True)
     return summary
 
 
 def _label_with_progress(pool: WorkerPool, todo: list[Shard], summary: RunSummary, wall: float, total: int,
                          config: LabelConfig, out) -> None:
-    actors = pool.start()
+    actors = pool.start(summary)
     print(f"gemlabel: {len(todo)} of {total} shards to label with {pool.size} worker(s) "
           f"({pool.resources}); {summary.shards_skipped} already done", file=out, flush=True)
     with tqdm(total=len(todo), unit="shard", file=out, disable=not config.progress, dynamic_ncols=True) as bar:

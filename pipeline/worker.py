@@ -19,7 +19,7 @@ from typing import Optional
 import pyarrow.parquet as pq
 import torch
 
-from gem import GEMSegmenter, GEMSettings, LabelingThresholds, label_image
+from gem import GEMSegmenter, label_image
 from gem.loading import RANDOM_WEIGHTS
 from pipeline.components import prompt_points
 from pipeline.config import LabelConfig
@@ -68,8 +68,7 @@ def load_segmenter(spec: RunSpec, device: torch.device) -> GEMSegmenter:
     register_model_config(config.model_config)
     if config.pretrained is None or config.pretrained.lower() in RANDOM_WEIGHTS:
         torch.manual_seed(0)  # random weights, but the same ones in every worker and run
-    settings = GEMSettings(config.gem.depth, config.gem.iters, config.gem.inv_temperature)
-    return GEMSegmenter.from_pretrained(config.model, config.pretrained, settings, device, config.precision)
+    return GEMSegmenter.from_pretrained(config.model, config.pretrained, config.gem, device, config.precision)
 
 
 class ShardLabeler:
@@ -82,7 +81,7 @@ class ShardLabeler:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.segmenter = load_segmenter(spec, self.device)
         self.vocabulary = self.segmenter.vocabulary(spec.class_names, spec.templates)
-        self.thresholds = LabelingThresholds(**spec.config.to_dict()["thresholds"])
+        self.thresholds = spec.config.thresholds
         self.input_size = tuple(spec.config.input_size)
 
     def describe(self) -> dict:

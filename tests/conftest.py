@@ -45,7 +45,8 @@ def s3_endpoint():
 def ray_session():
     """One local Ray cluster for the in-process pipeline tests."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, namespace="gemlabel", log_to_driver=False)
+    # address="local": always a new cluster, never one another process on this machine started
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="gemlabel", log_to_driver=False)
     yield ray
     ray.shutdown()
 

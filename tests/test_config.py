@@ -82,3 +82,88 @@ def test_model_and_weights_are_checked_before_any_worker_starts(tmp_path, capsys
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("gemlabel: error: model: ") for line in lines)
     assert "pass its local path" in lines[0] and "VisionTransformer" in lines[1] and "local checkpoint" in lines[2]
+
+
+# ---- one schema: YAML keys, flags, help, README ----
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_readme_configuration_table_is_the_generated_one():
+    from pipeline.config import markdown_table
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("<!-- config-table:begin -->\n", 1)[1].split("\n<!-- config-table:end -->", 1)[0]
+    assert table == markdown_table(), "README's table is stale: paste `python -m pipeline.config` into it"
+
+
+def test_every_key_has_a_flag_with_help_and_default(capsys):
+    from pipeline.config import config_keys
+    with pytest.raises(SystemExit):
+        main(["label", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for key in config_keys():
+        assert key.flag or key.no_flag, key.key
+        if key.flag:
+            assert key.description, key.key
+            assert key.flag in help_text, key.flag
+    assert "(default: 448)" not in help_text and "(default: [448, 448])" in help_text
+    assert "(default: 600.0)" in help_text and "(default: required)" in help_text
+
+
+def test_each_flag_sets_its_key(tmp_path, monkeypatch):
+    """Every generated flag lands on its schema key, typed as the schema says."""
+    import jobs.cli as cli
+    from pipeline.config import config_keys
+    samples = {"bool": None, "int": "3", "float": "0.5", "list-int": ["224"], "choice": None}
+    argv = ["label", "--config", write_yaml(tmp_path, {"input": ["a.tar"], "output": "o", "vocab": ["cat"]})]
+    for key in config_keys():
+        if key.kind == "bool":
+            argv.append(key.flag)
+        elif key.kind == "choice":
+            argv += [key.flag, typing_args(key)[-1]]
+        elif key.kind == "list-int":
+            argv += [key.flag, "224"]
+        elif key.cli == "json":
+            argv += [key.flag, '{"s3": {"anon": true}}']
+        elif key.kind in samples:
+            argv += [key.flag, samples[key.kind]]
+        elif key.key == "vocab":
+            argv += [key.flag, "cat, sweet pepper"]
+        elif key.key not in ("vocab_file", "input", "output", "model_config"):
+            argv += [key.flag, "x{}" if key.key == "templates" else "x"]
+    overrides = cli._overrides(cli._parser().parse_args(argv))
+    config = load_config(argv[2], overrides)
+    assert config.vocab == ["cat", "sweet pepper"] and config.gem.depth == 3 and config.thresholds.min_area == 3
+    assert config.thresholds.background_threshold == 0.5 and config.input_size == [224, 224]
+    assert config.overwrite and config.retry_failed and config.progress is False
+    assert config.storage_options == {"s3": {"anon": True}} and config.device == "cpu"
+    assert config.schedule_timeout_s == 0.5 and config.ray_address == "x"
+
+
+def typing_args(key):
+    import typing
+    return list(typing.get_args(key.annotation))
+
+
+def test_library_and_config_share_one_definition():
+    import gem
+    from pipeline.config import GEMConfig, ThresholdConfig
+    assert gem.GEMSettings is GEMConfig and gem.LabelingThresholds is ThresholdConfig
+    with pytest.raises(ValueError, match="background_threshold"):
+        gem.LabelingThresholds(background_threshold=1.5)
+
+
+def test_config_loading_and_report_do_not_import_torch(tmp_path):
+    code = ("import sys; from jobs.cli import main; from pipeline.config import load_config; "
+            "import pipeline.report, gem; from gem import GEMSettings; "
+            f"load_config(None, {{'input': 'a.tar', 'output': 'o', 'vocab': ['cat']}}); "
+            f"main(['report', {str(tmp_path)!r}]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'ray')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stderr
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("gemlabel ")

@@ -16,7 +16,8 @@ from tests.shards import write_shards
 
 def start_driver(config: dict, path) -> subprocess.Popen:
     path.write_text(yaml.safe_dump(config))
-    return subprocess.Popen([sys.executable, "-m", "jobs.label", "--config", str(path)], start_new_session=True,
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own cluster, never one another process started here
+    return subprocess.Popen([sys.executable, "-m", "jobs.label", "--config", str(path)], start_new_session=True, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
