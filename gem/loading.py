@@ -73,7 +73,8 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
     downloads themselves use; any HTTP status counts as an answer."""
     request = urllib.request.Request(f"https://{host}/", method="HEAD")
     try:
-        urllib.request.urlopen(request, timeout=timeout).close()
+        # a fresh opener reads the proxy settings now (urlopen's global one keeps its first ones)
+        urllib.request.build_opener().open(request, timeout=timeout).close()
         return True
     except urllib.error.HTTPError:
         return True

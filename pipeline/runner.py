@@ -463,7 +463,8 @@ def with_read_timeout(config: LabelConfig) -> LabelConfig:
     options = {protocol: dict(values) for protocol, values in config.storage_options.items()}
     for protocol in ("http", "https"):
         client = dict(options.get(protocol, {}).get("client_kwargs", {}))
-        client.setdefault("timeout", aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=config.read_timeout_s))
+        client.setdefault("timeout", aiohttp.ClientTimeout(total=None, sock_connect=30,
+                                                           sock_read=config.read_timeout_s))
         options.setdefault(protocol, {})["client_kwargs"] = client
     return dataclasses.replace(config, storage_options=options)
 

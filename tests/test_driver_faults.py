@@ -17,7 +17,8 @@ from tests.shards import write_shards
 def start_driver(config: dict, path) -> subprocess.Popen:
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own cluster, never one another process started here
-    return subprocess.Popen([sys.executable, "-m", "jobs.label", "--config", str(path)], start_new_session=True, env=env,
+    return subprocess.Popen([sys.executable, "-m", "jobs.label", "--config", str(path)], start_new_session=True,
+                            env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -85,7 +86,7 @@ def test_exit_code_is_1_while_shards_remain_failed(base_config, tmp_path, capsys
             "--cpus-per-worker", "0.5", "--max-shard-retries", "0"]
     assert main(args) == 1
     captured = capsys.readouterr()
-    assert "FAILED" in captured.err and "gone.tar" in captured.err
+    assert "FAILED" in captured.out and "gone.tar" in captured.out  # the summary is on stdout
     assert main(["report", base_config["output"]]) == 1
     report = capsys.readouterr().out
     assert "1 done, 1 failed" in report and "gone.tar" in report
