@@ -1,12 +1,13 @@
 """GEM regions -> output label records with COCO compressed RLE masks."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from gem.postprocess import ClassRegion
+if TYPE_CHECKING:  # readers of outputs (report, show, export) need no torch
+    from gem.postprocess import ClassRegion
 
 
 def encode_mask(mask: np.ndarray) -> dict:

@@ -14,10 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from gem.preprocess import to_rgb
 from pipeline.encode import decode_mask
 from pipeline.manifest import OutputLayout, read_markers, read_output_config
-from pipeline.reader import _image_entry, iter_tar_samples
 from pipeline.storage import StorageOptions, filesystem
 
 
@@ -79,7 +77,9 @@ def label_points(label: dict) -> list[tuple[int, int]]:
 
 def decode_image(raw: dict) -> Image.Image:
     """A raw webdataset sample -> the RGB image as labelled (EXIF orientation applied)."""
-    entry = _image_entry(raw)
+    from gem.preprocess import to_rgb  # torch: only once images are read, not for the CLI's parser
+    from pipeline.reader import image_entry
+    entry = image_entry(raw)
     if entry is None:
         raise ValueError(f"no image in sample {raw.get('__key__')}")
     image = Image.open(io.BytesIO(raw[entry]))
@@ -100,6 +100,7 @@ def fetch_images(shard_url: str, uids: Iterable[str],
     wanted = set(uids)
     if not wanted:
         return
+    from pipeline.reader import iter_tar_samples
     for raw in iter_tar_samples(shard_url, storage_options):
         uid = raw.get("__uid__")
         if uid in wanted:

@@ -145,7 +145,7 @@ def iter_tar_samples(url: str, storage_options: Optional[StorageOptions] = None)
         raise ShardReadError(error_text(err)) from err
 
 
-def _image_entry(sample: dict) -> Optional[str]:
+def image_entry(sample: dict) -> Optional[str]:
     for ext in IMAGE_EXTENSIONS:
         if ext in sample:
             return ext
@@ -160,7 +160,7 @@ def decode_sample(index: int, raw: dict, input_size: tuple[int, int], mean, std)
     raises. Images over Pillow's decompression-bomb limit are errors too."""
     key = raw.get("__key__", f"#{index}")
     uid = raw.get("__uid__", key)
-    entry = _image_entry(raw)
+    entry = image_entry(raw)
     if entry is None:
         found = sorted(k for k in raw if not k.startswith("__"))
         return DecodedSample(index, key, error=f"no image ({'/'.join(IMAGE_EXTENSIONS)}) in sample; "
