@@ -50,6 +50,7 @@ class RunSummary:
     seconds: float = 0.0
     actor_restarts: int = 0
     shard_retries: int = 0
+    text_encodes: int = 0  # times the workers ran the text tower (0 when OUT/_cache had the embeddings)
     failed: dict[str, str] = field(default_factory=dict)  # shard url -> last error
 
     @property
@@ -148,13 +149,24 @@ class WorkerPool:
         self.torch_threads = max(1, int(round(config.cpus_per_worker)))
         self._remote = ray.remote(ShardLabeler)
         self._actors: list = []
+        self._text = None  # ObjectRef of the vocabulary's embeddings, once one worker has them
 
     def new_actor(self):
         name = f"{WORKER_PREFIX}-{self.run_id}-{len(self._actors)}"
         actor = self._remote.options(name=name, max_restarts=0, **self.resources).remote(
-            self.spec, None, self.torch_threads)
+            self.spec, None, self.torch_threads, self._text)
         self._actors.append(actor)
         return actor
+
+    def text_encodes(self) -> int:
+        """How many times the live workers ran the text tower."""
+        counts = []
+        for actor in self._actors:
+            try:
+                counts.append(ray.get(actor.describe.remote(), timeout=30)["text_encodes"])
+            except Exception:  # killed or dead actors: their count is gone with them
+                pass
+        return sum(counts)
 
     def shutdown(self) -> None:
         """Free the workers' resources (a driver that stays connected to Ray would keep them)."""
@@ -165,7 +177,11 @@ class WorkerPool:
         actors = [self.new_actor() for _ in range(self.size)]
         try:  # surface model-loading errors (weights, config) once, before any shard is handed out
             ray.get([a.describe.remote() for a in actors])
-        except RayActorError as err:
+            # One worker encodes the vocabulary (or reads OUT/_cache); the others get the tensor
+            # through the object store, as do replacement workers (new_actor).
+            self._text = actors[0].text_embeddings.remote()
+            ray.get([a.set_text_embeddings.remote(self._text) for a in actors[1:]] + [self._text])
+        except (RayActorError, RayTaskError) as err:
             cause = getattr(err, "cause", None) or err
             raise WorkerStartError(f"workers could not start: {_error_text(cause)}") from None
         return actors
@@ -260,6 +276,7 @@ def run_labeling(config: LabelConfig, out=None) -> RunSummary:
             try:
                 _label_with_progress(pool, todo, summary, wall, len(shards), config, out)
             finally:
+                summary.text_encodes = pool.text_encodes()
                 pool.shutdown()
     finally:
         summary.seconds = time.perf_counter() - wall

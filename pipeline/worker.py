@@ -21,6 +21,7 @@ import torch
 
 from gem import GEMSegmenter, GEMSettings, LabelingThresholds, label_image
 from gem.loading import RANDOM_WEIGHTS
+from gem.vocabulary import Vocabulary
 from pipeline.config import LabelConfig
 from pipeline.encode import label_record
 from pipeline.manifest import OutputLayout, write_json
@@ -28,6 +29,7 @@ from pipeline.reader import DecodedSample, PrefetchingReader, decode_sample
 from pipeline.schema import table_from_rows
 from pipeline.shards import Shard
 from pipeline.storage import remove, write_bytes_atomic
+from pipeline.text_cache import read_cached, text_cache_key, text_cache_url, write_cached
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ def load_segmenter(spec: RunSpec, device: torch.device) -> GEMSegmenter:
 
 
 class ShardLabeler:
-    def __init__(self, spec: RunSpec, device: Optional[str] = None, torch_threads: Optional[int] = None):
+    def __init__(self, spec: RunSpec, device: Optional[str] = None, torch_threads: Optional[int] = None,
+                 text_embeddings: Optional[torch.Tensor] = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.spec, self.config = spec, spec.config
@@ -75,13 +78,48 @@ class ShardLabeler:
         # Ray hides the GPUs from actors that asked for none, so this follows the actor's resources.
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.segmenter = load_segmenter(spec, self.device)
-        self.vocabulary = self.segmenter.vocabulary(spec.class_names, spec.templates)
+        self.text_encodes, self.text_source = 0, None  # how this worker got its vocabulary
+        self._vocabulary: Optional[Vocabulary] = None
+        if text_embeddings is not None:
+            self.set_text_embeddings(text_embeddings)
         self.thresholds = LabelingThresholds(**spec.config.to_dict()["thresholds"])
         self.input_size = tuple(spec.config.input_size)
 
     def describe(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(), "text_encodes": self.text_encodes,
+                "text_source": self.text_source}
+
+    def text_embeddings(self) -> torch.Tensor:
+        """The vocabulary's (classes, dim) embeddings on the CPU: from OUT/_cache if a run already
+        encoded them, else encoded here (on this worker's accelerator) and cached."""
+        if self._vocabulary is not None:
+            return self._vocabulary.embeddings.cpu()
+        config = self.config
+        key = text_cache_key(config.model, config.pretrained, config.model_config, self.spec.class_names,
+                             self.spec.templates, self.segmenter.dtype)
+        url = text_cache_url(config.output, key)
+        cached = read_cached(url, config.storage_options)
+        if cached is not None:
+            self.set_text_embeddings(cached, source="cache")
+            return cached
+        self._vocabulary = self.segmenter.vocabulary(self.spec.class_names, self.spec.templates)
+        self.text_encodes, self.text_source = self.text_encodes + 1, "encoded"
+        embeddings = self._vocabulary.embeddings.float().cpu()
+        write_cached(url, embeddings, config.storage_options)
+        return embeddings
+
+    def set_text_embeddings(self, embeddings: torch.Tensor, source: str = "shipped") -> None:
+        """Use embeddings another worker encoded (handed over through Ray's object store)."""
+        self._vocabulary = Vocabulary(tuple(self.spec.class_names), tuple(self.spec.templates),
+                                      embeddings.float().to(self.device))
+        self.text_source = self.text_source or source
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        if self._vocabulary is None:
+            self.text_embeddings()
+        return self._vocabulary
 
     def _decode(self, index: int, raw: dict) -> DecodedSample:
         return decode_sample(index, raw, self.input_size, self.segmenter.mean, self.segmenter.std)
