@@ -56,6 +56,8 @@ class LabelConfig:
     gpus_per_worker: float = 1.0                          # used when the cluster has GPUs
     cpus_per_worker: float = 1.0
     decode_threads: int = 4
+    postprocess_threads: Optional[int] = None             # label maps + RLE; default: half of decode_threads
+    decode: str = "auto"                                  # auto: JPEGs on the GPU when there is one; cpu | gpu
     max_shard_retries: int = 2                            # attempts after the first, per shard
     max_actor_restarts: int = 8                           # replacement actors before giving up
     storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per protocol: {s3: {...}}
@@ -182,6 +184,12 @@ def _validate(config: LabelConfig) -> None:
         raise ConfigError(f"device: one of auto, cuda, cpu; got {config.device!r}")
     if config.device == "cuda" and config.gpus_per_worker <= 0:
         raise ConfigError("gpus_per_worker: must be positive with device: cuda")
+    if config.decode not in ("auto", "cpu", "gpu"):
+        raise ConfigError(f"decode: one of auto, cpu, gpu; got {config.decode!r}")
+    if config.decode == "gpu" and config.device == "cpu":
+        raise ConfigError("decode: gpu needs GPU workers; drop device: cpu or use decode: auto")
+    if config.postprocess_threads is not None and config.postprocess_threads < 1:
+        raise ConfigError(f"postprocess_threads: must be at least 1, got {config.postprocess_threads}")
     if config.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"precision: one of auto, fp32, bf16, fp16; got {config.precision!r}")
     if config.vocab_file and not Path(config.vocab_file).is_file() and "://" not in config.vocab_file:

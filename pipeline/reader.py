@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import queue
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ class DecodedSample:
     tensor: Optional[torch.Tensor] = None  # the model input; the decoded image itself is not kept
     error: Optional[str] = None
     error_kind: Optional[str] = None  # short label for the error histogram
+    decode_s: float = 0.0      # CPU seconds spent decoding (bytes -> RGB pixels)
+    resize_s: float = 0.0      # CPU seconds spent resizing and normalising to the model input
+    encoded: Optional[bytes] = None  # a JPEG left for the accelerator to decode (tensor is None then)
 
 
 def iter_tar_samples(url: str, storage_options: Optional[StorageOptions] = None) -> Iterator[dict]:
@@ -78,17 +82,20 @@ def decode_sample(index: int, raw: dict, input_size: tuple[int, int], mean, std)
         found = sorted(k for k in raw if not k.startswith("__"))
         return DecodedSample(index, key, error=f"no image ({'/'.join(IMAGE_EXTENSIONS)}) in sample; "
                                                f"found {found}", error_kind="no_image")
+    start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw[entry]))
             image.load()
         image = to_rgb(ImageOps.exif_transpose(image))
+        decoded = time.perf_counter()
         tensor = image_to_tensor(image, input_size, mean, std)
     except Exception as err:  # any decoder failure is this sample's, not the shard's
         return DecodedSample(index, key, error=f"decode {entry}: {type(err).__name__}: {err}",
-                             error_kind=f"decode:{type(err).__name__}")
-    return DecodedSample(index, key, image.width, image.height, tensor)
+                             error_kind=f"decode:{type(err).__name__}", decode_s=time.perf_counter() - start)
+    return DecodedSample(index, key, image.width, image.height, tensor,
+                         decode_s=decoded - start, resize_s=time.perf_counter() - decoded)
 
 
 _END = object()

@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from gem.vocabulary import Vocabulary
 from pipeline.config import LabelConfig
 from pipeline.encode import label_record
 from pipeline.manifest import OutputLayout, write_json
-from pipeline.reader import DecodedSample, PrefetchingReader, decode_sample
+from pipeline.device_feed import DeviceFeeder, gpu_ready_jpeg, resolve_decode
+from pipeline.reader import DecodedSample, decode_sample, iter_tar_samples
 from pipeline.schema import table_from_rows
 from pipeline.shards import Shard
+from pipeline.stages import ShardStages, StageSettings
 from pipeline.storage import remove, write_bytes_atomic
 from pipeline.text_cache import read_cached, text_cache_key, text_cache_url, write_cached
 
@@ -84,11 +87,18 @@ class ShardLabeler:
             self.set_text_embeddings(text_embeddings)
         self.thresholds = LabelingThresholds(**spec.config.to_dict()["thresholds"])
         self.input_size = tuple(spec.config.input_size)
+        self.decode_mode = resolve_decode(self.config.decode, self.device)
+        self.feeder = DeviceFeeder(self.device, self.input_size, self.segmenter.mean, self.segmenter.std, self._decode)
+        self.stage_settings = StageSettings(self.config.batch_size, self.config.decode_threads,
+                                            self.config.postprocess_threads or max(1, self.config.decode_threads // 2))
+        self._timings_lock = threading.Lock()  # post-processing threads add to one shard's timings
 
     def describe(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
                 "torch_threads": torch.get_num_threads(), "text_encodes": self.text_encodes,
-                "text_source": self.text_source}
+                "text_source": self.text_source, "decode": self.decode_mode,
+                "batch_size": self.stage_settings.batch_size, "decode_threads": self.stage_settings.decode_threads,
+                "postprocess_threads": self.stage_settings.postprocess_threads}
 
     def text_embeddings(self) -> torch.Tensor:
         """The vocabulary's (classes, dim) embeddings on the CPU: from OUT/_cache if a run already
@@ -124,26 +134,58 @@ class ShardLabeler:
     def _decode(self, index: int, raw: dict) -> DecodedSample:
         return decode_sample(index, raw, self.input_size, self.segmenter.mean, self.segmenter.std)
 
-    def _rows_for_batch(self, shard: Shard, batch: list[DecodedSample], timings: Counter) -> list[dict]:
+    def _decode_for_stages(self, index: int, raw: dict) -> DecodedSample:
+        """With GPU decode, plain JPEGs go to the model thread undecoded; the rest decode here."""
+        return (self.decode_mode == "gpu" and gpu_ready_jpeg(index, raw)) or self._decode(index, raw)
+
+    def _launch(self, batch: list[DecodedSample], timings: Counter):
+        """Start the model on a batch: ([(sample, similarities | exception | None)], wait). A
+        batch the model fails on (e.g. out of memory) is retried one image at a time."""
         start = time.perf_counter()
         try:  # similarities stay on the model's device: label maps are built there too
-            sims = self.segmenter.patch_similarities(torch.stack([s.tensor for s in batch]), self.vocabulary)
-        except Exception as err:  # e.g. out of memory: one image at a time, then an error row
+            with self.feeder.on_stream():
+                images, ready = self.feeder.inputs(batch)
+                sims = self.segmenter.patch_similarities(images, self.vocabulary)
+                wait = self.feeder.ready()
+        except Exception as err:
             if len(batch) == 1:
-                return [self._error_row(shard, batch[0], "model", err)]
-            return [row for sample in batch for row in self._rows_for_batch(shard, [sample], timings)]
+                return [(batch[0], err)], None
+            pairs = []
+            for sample in batch:
+                single, wait = self._launch([sample], timings)
+                if wait is not None:
+                    wait()
+                pairs += single
+            return pairs, None
         timings["model_s"] += time.perf_counter() - start
+        kept = {id(sample) for sample in ready}  # samples left out carry a decode error
+        return list(zip(ready, sims)) + [(s, None) for s in batch if id(s) not in kept], wait
+
+    def _postprocess_row(self, shard: Shard, sample: DecodedSample, output, timings: Counter) -> dict:
+        """One image's similarities -> its row (label maps, regions, RLE); never raises."""
+        if output is None:
+            return self._row(shard, sample)
+        if isinstance(output, Exception):
+            return self._error_row(shard, sample, "model", output)
         start = time.perf_counter()
-        rows = []
-        for sample, sample_sims in zip(batch, sims):
-            try:
-                _, regions = label_image(sample_sims, (sample.height, sample.width), self.thresholds)
-                labels = [label_record(r, self.spec.class_names) for r in regions]
-                rows.append(self._row(shard, sample, labels=labels))
-            except Exception as err:  # this image's failure only
-                rows.append(self._error_row(shard, sample, "label", err))
-        timings["postprocess_s"] += time.perf_counter() - start
-        return rows
+        labelled = start
+        try:
+            _, regions = label_image(output, (sample.height, sample.width), self.thresholds)
+            labelled = time.perf_counter()
+            row = self._row(shard, sample, labels=[label_record(r, self.spec.class_names) for r in regions])
+        except Exception as err:  # this image's failure only
+            row = self._error_row(shard, sample, "label", err)
+        with self._timings_lock:
+            timings["postprocess_s"] += labelled - start
+            timings["rle_s"] += time.perf_counter() - labelled
+        return row
+
+    def _rows_for_batch(self, shard: Shard, batch: list[DecodedSample], timings: Counter) -> list[dict]:
+        """A batch through the model and post-processing, on this thread."""
+        pairs, wait = self._launch(batch, timings)
+        if wait is not None:
+            wait()
+        return [self._postprocess_row(shard, sample, output, timings) for sample, output in pairs]
 
     @classmethod
     def _error_row(cls, shard: Shard, sample: DecodedSample, stage: str, err: Exception) -> dict:
@@ -161,24 +203,10 @@ class ShardLabeler:
         shard cannot be read, having written nothing."""
         started, wall = datetime.now(timezone.utc), time.perf_counter()
         timings: Counter = Counter()
-        rows: list[dict] = []
-        batch: list[DecodedSample] = []
-        reader = PrefetchingReader(shard.url, self._decode, self.config.decode_threads,
-                                   prefetch=4 * self.config.batch_size, storage_options=self.config.storage_options)
-        wait_start = time.perf_counter()
-        for sample in reader:
-            timings["read_wait_s"] += time.perf_counter() - wait_start
-            if sample.error:
-                rows.append(self._row(shard, sample))
-            else:
-                batch.append(sample)
-                if len(batch) == self.config.batch_size:
-                    rows += self._rows_for_batch(shard, batch, timings)
-                    batch = []
-            wait_start = time.perf_counter()
-        if batch:
-            rows += self._rows_for_batch(shard, batch, timings)
-        rows.sort(key=lambda row: row["_index"])
+        stages = ShardStages(self.stage_settings, self._decode_for_stages, lambda batch: self._launch(batch, timings),
+                             lambda sample, output: self._postprocess_row(shard, sample, output, timings),
+                             lambda sample: self._row(shard, sample), timings)
+        rows = stages.run(iter_tar_samples(shard.url, self.config.storage_options))
         errors = Counter(row.pop("_kind") for row in rows if row["status"] == "error")
         for row in rows:
             row.pop("_index")
