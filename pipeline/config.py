@@ -50,13 +50,13 @@ class LabelConfig:
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
     input_size: list[int] = field(default_factory=lambda: [448, 448])  # model input (height, width)
     precision: str = "auto"
-    batch_size: int = 16
+    batch_size: Optional[int] = None                      # default: 64 per GPU, 16 on CPU (pipeline/sizing.py)
     device: str = "auto"                                  # auto: GPUs if the cluster has some; cuda | cpu
     num_workers: Optional[int] = None                     # default: one per GPU, else 1
     gpus_per_worker: float = 1.0                          # used when the cluster has GPUs
-    cpus_per_worker: float = 1.0
-    decode_threads: int = 4
-    postprocess_threads: Optional[int] = None             # label maps + RLE; default: half of decode_threads
+    cpus_per_worker: Optional[float] = None               # default: the node's CPUs per GPU (sizing.py)
+    decode_threads: Optional[int] = None                  # default: from cpus_per_worker (sizing.py)
+    postprocess_threads: Optional[int] = None             # label maps + RLE; default: from cpus_per_worker
     decode: str = "auto"                                  # auto: JPEGs on the GPU when there is one; cpu | gpu
     max_shard_retries: int = 2                            # attempts after the first, per shard
     max_actor_restarts: int = 8                           # replacement actors before giving up
@@ -166,7 +166,7 @@ def _validate(config: LabelConfig) -> None:
                 "cpus_per_worker": config.cpus_per_worker, "gem.depth": config.gem.depth,
                 "thresholds.logit_scale": config.thresholds.logit_scale, "thresholds.min_area": config.thresholds.min_area}
     for key, value in positive.items():
-        if value <= 0:
+        if value is not None and value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
     if config.num_workers is not None and config.num_workers < 1:
         raise ConfigError(f"num_workers: must be at least 1, got {config.num_workers}")

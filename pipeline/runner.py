@@ -25,6 +25,7 @@ from gem.templates import clean_class_names, resolve_templates
 from pipeline.config import ConfigError, LabelConfig, fingerprint
 from pipeline.manifest import OutputLayout, prepare_output, read_markers, write_json
 from pipeline.shards import Shard, list_shards
+from pipeline.sizing import sizing_for
 from pipeline.storage import join, read_bytes
 from pipeline.worker import RunSpec, ShardLabeler, register_model_config
 
@@ -137,16 +138,18 @@ class WorkerPool:
     def __init__(self, spec: RunSpec, run_id: str):
         self.spec, self.config, self.run_id = spec, spec.config, run_id
         config = spec.config
-        gpus = ray.cluster_resources().get("GPU", 0)
+        resources = ray.cluster_resources()
+        gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
         # device: cuda asks for GPU actors even before an autoscaler has started GPU nodes.
         use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0 and config.gpus_per_worker > 0)
         if use_gpu:
-            self.resources = {"num_gpus": config.gpus_per_worker, "num_cpus": config.cpus_per_worker}
             self.size = config.num_workers or max(1, int(gpus // config.gpus_per_worker))
         else:
-            self.resources = {"num_gpus": 0, "num_cpus": config.cpus_per_worker}
             self.size = config.num_workers or 1
-        self.torch_threads = max(1, int(round(config.cpus_per_worker)))
+        self.sizing = sizing_for(config, cpus, gpus, use_gpu, self.size)  # defaults from CPUs per GPU
+        self.resources = {"num_gpus": config.gpus_per_worker if use_gpu else 0,
+                          "num_cpus": self.sizing.cpus_per_worker}
+        self.torch_threads = self.sizing.torch_threads
         self._remote = ray.remote(ShardLabeler)
         self._actors: list = []
         self._text = None  # ObjectRef of the vocabulary's embeddings, once one worker has them
@@ -154,7 +157,7 @@ class WorkerPool:
     def new_actor(self):
         name = f"{WORKER_PREFIX}-{self.run_id}-{len(self._actors)}"
         actor = self._remote.options(name=name, max_restarts=0, **self.resources).remote(
-            self.spec, None, self.torch_threads, self._text)
+            self.spec, None, self.torch_threads, self._text, self.sizing)
         self._actors.append(actor)
         return actor
 

@@ -30,6 +30,7 @@ from pipeline.device_feed import DeviceFeeder, gpu_ready_jpeg, resolve_decode
 from pipeline.reader import DecodedSample, decode_sample, iter_tar_samples
 from pipeline.schema import table_from_rows
 from pipeline.shards import Shard
+from pipeline.sizing import Sizing, sizing_for
 from pipeline.stages import ShardStages, StageSettings
 from pipeline.storage import remove, write_bytes_atomic
 from pipeline.text_cache import read_cached, text_cache_key, text_cache_url, write_cached
@@ -73,7 +74,7 @@ def load_segmenter(spec: RunSpec, device: torch.device) -> GEMSegmenter:
 
 class ShardLabeler:
     def __init__(self, spec: RunSpec, device: Optional[str] = None, torch_threads: Optional[int] = None,
-                 text_embeddings: Optional[torch.Tensor] = None):
+                 text_embeddings: Optional[torch.Tensor] = None, sizing: Optional[Sizing] = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.spec, self.config = spec, spec.config
@@ -89,8 +90,9 @@ class ShardLabeler:
         self.input_size = tuple(spec.config.input_size)
         self.decode_mode = resolve_decode(self.config.decode, self.device)
         self.feeder = DeviceFeeder(self.device, self.input_size, self.segmenter.mean, self.segmenter.std, self._decode)
-        self.stage_settings = StageSettings(self.config.batch_size, self.config.decode_threads,
-                                            self.config.postprocess_threads or max(1, self.config.decode_threads // 2))
+        sizing = sizing or sizing_for(self.config, os.cpu_count() or 1, torch.cuda.device_count(),
+                                      self.device.type == "cuda")
+        self.stage_settings = StageSettings(sizing.batch_size, sizing.decode_threads, sizing.postprocess_threads)
         self._timings_lock = threading.Lock()  # post-processing threads add to one shard's timings
 
     def describe(self) -> dict:
