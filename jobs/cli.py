@@ -36,6 +36,8 @@ LABEL_FLAGS = {
     "--cpus-per-worker": ("cpus_per_worker", dict(type=float)),
     "--gpus-per-worker": ("gpus_per_worker", dict(type=float)),
     "--decode-threads": ("decode_threads", dict(type=int)),
+    "--postprocess-threads": ("postprocess_threads", dict(type=int)),
+    "--decode": ("decode", dict(help="auto | cpu | gpu: where JPEGs are decoded")),
     "--max-shard-retries": ("max_shard_retries", dict(type=int)),
     "--ray-address": ("ray_address", dict(help="Ray cluster address; default: RAY_ADDRESS or a local cluster")),
 }
