@@ -213,8 +213,9 @@ class ShardStages:
                 batch = []
 
     def _run_model(self, batches: queue.Queue, outputs: queue.Queue, pool: ThreadPoolExecutor) -> None:
-        """Launch batch N, then hand batch N-1 on once it is computed: an accelerator always has
-        the next batch queued while the CPU post-processes the previous one."""
+        """On an accelerator: launch batch N, then hand batch N-1 on once it is computed, so the
+        device always has the next batch queued while the CPU post-processes the previous one.
+        A batch computed synchronously (CPU) is handed on at once."""
         pending = None
 
         def submit(sample: DecodedSample, output) -> Future:
@@ -232,4 +233,8 @@ class ShardStages:
             launched = self._model(item)
             if pending is not None:
                 self._wait_and_postprocess(pending, submit)
-            pending = launched
+                pending = None
+            if launched[1] is None:  # computed already (CPU): post-process it now
+                self._wait_and_postprocess(launched, submit)
+            else:
+                pending = launched

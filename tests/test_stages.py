@@ -115,3 +115,22 @@ def test_a_failing_model_stage_stops_the_others():
         stages.run({"__key__": f"k{i}"} for i in range(1000))
     time.sleep(0.2)
     assert threading.active_count() == before
+
+
+def test_an_asynchronous_device_keeps_one_batch_in_flight_and_loses_none():
+    """As on a GPU: the model call only launches the work; ``wait`` blocks until it is done."""
+    fake = FakeStages(post_s=0.005)
+    launched, waited = [], []
+
+    def model(batch):
+        done = threading.Event()
+        threading.Timer(0.03, done.set).start()  # the device computes for 30 ms
+        launched.append(batch[0].index)
+        return [(s, s.index * 10) for s in batch], lambda: (waited.append(batch[0].index), done.wait())
+
+    timings = Counter()
+    stages = ShardStages(StageSettings(4, 2, 2), fake.decode, model, fake.postprocess, lambda s: {}, timings)
+    rows = stages.run({"__key__": f"k{i}"} for i in range(42))
+    assert [r["out"] for r in rows] == [i * 10 for i in range(42)]
+    assert launched == waited == list(range(0, 42, 4))
+    assert timings["model_s"] > 0  # time spent waiting for the device counts as model time
