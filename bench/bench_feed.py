@@ -187,7 +187,8 @@ def bench_gpu(args) -> dict:  # pragma: no cover - needs a GPU
                 rounds * batch / (time.perf_counter() - start), 1)
         print(json.dumps(results), file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        hd = [jpeg(hd_image(p, i)) for i, p in enumerate(photos() * 8)][:args.gpu_images]
+        pictures = photos()
+        hd = [jpeg(hd_image(pictures[i % len(pictures)], i)) for i in range(args.gpu_images)]
         url = make_shard(Path(tmp), "gpu-hd", hd)
         for decode in ("gpu", "cpu"):
             for batch in args.gpu_batches:
