@@ -1,8 +1,11 @@
 """Label one shard end to end: read, decode, batch, GEM, post-process, RLE, write, commit.
 
 ``ShardLabeler`` is a plain class (Ray wraps it as an actor in ``pipeline.runner``): it loads the
-model and the vocabulary once, then labels shard after shard. Commit order: the Parquet file,
-then the stats marker, each written atomically, so a shard is either done or not started.
+model once and gets the vocabulary's embeddings once (encoded, from OUT/_cache, or from another
+worker through Ray's object store), then labels shard after shard, its stages overlapping on
+threads (``pipeline.stages``) with batches fed to the device by ``pipeline.device_feed``.
+Commit order: the Parquet file, then the stats marker, each written atomically, so a shard is
+either done or not started.
 """
 from __future__ import annotations
 
