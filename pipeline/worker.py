@@ -1,8 +1,11 @@
 """Label one shard end to end: read, decode, batch, GEM, post-process, RLE, write, commit.
 
 ``ShardLabeler`` is a plain class (Ray wraps it as an actor in ``pipeline.runner``): it loads the
-model and the vocabulary once, then labels shard after shard. Commit order: the Parquet file,
-then the stats marker, each written atomically, so a shard is either done or not started.
+model once and gets the vocabulary's embeddings once (encoded, from OUT/_cache, or from another
+worker through Ray's object store), then labels shard after shard, its stages overlapping on
+threads (``pipeline.stages``) with batches fed to the device by ``pipeline.device_feed``.
+Commit order: the Parquet file, then the stats marker, each written atomically, so a shard is
+either done or not started.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import io
 import logging
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,14 +25,19 @@ import torch
 
 from gem import GEMSegmenter, label_image
 from gem.loading import RANDOM_WEIGHTS
+from gem.vocabulary import Vocabulary
 from pipeline.components import prompt_points
 from pipeline.config import LabelConfig
+from pipeline.device_feed import DeviceFeeder, gpu_ready_jpeg, resolve_decode
 from pipeline.encode import label_record
 from pipeline.manifest import OutputLayout, write_json
-from pipeline.reader import DecodedSample, PrefetchingReader, decode_sample, error_text
+from pipeline.reader import DecodedSample, decode_sample, error_text, iter_tar_samples
 from pipeline.schema import table_from_rows
 from pipeline.shards import Shard
+from pipeline.sizing import Sizing, sizing_for
+from pipeline.stages import ShardStages, StageSettings
 from pipeline.storage import file_identity, remove, stat_file, write_bytes_atomic
+from pipeline.text_cache import read_cached, text_cache_key, text_cache_url, write_cached
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +81,8 @@ def load_segmenter(spec: RunSpec, device: torch.device) -> GEMSegmenter:
 
 
 class ShardLabeler:
-    def __init__(self, spec: RunSpec, device: Optional[str] = None, torch_threads: Optional[int] = None):
+    def __init__(self, spec: RunSpec, device: Optional[str] = None, torch_threads: Optional[int] = None,
+                 text_embeddings: Optional[torch.Tensor] = None, sizing: Optional[Sizing] = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.spec, self.config = spec, spec.config
@@ -80,37 +90,113 @@ class ShardLabeler:
         # Ray hides the GPUs from actors that asked for none, so this follows the actor's resources.
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.segmenter = load_segmenter(spec, self.device)
-        self.vocabulary = self.segmenter.vocabulary(spec.class_names, spec.templates)
+        self.text_encodes, self.text_source = 0, None  # how this worker got its vocabulary
+        self._vocabulary: Optional[Vocabulary] = None
+        if text_embeddings is not None:
+            self.set_text_embeddings(text_embeddings)
         self.thresholds = spec.config.thresholds
         self.input_size = tuple(spec.config.input_size)
+        self.decode_mode = resolve_decode(self.config.decode, self.device)
+        self.feeder = DeviceFeeder(self.device, self.input_size, self.segmenter.mean, self.segmenter.std, self._decode)
+        sizing = sizing or sizing_for(self.config, os.cpu_count() or 1, torch.cuda.device_count(),
+                                      self.device.type == "cuda")
+        self.stage_settings = StageSettings(sizing.batch_size, sizing.decode_threads, sizing.postprocess_threads)
+        self._timings_lock = threading.Lock()  # post-processing threads add to one shard's timings
 
     def describe(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(), "text_encodes": self.text_encodes,
+                "text_source": self.text_source, "decode": self.decode_mode,
+                "batch_size": self.stage_settings.batch_size, "decode_threads": self.stage_settings.decode_threads,
+                "postprocess_threads": self.stage_settings.postprocess_threads}
+
+    def text_embeddings(self) -> torch.Tensor:
+        """The vocabulary's (classes, dim) embeddings on the CPU: from OUT/_cache if a run already
+        encoded them, else encoded here (on this worker's accelerator) and cached."""
+        if self._vocabulary is not None:
+            return self._vocabulary.embeddings.cpu()
+        config = self.config
+        key = text_cache_key(config.model, config.pretrained, config.model_config, self.spec.class_names,
+                             self.spec.templates, self.segmenter.dtype)
+        url = text_cache_url(config.output, key)
+        cached = read_cached(url, config.storage_options)
+        if cached is not None:
+            self.set_text_embeddings(cached, source="cache")
+            return cached
+        self._vocabulary = self.segmenter.vocabulary(self.spec.class_names, self.spec.templates)
+        self.text_encodes, self.text_source = self.text_encodes + 1, "encoded"
+        embeddings = self._vocabulary.embeddings.float().cpu()
+        write_cached(url, embeddings, config.storage_options)
+        return embeddings
+
+    def set_text_embeddings(self, embeddings: torch.Tensor, source: str = "shipped") -> None:
+        """Use embeddings another worker encoded (handed over through Ray's object store)."""
+        self._vocabulary = Vocabulary(tuple(self.spec.class_names), tuple(self.spec.templates),
+                                      embeddings.float().to(self.device))
+        self.text_source = self.text_source or source
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        if self._vocabulary is None:
+            self.text_embeddings()
+        return self._vocabulary
 
     def _decode(self, index: int, raw: dict) -> DecodedSample:
         return decode_sample(index, raw, self.input_size, self.segmenter.mean, self.segmenter.std)
 
-    def _rows_for_batch(self, shard: Shard, batch: list[DecodedSample], timings: Counter) -> list[dict]:
+    def _decode_for_stages(self, index: int, raw: dict) -> DecodedSample:
+        """With GPU decode, plain JPEGs go to the model thread undecoded; the rest decode here."""
+        return (self.decode_mode == "gpu" and gpu_ready_jpeg(index, raw)) or self._decode(index, raw)
+
+    def _launch(self, batch: list[DecodedSample], timings: Counter):
+        """Start the model on a batch: ([(sample, similarities | exception | None)], wait). A
+        batch the model fails on (e.g. out of memory) is retried one image at a time."""
         start = time.perf_counter()
         try:  # similarities stay on the model's device: label maps are built there too
-            sims = self.segmenter.patch_similarities(torch.stack([s.tensor for s in batch]), self.vocabulary)
-        except Exception as err:  # e.g. out of memory: one image at a time, then an error row
+            with self.feeder.on_stream():
+                images, ready = self.feeder.inputs(batch)
+                sims = self.segmenter.patch_similarities(images, self.vocabulary)
+                wait = self.feeder.ready()
+        except Exception as err:
             if len(batch) == 1:
-                return [self._error_row(shard, batch[0], "model", err)]
-            return [row for sample in batch for row in self._rows_for_batch(shard, [sample], timings)]
+                return [(batch[0], err)], None
+            pairs = []
+            for sample in batch:
+                single, wait = self._launch([sample], timings)
+                if wait is not None:
+                    wait()
+                pairs += single
+            return pairs, None
         timings["model_s"] += time.perf_counter() - start
+        kept = {id(sample) for sample in ready}  # samples left out carry a decode error
+        return list(zip(ready, sims)) + [(s, None) for s in batch if id(s) not in kept], wait
+
+    def _postprocess_row(self, shard: Shard, sample: DecodedSample, output, timings: Counter) -> dict:
+        """One image's similarities -> its row (label maps, regions, RLE); never raises."""
+        if output is None:
+            return self._row(shard, sample)
+        if isinstance(output, Exception):
+            return self._error_row(shard, sample, "model", output)
         start = time.perf_counter()
-        rows = []
-        for sample, sample_sims in zip(batch, sims):
-            try:
-                _, regions = label_image(sample_sims, (sample.height, sample.width), self.thresholds)
-                labels = [label_record(r, self.spec.class_names, self._points(r)) for r in regions]
-                rows.append(self._row(shard, sample, labels=labels))
-            except Exception as err:  # this image's failure only
-                rows.append(self._error_row(shard, sample, "label", err))
-        timings["postprocess_s"] += time.perf_counter() - start
-        return rows
+        labelled = start
+        try:
+            _, regions = label_image(output, (sample.height, sample.width), self.thresholds)
+            labelled = time.perf_counter()
+            labels = [label_record(r, self.spec.class_names, self._points(r)) for r in regions]
+            row = self._row(shard, sample, labels=labels)
+        except Exception as err:  # this image's failure only
+            row = self._error_row(shard, sample, "label", err)
+        with self._timings_lock:
+            timings["postprocess_s"] += labelled - start
+            timings["rle_s"] += time.perf_counter() - labelled
+        return row
+
+    def _rows_for_batch(self, shard: Shard, batch: list[DecodedSample], timings: Counter) -> list[dict]:
+        """A batch through the model and post-processing, on this thread."""
+        pairs, wait = self._launch(batch, timings)
+        if wait is not None:
+            wait()
+        return [self._postprocess_row(shard, sample, output, timings) for sample, output in pairs]
 
     def _points(self, region) -> Optional[list[dict]]:
         """Per-component prompt points when asked; None keeps the peak alone (no mask decoded)."""
@@ -137,24 +223,10 @@ class ShardLabeler:
         # Recorded before reading: a shard replaced later has another identity and is relabelled.
         input_identity = file_identity(stat_file(shard.url, self.config.storage_options))
         timings: Counter = Counter()
-        rows: list[dict] = []
-        batch: list[DecodedSample] = []
-        reader = PrefetchingReader(shard.url, self._decode, self.config.decode_threads,
-                                   prefetch=4 * self.config.batch_size, storage_options=self.config.storage_options)
-        wait_start = time.perf_counter()
-        for sample in reader:
-            timings["read_wait_s"] += time.perf_counter() - wait_start
-            if sample.error:
-                rows.append(self._row(shard, sample))
-            else:
-                batch.append(sample)
-                if len(batch) == self.config.batch_size:
-                    rows += self._rows_for_batch(shard, batch, timings)
-                    batch = []
-            wait_start = time.perf_counter()
-        if batch:
-            rows += self._rows_for_batch(shard, batch, timings)
-        rows.sort(key=lambda row: row["_index"])
+        stages = ShardStages(self.stage_settings, self._decode_for_stages, lambda batch: self._launch(batch, timings),
+                             lambda sample, output: self._postprocess_row(shard, sample, output, timings),
+                             lambda sample: self._row(shard, sample), timings)
+        rows = stages.run(iter_tar_samples(shard.url, self.config.storage_options))
         errors = Counter(row.pop("_kind") for row in rows if row["status"] == "error")
         for row in rows:
             row.pop("_index")
