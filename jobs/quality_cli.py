@@ -175,6 +175,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     import torch
     from pipeline.calibrate import Grid, compute_similarities, sweep, write_calibration
     from pipeline.runner import build_spec, check_model
+    from pipeline.sizing import local_sizing
     from pipeline.worker import load_segmenter
     config = _label_config(args, args.report)
     ground_truth = _ground_truth(args, config.storage_options)
@@ -193,7 +194,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     progress = args.progress is not False
     start = time.perf_counter()
     cached = compute_similarities(ground_truth, segmenter, vocabularies, mapping, tuple(config.input_size),
-                                  config.batch_size, progress)
+                                  local_sizing(config, device.type == "cuda").batch_size, progress)
     model_seconds = time.perf_counter() - start
     calibrations = [sweep(cached, mapping, grid, model_seconds, progress, name) for name in vocabularies]
     record = write_calibration(calibrations, args.report, {"mapping": mapping.as_dict()}, specs)

@@ -10,6 +10,7 @@ fewer. Keys set in the config are kept as given.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -53,6 +54,13 @@ def derive_sizing(node_cpus: float, node_gpus: float, use_gpu: bool, gpus_per_wo
         postprocess_threads = postprocess_threads or max(1, cores // 4)
     batch_size = batch_size or (max(1, int(GPU_BATCH * max(gpus_per_worker, 1))) if use_gpu else CPU_BATCH)
     return Sizing(cpus_per_worker, decode_threads, postprocess_threads, batch_size)
+
+
+def local_sizing(config: "LabelConfig", use_gpu: bool) -> Sizing:
+    """Sizing from this machine's CPUs and GPUs, for a worker started outside the pool (tests)
+    and for calibrate, which runs the model in the driver."""
+    import torch
+    return sizing_for(config, os.cpu_count() or 1, torch.cuda.device_count(), use_gpu)
 
 
 def sizing_for(config: "LabelConfig", node_cpus: float, node_gpus: float, use_gpu: bool, workers: int = 1) -> Sizing:

@@ -34,7 +34,7 @@ from pipeline.manifest import OutputLayout, write_json
 from pipeline.reader import DecodedSample, decode_sample, error_text, iter_tar_samples
 from pipeline.schema import table_from_rows
 from pipeline.shards import Shard
-from pipeline.sizing import Sizing, sizing_for
+from pipeline.sizing import Sizing, local_sizing
 from pipeline.stages import ShardStages, StageSettings
 from pipeline.storage import file_identity, remove, stat_file, write_bytes_atomic
 from pipeline.text_cache import read_cached, text_cache_key, text_cache_url, write_cached
@@ -98,8 +98,7 @@ class ShardLabeler:
         self.input_size = tuple(spec.config.input_size)
         self.decode_mode = resolve_decode(self.config.decode, self.device)
         self.feeder = DeviceFeeder(self.device, self.input_size, self.segmenter.mean, self.segmenter.std, self._decode)
-        sizing = sizing or sizing_for(self.config, os.cpu_count() or 1, torch.cuda.device_count(),
-                                      self.device.type == "cuda")
+        sizing = sizing or local_sizing(self.config, self.device.type == "cuda")
         self.stage_settings = StageSettings(sizing.batch_size, sizing.decode_threads, sizing.postprocess_threads)
         self._timings_lock = threading.Lock()  # post-processing threads add to one shard's timings
 
