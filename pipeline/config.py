@@ -287,10 +287,12 @@ def _known_keys(loc: tuple) -> list[str]:
     return list(LabelConfig.__pydantic_fields__)
 
 
-def error_message(err: ValidationError) -> str:
-    """The first problem as one line: ``key: what is wrong``."""
+def error_message(err: ValidationError, section: Optional[str] = None) -> str:
+    """The first problem as one line: ``key: what is wrong``; ``section`` names the config
+    section of a settings model validated on its own (e.g. ``thresholds``)."""
     first = err.errors(include_url=False)[0]
-    kind, loc, ctx, got = first["type"], tuple(first["loc"]), first.get("ctx") or {}, first.get("input")
+    kind, ctx, got = first["type"], first.get("ctx") or {}, first.get("input")
+    loc = ((section,) if section else ()) + tuple(first["loc"])
     key = _dotted(loc)
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"unknown key {key} (known: {', '.join(sorted(_known_keys(loc)))})"
