@@ -17,8 +17,10 @@ EXIT_OK, EXIT_FAILED_SHARDS, EXIT_CONFIG = 0, 1, 2
 LABEL_FLAGS = {
     "--input": ("input", dict(nargs="+", help="shard URLs, globs, brace patterns or .txt shard lists")),
     "--output": ("output", dict(help="output prefix: a local path or s3://, gs:// URL")),
-    "--vocab": ("vocab", dict(help='comma-separated class names, e.g. "cat,dog,traffic light"')),
-    "--vocab-file": ("vocab_file", dict(help="a file with one class name per line")),
+    "--vocab": ("vocab", dict(help='comma-separated class names, e.g. "cat,dog,traffic light"; '
+                                   'synonyms joined by |, e.g. "person|man|woman,dog"')),
+    "--vocab-file": ("vocab_file", dict(help="a file with one class per line (commas between synonyms)")),
+    "--background": ("background", dict(help='comma-separated background names, e.g. "sky,wall,tree"')),
     "--templates": ("templates", dict(help="single | imagenet80 | a file of templates | one template with {}")),
     "--model": ("model", dict(help="open_clip model name, e.g. ViT-B-16")),
     "--pretrained": ("pretrained", dict(help="open_clip tag (openai, ...) or a local checkpoint path")),
@@ -30,6 +32,12 @@ LABEL_FLAGS = {
     "--background-threshold": ("thresholds.background_threshold", dict(type=float)),
     "--min-area": ("thresholds.min_area", dict(type=int)),
     "--input-size": ("input_size", dict(type=int, nargs="+", help="model input: SIZE or HEIGHT WIDTH")),
+    "--method": ("method", dict(choices=["gem", "naclip", "kk", "sclip", "vanilla"])),
+    "--resize": ("resize", dict(choices=["square", "short_side"])),
+    "--short-side": ("short_side", dict(type=int)),
+    "--slide-crop": ("slide.crop", dict(type=int, help="sliding-window side (model-input pixels)")),
+    "--slide-stride": ("slide.stride", dict(type=int)),
+    "--pamr-steps": ("pamr.steps", dict(type=int)),
     "--precision": ("precision", dict(choices=["auto", "fp32", "bf16", "fp16"])),
     "--batch-size": ("batch_size", dict(type=int)),
     "--num-workers": ("num_workers", dict(type=int)),
@@ -39,7 +47,7 @@ LABEL_FLAGS = {
     "--max-shard-retries": ("max_shard_retries", dict(type=int)),
     "--ray-address": ("ray_address", dict(help="Ray cluster address; default: RAY_ADDRESS or a local cluster")),
 }
-SWITCHES = {"--overwrite": "overwrite", "--retry-failed": "retry_failed"}
+SWITCHES = {"--overwrite": "overwrite", "--retry-failed": "retry_failed", "--pamr": "pamr.enabled"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +82,9 @@ def _overrides(args: argparse.Namespace) -> dict:
     keys = [key for key, _ in LABEL_FLAGS.values()] + list(SWITCHES.values()) + ["progress"]
     overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     if "vocab" in overrides:
-        overrides["vocab"] = [name for name in overrides["vocab"].split(",")]
+        overrides["vocab"] = [item.split("|") if "|" in item else item for item in overrides["vocab"].split(",")]
+    if "background" in overrides:
+        overrides["background"] = [name for name in overrides["background"].split(",") if name.strip()]
     if args.s3_endpoint:
         overrides["storage_options"] = _storage_options(args.s3_endpoint)
     return overrides

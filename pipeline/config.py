@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import yaml
 
 SCHEMA_VERSION = 1
+METHODS = ("gem", "naclip", "kk", "sclip", "vanilla")  # gem.segmenter.METHODS (tests check they agree)
 
 
 class ConfigError(ValueError):
@@ -37,11 +38,25 @@ class ThresholdConfig:
 
 
 @dataclass
+class SlideConfig:
+    crop: Optional[int] = None     # window side in model-input pixels; null: the whole image at once
+    stride: Optional[int] = None   # default crop // 2
+
+
+@dataclass
+class PAMRConfig:
+    enabled: bool = False
+    steps: int = 10
+    dilations: list[int] = field(default_factory=lambda: [8, 16])
+
+
+@dataclass
 class LabelConfig:
     input: list[str] = field(default_factory=list)       # shard URLs / globs / braces, or .txt list files
     output: str = ""                                      # output prefix (local path or fsspec URL)
-    vocab: list[str] = field(default_factory=list)
-    vocab_file: Optional[str] = None                      # one class name a line
+    vocab: list[Union[str, list[str]]] = field(default_factory=list)  # a list item that is a list: synonyms
+    vocab_file: Optional[str] = None                      # one class a line; commas separate synonyms
+    background: list[str] = field(default_factory=list)   # names that compete with classes, never labels
     templates: Union[str, list[str]] = "single"           # single | imagenet80 | file | list
     model: str = "ViT-B-16"
     pretrained: Optional[str] = "openai"                  # open_clip tag, local path, or none
@@ -49,6 +64,13 @@ class LabelConfig:
     gem: GEMConfig = field(default_factory=GEMConfig)
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
     input_size: list[int] = field(default_factory=lambda: [448, 448])  # model input (height, width)
+    method: str = "gem"                                   # gem | naclip | kk | sclip (gem/heads.py)
+    gaussian_std: float = 5.0                             # naclip's neighbourhood, in patches
+    resize: str = "square"                                # square (to input_size) | short_side
+    short_side: int = 448                                 # resize: short_side keeps the aspect ratio
+    max_long_side: int = 2048                             # ... with the long side capped
+    slide: SlideConfig = field(default_factory=SlideConfig)  # sliding windows, or whole image
+    pamr: PAMRConfig = field(default_factory=PAMRConfig)  # pixel-adaptive mask refinement
     precision: str = "auto"
     batch_size: int = 16
     device: str = "auto"                                  # auto: GPUs if the cluster has some; cuda | cpu
@@ -66,9 +88,16 @@ class LabelConfig:
 
     # Keys whose values change the labels; the rest (where, how fast) do not.
     FINGERPRINT_KEYS = ("model", "pretrained", "model_config", "gem", "thresholds", "input_size")
+    # Also changing the labels, but fingerprinted only when not at their defaults, so that outputs
+    # made before these keys existed keep their fingerprints.
+    FINGERPRINT_KEYS_IF_SET = ("background", "method", "gaussian_std", "resize", "short_side", "max_long_side",
+                               "slide", "pamr")
 
-    def fingerprint_source(self, class_names: list[str], templates: list[str]) -> dict:
+    def fingerprint_source(self, class_names: list, templates: list[str]) -> dict:
         source = {key: _plain(getattr(self, key)) for key in self.FINGERPRINT_KEYS}
+        defaults = LabelConfig()
+        source.update({key: _plain(getattr(self, key)) for key in self.FINGERPRINT_KEYS_IF_SET
+                       if _plain(getattr(self, key)) != _plain(getattr(defaults, key))})
         source.update(vocab=class_names, templates=templates, schema_version=SCHEMA_VERSION)
         return source
 
@@ -184,10 +213,36 @@ def _validate(config: LabelConfig) -> None:
         raise ConfigError("gpus_per_worker: must be positive with device: cuda")
     if config.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"precision: one of auto, fp32, bf16, fp16; got {config.precision!r}")
+    _validate_dense(config)
     if config.vocab_file and not Path(config.vocab_file).is_file() and "://" not in config.vocab_file:
         raise ConfigError(f"vocab_file: no such file {config.vocab_file}")
     if config.model_config and not Path(config.model_config).exists():
         raise ConfigError(f"model_config: no such file or folder {config.model_config}")
+
+
+def _validate_dense(config: LabelConfig) -> None:
+    """method, resize, slide, pamr: the keys of the NACLIP family and of the inference layout."""
+    if config.method not in METHODS:
+        raise ConfigError(f"method: one of {', '.join(METHODS)}; got {config.method!r}")
+    if config.gaussian_std <= 0:
+        raise ConfigError(f"gaussian_std: must be positive, got {config.gaussian_std}")
+    if config.resize not in ("square", "short_side"):
+        raise ConfigError(f"resize: square or short_side; got {config.resize!r}")
+    if config.short_side < 16 or config.max_long_side < config.short_side:
+        raise ConfigError(f"short_side: must be >= 16 and at most max_long_side, got {config.short_side} "
+                          f"and {config.max_long_side}")
+    slide = config.slide
+    if slide.crop is None and slide.stride is not None:
+        raise ConfigError("slide.stride: give slide.crop too (or neither, for whole-image inference)")
+    if slide.crop is not None:
+        if slide.stride is None:
+            slide.stride = max(1, slide.crop // 2)
+        if slide.crop < 16 or not 1 <= slide.stride <= slide.crop:
+            raise ConfigError(f"slide: need crop >= 16 and 1 <= stride <= crop, got crop {slide.crop}, "
+                              f"stride {slide.stride}")
+    if config.pamr.steps < 1 or not config.pamr.dilations or min(config.pamr.dilations) < 1:
+        raise ConfigError(f"pamr: need steps >= 1 and positive dilations, got steps {config.pamr.steps}, "
+                          f"dilations {config.pamr.dilations}")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> LabelConfig:

@@ -70,16 +70,26 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def resolve_vocabulary(config: LabelConfig) -> list[str]:
+def resolve_vocabulary(config: LabelConfig) -> list:
+    """The classes, each a name or a list of synonyms (the first name is the label). Vocab files:
+    one class a line, commas between synonyms; YAML: a list item that is a list holds synonyms,
+    a string item may list several classes separated by commas."""
     if config.vocab_file:
         text = read_bytes(config.vocab_file, config.storage_options).decode("utf-8")
-        names = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        entries = [[name.strip() for name in line.split(",")] for line in lines]
     else:
-        names = [n for item in config.vocab for n in item.split(",")]
+        entries = []
+        for item in config.vocab:
+            if isinstance(item, list):
+                entries.append([name.strip() for name in item])
+            else:
+                entries += [[name.strip()] for name in item.split(",")]
     try:
-        return list(clean_class_names(names))
+        clean_class_names([name for entry in entries for name in entry] + list(config.background))
     except ValueError as err:
         raise ConfigError(f"vocab: {err}") from None
+    return [entry[0] if len(entry) == 1 else entry for entry in entries]
 
 
 def check_model(config: LabelConfig) -> None:
