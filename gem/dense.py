@@ -66,21 +66,23 @@ def decide(probs: Tensor, num_classes: int, threshold: float) -> tuple[Tensor, T
 
 def top_class_bands(logits: Tensor, size: tuple[int, int], word_class: Tensor, num_classes: int,
                     logit_scale: float, threshold: float, pamr: Optional[PAMRSettings] = None,
-                    image: Optional[Tensor] = None, max_elements: int = 1 << 24
+                    image: Optional[Tensor] = None, max_elements: int = 1 << 25
                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (first row, top probability (rows, W) float32, class id or -1 (rows, W) int) bands
     covering an image of ``size`` (height, width).
 
     logits: (words, h, w) on any grid covering the image; image: (3, h', w') the model's input,
-    upsampled with the logits for PAMR. ``max_elements`` bounds the largest per-band buffer
-    (PAMR's affinity, or the word logits), halo rows included.
+    upsampled with the logits for PAMR. ``max_elements`` sizes the bands: the largest per-band
+    buffer (PAMR's (8 * dilations, rows, W) affinity, or the (words, rows, W) logits, halo rows
+    included) holds about that many floats, and peak memory is a small multiple of it, whatever
+    the image's size; bands are at least twice the halo tall, so halos at most double the work.
     """
     height, width = size
     num_words = logits.shape[0]
     groups = num_classes + int(bool((word_class >= num_classes).any()))
     halo = pamr.halo if pamr is not None else 0
     per_row = width * max(num_words + 3, 8 * len(pamr.dilations) if pamr else 1)
-    rows = max(1, halo, max_elements // per_row - 2 * halo)  # a band at least as tall as its halo
+    rows = max(1, 2 * halo, max_elements // per_row - 2 * halo)  # halo rows at most double the work
     if pamr is not None and image is None:
         raise ValueError("PAMR needs the image")
     for start in range(0, height, rows):
