@@ -66,7 +66,8 @@ def decide(probs: Tensor, num_classes: int, threshold: float) -> tuple[Tensor, T
 
 def top_class_bands(logits: Tensor, size: tuple[int, int], word_class: Tensor, num_classes: int,
                     logit_scale: float, threshold: float, pamr: Optional[PAMRSettings] = None,
-                    image: Optional[Tensor] = None, max_elements: int = 1 << 25
+                    image: Optional[Tensor] = None, max_elements: int = 1 << 25,
+                    band_rows: Optional[int] = None
                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (first row, top probability (rows, W) float32, class id or -1 (rows, W) int) bands
     covering an image of ``size`` (height, width).
@@ -76,13 +77,14 @@ def top_class_bands(logits: Tensor, size: tuple[int, int], word_class: Tensor, n
     buffer (PAMR's (8 * dilations, rows, W) affinity, or the (words, rows, W) logits, halo rows
     included) holds about that many floats, and peak memory is a small multiple of it, whatever
     the image's size; bands are at least twice the halo tall, so halos at most double the work.
+    ``band_rows`` sets the band height instead.
     """
     height, width = size
     num_words = logits.shape[0]
     groups = num_classes + int(bool((word_class >= num_classes).any()))
     halo = pamr.halo if pamr is not None else 0
     per_row = width * max(num_words + 3, 8 * len(pamr.dilations) if pamr else 1)
-    rows = max(1, 2 * halo, max_elements // per_row - 2 * halo)  # halo rows at most double the work
+    rows = band_rows or max(1, 2 * halo, max_elements // per_row - 2 * halo)  # halos at most double the work
     if pamr is not None and image is None:
         raise ValueError("PAMR needs the image")
     for start in range(0, height, rows):
