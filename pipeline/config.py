@@ -403,8 +403,7 @@ def error_message(err: ValidationError) -> str:
     if kind == "missing":
         return f"{key}: required"
     if kind == "literal_error":
-        expected = ctx["expected"].replace("'", "")
-        return f"{key}: {expected if ',' not in expected else 'one of ' + expected.replace(' or ', ', ')}; got {got!r}"
+        return f"{key}: one of {ctx['expected'].replace(' or ', ', ')}; got {got!r}"
     if kind == "greater_than":
         bound = "positive" if ctx["gt"] == 0 else f"> {ctx['gt']}"
         return f"{key}: must be {bound}, got {got}"

@@ -47,7 +47,7 @@ def test_naclip_slide_synonyms_background_pamr_job(base_config, tmp_path):
     spec = build_spec(config)
     segmenter = load_segmenter(spec, torch.device("cpu"))
     vocabulary = segmenter.vocabulary(spec.class_names, spec.templates, config.background)
-    thresholds = LabelingThresholds(40.0, 0.1, 1)
+    thresholds = LabelingThresholds(logit_scale=40.0, background_threshold=0.1, min_area=1)
     background_pixels = 0
     for row, image in zip(rows, images):
         assert row["status"] == "ok", row["error"]
@@ -78,8 +78,8 @@ def test_method_keys_change_the_fingerprint(base_config, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"method": "dino"}, "method: one of gem"),
-    ({"resize": "long_side"}, "resize: square or short_side"),
+    ({"method": "dino"}, "method: one of 'gem', 'naclip'"),
+    ({"resize": "long_side"}, "resize: one of 'square', 'short_side'"),
     ({"slide": {"crop": 64, "stride": 65}}, "slide: need crop >= 16 and 1 <= stride <= crop"),
     ({"slide": {"stride": 32}}, "slide.stride: give slide.crop too"),
     ({"pamr": {"enabled": True, "dilations": [0]}}, "pamr: need steps >= 1 and positive dilations"),
