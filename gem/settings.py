@@ -24,7 +24,8 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     def as_dict(self) -> dict:
-        return self.model_dump()
+        """Every setting, those the job config keeps top-level (and so excludes from dumps) too."""
+        return {name: getattr(self, name) for name in type(self).model_fields}
 
 
 class GEMSettings(_Settings):

@@ -85,6 +85,9 @@ def test_method_keys_change_the_fingerprint(base_config, tmp_path):
     ({"pamr": {"enabled": True, "dilations": [0]}}, "pamr: need steps >= 1 and positive dilations"),
     ({"vocab": [["person", "man"], "man"]}, "vocab: the vocabulary repeats class names"),
     ({"vocab": ["sky"], "background": ["sky"]}, "vocab: the vocabulary repeats class names"),
+    ({"gem": {"method": "naclip"}}, "gem: method and gaussian_std are top-level keys"),
+    ({"slide": {"crop": 64, "strid": 32}}, r"unknown key slide.strid \(known: crop, stride\)"),
+    ({"gem": {"depht": 2}}, r"unknown key gem.depht \(known: depth, inv_temperature, iters\)"),
 ])
 def test_bad_method_keys_are_one_line_errors(base_config, overrides, message):
     with pytest.raises(ConfigError, match=message):
