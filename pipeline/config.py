@@ -187,15 +187,25 @@ class LabelConfig:
     def fingerprint_source(self, class_names: list[Union[str, list[str]]], templates: list[str]) -> dict:
         settings = self.to_dict()
         source = {key: settings[key] for key in self.FINGERPRINT_KEYS}
-        source.update({key: settings[key] for key in self.FINGERPRINT_KEYS_IF_SET
-                       if settings[key] != _dumped_default(key)})
+        source.update({key: settings[key] for key in self.non_default(self.FINGERPRINT_KEYS_IF_SET)})
         source.update(vocab=class_names, templates=templates, schema_version=SCHEMA_VERSION)
         if self.points != "peak":  # only then: outputs made before these keys keep their fingerprint
             source.update(points=self.points, max_points=self.max_points)
         return source
 
+    def non_default(self, keys: typing.Iterable[str]) -> list[str]:
+        """Those of these top-level keys whose values differ from their defaults."""
+        settings = self.to_dict()
+        return [key for key in keys if settings[key] != _dumped_default(key)]
+
     def to_dict(self) -> dict:
         return _ADAPTER.dump_python(self)
+
+
+def class_labels(vocab: typing.Sequence[Union[str, typing.Sequence[str]]]) -> list[str]:
+    """Each class's label, its first name: a resolved vocabulary (or an output's) may hold lists
+    of synonyms."""
+    return [entry if isinstance(entry, str) else entry[0] for entry in vocab]
 
 
 _ADAPTER = TypeAdapter(LabelConfig)

@@ -124,3 +124,15 @@ def test_config_methods_are_the_library_methods():
     from gem.segmenter import METHODS as LIBRARY_METHODS
     from pipeline.config import METHODS
     assert METHODS == LIBRARY_METHODS
+
+
+def test_outputs_with_synonyms_read_back_as_labels_and_calibrate_refuses_them(base_config):
+    """eval and export see each class by its label (first name); calibrate's whole-image cache
+    cannot hold synonyms, background names, windows or PAMR, so it says so instead of ignoring them."""
+    from jobs.quality_cli import _check_calibratable
+    from pipeline.config import class_labels
+    assert class_labels([["person", "man"], "dog"]) == ["person", "dog"]
+    _check_calibratable(load_config(None, {**base_config, "input": ["x.tar"], "method": "naclip"}))
+    with pytest.raises(ConfigError, match="calibrate: not supported with background, slide, pamr, vocab synonyms"):
+        _check_calibratable(load_config(None, {**base_config, **NACLIP_SETTINGS, "resize": "square",
+                                               "short_side": 448, "max_long_side": 2048, "input": ["x.tar"]}))
