@@ -53,9 +53,10 @@ class PAMRConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: StrictBool = Field(False, json_schema_extra={"flag": "--pamr"},
-                                description="refine the full-resolution class scores against the image (PAMR) before the "
-                                            "decision; points come from the refined map")
+    enabled: StrictBool = Field(
+        False, json_schema_extra={"flag": "--pamr"},
+        description="refine the full-resolution class scores against the image (PAMR) before the decision; "
+                    "points come from the refined map")
     steps: StrictInt = Field(10, description="PAMR averaging iterations (>= 1)")
     dilations: list[StrictInt] = Field(default_factory=lambda: [8, 16],
                                        description="PAMR neighbourhood spacings in pixels (positive)")

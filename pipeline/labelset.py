@@ -62,7 +62,8 @@ def open_labelset(output: str, storage_options: Optional[StorageOptions] = None)
     markers = read_markers(layout, storage_options)
     if not markers:
         raise NotAnOutputError(f"{output} has no labelled shards yet (no stats markers)")
-    return LabelSet(layout.root, class_labels(config["settings"]["vocab"]), markers, config["fingerprint"], storage_options)
+    return LabelSet(layout.root, class_labels(config["settings"]["vocab"]), markers, config["fingerprint"],
+                    storage_options)
 
 
 def label_mask(label: dict) -> np.ndarray:
