@@ -31,7 +31,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from PIL import Image, ImageOps
@@ -155,9 +155,11 @@ def image_entry(sample: dict) -> Optional[str]:
     return None
 
 
-def decode_sample(index: int, raw: dict, input_size: tuple[int, int], mean, std) -> DecodedSample:
+def decode_sample(index: int, raw: dict, input_size: Union[tuple[int, int], Callable[[int, int], tuple[int, int]]],
+                  mean, std) -> DecodedSample:
     """Bytes -> the model's input tensor and the image's size (EXIF orientation applied); never
-    raises. Images over Pillow's decompression-bomb limit are errors too."""
+    raises. Images over Pillow's decompression-bomb limit are errors too. ``input_size``: the
+    model input's (height, width), or a function of the image's (height, width) giving it."""
     key = raw.get("__key__", f"#{index}")
     uid = raw.get("__uid__", key)
     entry = image_entry(raw)
@@ -171,7 +173,8 @@ def decode_sample(index: int, raw: dict, input_size: tuple[int, int], mean, std)
             image = Image.open(io.BytesIO(raw[entry]))
             image.load()
         image = to_rgb(ImageOps.exif_transpose(image))
-        tensor = image_to_tensor(image, input_size, mean, std)
+        size = input_size(image.height, image.width) if callable(input_size) else input_size
+        tensor = image_to_tensor(image, size, mean, std)
     except Exception as err:  # any decoder failure is this sample's, not the shard's
         return DecodedSample(index, key, error=f"decode {entry}: {error_text(err)}",
                              error_kind=f"decode:{type(err).__name__}", uid=uid)

@@ -17,7 +17,7 @@ import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -94,13 +94,22 @@ def read_vocab_file(url: str, storage_options) -> list[str]:
     return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
 
 
-def resolve_vocabulary(config: LabelConfig) -> list[str]:
-    """Each YAML list item is one class (the --vocab flag's commas were split by the CLI)."""
-    names = read_vocab_file(config.vocab_file, config.storage_options) if config.vocab_file else list(config.vocab)
+def resolve_vocabulary(config: LabelConfig) -> list[Union[str, list[str]]]:
+    """The classes, each a name or a list of synonyms (the first name is the label). YAML: one
+    class per list item, a string item never split, a list item holding synonyms (the --vocab
+    flag's commas and bars were split by the CLI); vocab files: one class a line, commas between
+    synonyms. Names repeated across classes, synonyms and background names are an error."""
+    if config.vocab_file:
+        lines = read_vocab_file(config.vocab_file, config.storage_options)
+        entries = [line.split(",") for line in lines]
+    else:
+        entries = [[item] if isinstance(item, str) else item for item in config.vocab]
+    entries = [[name.strip() for name in entry] for entry in entries]
     try:
-        return list(clean_class_names(names))
+        clean_class_names([name for entry in entries for name in entry] + list(config.background))
     except ValueError as err:
         raise ConfigError(f"vocab: {err}") from None
+    return [entry[0] if len(entry) == 1 else entry for entry in entries]
 
 
 def check_model(config: LabelConfig) -> None:

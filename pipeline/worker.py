@@ -19,11 +19,12 @@ from typing import Optional
 import pyarrow.parquet as pq
 import torch
 
-from gem import GEMSegmenter, label_image
+from gem import GEMSegmenter
 from gem.loading import RANDOM_WEIGHTS
 from pipeline.components import prompt_points
 from pipeline.config import LabelConfig
 from pipeline.encode import label_record
+from pipeline.inference import segmenter_settings
 from pipeline.manifest import OutputLayout, write_json
 from pipeline.reader import DecodedSample, PrefetchingReader, decode_sample, error_text
 from pipeline.schema import table_from_rows
@@ -68,7 +69,9 @@ def load_segmenter(spec: RunSpec, device: torch.device) -> GEMSegmenter:
     register_model_config(config.model_config)
     if config.pretrained is None or config.pretrained.lower() in RANDOM_WEIGHTS:
         torch.manual_seed(0)  # random weights, but the same ones in every worker and run
-    return GEMSegmenter.from_pretrained(config.model, config.pretrained, config.gem, device, config.precision)
+    settings, inference = segmenter_settings(config)
+    return GEMSegmenter.from_pretrained(config.model, config.pretrained, settings, device, config.precision,
+                                        inference=inference)
 
 
 class ShardLabeler:
@@ -80,21 +83,20 @@ class ShardLabeler:
         # Ray hides the GPUs from actors that asked for none, so this follows the actor's resources.
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.segmenter = load_segmenter(spec, self.device)
-        self.vocabulary = self.segmenter.vocabulary(spec.class_names, spec.templates)
+        self.vocabulary = self.segmenter.vocabulary(spec.class_names, spec.templates, spec.config.background)
         self.thresholds = spec.config.thresholds
-        self.input_size = tuple(spec.config.input_size)
 
     def describe(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
                 "torch_threads": torch.get_num_threads()}
 
     def _decode(self, index: int, raw: dict) -> DecodedSample:
-        return decode_sample(index, raw, self.input_size, self.segmenter.mean, self.segmenter.std)
+        return decode_sample(index, raw, self.segmenter.model_size, self.segmenter.mean, self.segmenter.std)
 
     def _rows_for_batch(self, shard: Shard, batch: list[DecodedSample], timings: Counter) -> list[dict]:
         start = time.perf_counter()
         try:  # similarities stay on the model's device: label maps are built there too
-            sims = self.segmenter.patch_similarities(torch.stack([s.tensor for s in batch]), self.vocabulary)
+            logits = self.segmenter.dense_logits([s.tensor for s in batch], self.vocabulary)
         except Exception as err:  # e.g. out of memory: one image at a time, then an error row
             if len(batch) == 1:
                 return [self._error_row(shard, batch[0], "model", err)]
@@ -102,10 +104,11 @@ class ShardLabeler:
         timings["model_s"] += time.perf_counter() - start
         start = time.perf_counter()
         rows = []
-        for sample, sample_sims in zip(batch, sims):
+        for sample, sample_logits in zip(batch, logits):
             try:
-                _, regions = label_image(sample_sims, (sample.height, sample.width), self.thresholds)
-                labels = [label_record(r, self.spec.class_names, self._points(r)) for r in regions]
+                _, regions = self.segmenter.regions(sample_logits, (sample.height, sample.width), self.vocabulary,
+                                                    self.thresholds, sample.tensor)
+                labels = [label_record(r, self.vocabulary.class_names, self._points(r)) for r in regions]
                 rows.append(self._row(shard, sample, labels=labels))
             except Exception as err:  # this image's failure only
                 rows.append(self._error_row(shard, sample, "label", err))

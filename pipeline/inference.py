@@ -1,0 +1,18 @@
+"""The job config's method and inference keys -> the library's settings (one place)."""
+from __future__ import annotations
+
+from gem.pamr import PAMRSettings
+from gem.segmenter import InferenceSettings
+from gem.settings import GEMSettings
+from gem.windows import ResizeSettings, SlideWindows
+from pipeline.config import LabelConfig
+
+
+def segmenter_settings(config: LabelConfig) -> tuple[GEMSettings, InferenceSettings]:
+    """(head settings, inference settings); at most ``batch_size`` images or crops per forward.
+    The config's ``gem`` section holds GEM's keys; the head's are top-level keys."""
+    gem = config.gem.model_copy(update=dict(method=config.method, gaussian_std=config.gaussian_std))
+    resize = ResizeSettings(config.resize, tuple(config.input_size), config.short_side, config.max_long_side)
+    slide = SlideWindows(config.slide.crop, config.slide.stride) if config.slide.crop is not None else None
+    pamr = PAMRSettings(config.pamr.steps, tuple(config.pamr.dilations)) if config.pamr.enabled else None
+    return gem, InferenceSettings(resize, slide, pamr, max_batch=config.batch_size)
