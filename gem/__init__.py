@@ -10,7 +10,9 @@ from typing import Any
 
 _WHERE = {
     "ClassRegion": "gem.postprocess", "label_image": "gem.postprocess",
-    "GEMSegmenter": "gem.segmenter", "GEMSettings": "gem.settings", "LabelingThresholds": "gem.settings",
+    "GEMSegmenter": "gem.segmenter", "InferenceSettings": "gem.segmenter",
+    "GEMSettings": "gem.settings", "LabelingThresholds": "gem.settings", "PAMRSettings": "gem.pamr",
+    "ResizeSettings": "gem.windows", "SlideWindows": "gem.windows",
     "GEMTokens": "gem.vision", "GEMVisionTower": "gem.vision", "UnsupportedModelError": "gem.vision",
     "WeightsUnavailableError": "gem.loading", "load_clip": "gem.loading", "Vocabulary": "gem.vocabulary",
 }

@@ -10,7 +10,7 @@ boundaries however many classes are present (``ClassRegion.mask`` decodes on dem
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -92,22 +92,35 @@ class _Runs:
                 (left, top, right - left + 1, bottom - top + 1))
 
 
-def label_image(similarities: torch.Tensor, size: tuple[int, int],
-                thresholds: LabelingThresholds = LabelingThresholds()) -> tuple[np.ndarray, list[ClassRegion]]:
+def _softmax_top_bands(similarities: torch.Tensor, size: tuple[int, int], thresholds: LabelingThresholds
+                       ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    for start, band in upsampled_bands(similarities * thresholds.logit_scale, size):
+        top_prob, top_class = torch.softmax(band, dim=0).max(dim=0)
+        top_prob, top_class = top_prob.cpu().numpy(), top_class.cpu().numpy()
+        top_class[top_prob < thresholds.background_threshold] = BACKGROUND
+        yield start, top_prob, top_class
+
+
+def label_image(similarities: Optional[torch.Tensor], size: tuple[int, int],
+                thresholds: LabelingThresholds = LabelingThresholds(),
+                top_bands: Optional[Iterable[tuple[int, np.ndarray, np.ndarray]]] = None,
+                num_classes: Optional[int] = None) -> tuple[np.ndarray, list[ClassRegion]]:
     """(C, h, w) cosine similarities -> (H, W) int16 label map (-1 background) and one region per
-    present class, ordered by class id."""
-    num_classes = similarities.shape[0]
+    present class, ordered by class id.
+
+    top_bands: instead of the similarities, (first row, top probability, class or -1) bands from
+    another decision (``gem.dense``: synonyms, background names, PAMR), with ``num_classes``."""
+    num_classes = num_classes if num_classes is not None else similarities.shape[0]
     height, width = size
     labels = np.empty((height, width), dtype=np.int16, order="F")  # column-major, as COCO RLE runs
     counts = np.zeros(num_classes, dtype=np.int64)
     prob_sums = np.zeros(num_classes, dtype=np.float64)
     peak_prob = np.full(num_classes, -1.0)
     peak_index = np.zeros(num_classes, dtype=np.int64)
-    for start, band in upsampled_bands(similarities * thresholds.logit_scale, size):
-        top_prob, top_class = torch.softmax(band, dim=0).max(dim=0)
-        top_prob, top_class = top_prob.cpu().numpy(), top_class.cpu().numpy()
-        top_class[top_prob < thresholds.background_threshold] = BACKGROUND
-        labels[start:start + band.shape[1]] = top_class
+    if top_bands is None:
+        top_bands = _softmax_top_bands(similarities, size, thresholds)
+    for start, top_prob, top_class in top_bands:
+        labels[start:start + top_class.shape[0]] = top_class
         fg = top_class.reshape(-1) >= 0
         classes, probs = top_class.reshape(-1)[fg], top_prob.reshape(-1)[fg]
         flat_index = np.flatnonzero(fg) + start * width

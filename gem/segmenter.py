@@ -1,20 +1,49 @@
-"""GEMSegmenter: an open_clip CLIP wrapped with GEM, from images and class names to regions."""
+"""GEMSegmenter: an open_clip CLIP wrapped with GEM (or a NACLIP-family head), from images and
+class names to regions.
+
+Pipeline per batch: resize (square or short side, ``gem.windows``) -> the model, whole image or
+sliding windows with the crops of all images batched (``dense_logits``) -> per image, in bands at
+its own size: upsampling, optional PAMR, synonyms and background (``gem.dense``) -> regions
+(``gem.postprocess.label_image``)."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import numpy as np
 import torch.nn.functional as F
 from PIL import Image
 
+from gem.dense import top_class_bands
+from gem.heads import HEAD_METHODS, LastBlockTower
 from gem.loading import LoadedCLIP, load_clip
+from gem.pamr import PAMRSettings
 from gem.postprocess import ClassRegion, LabelingThresholds, label_image
 from gem.preprocess import image_to_tensor
 from gem.settings import GEMSettings
 from gem.templates import TemplateSpec
 from gem.vision import GEMTokens, GEMVisionTower
-from gem.vocabulary import TextEmbeddingCache, Vocabulary
+from gem.vocabulary import ClassEntry, TextEmbeddingCache, Vocabulary
+from gem.windows import ResizeSettings, SlideWindows, grouped_similarities, slide_logits
+
+METHODS = ("gem",) + HEAD_METHODS
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How images go through the model and come back: resize, sliding windows (None: the whole
+    image), PAMR (None: off), and at most ``max_batch`` images or crops per forward."""
+
+    resize: ResizeSettings = ResizeSettings()
+    slide: Optional[SlideWindows] = None
+    pamr: Optional[PAMRSettings] = None
+    max_batch: int = 32
+
+    def __post_init__(self):
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
 
 
 def default_device() -> torch.device:
@@ -33,12 +62,16 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 
 class GEMSegmenter:
     def __init__(self, clip: LoadedCLIP, settings: GEMSettings = GEMSettings(),
-                 device: Optional[str | torch.device] = None, precision: str = "auto", fast: bool = True):
+                 device: Optional[str | torch.device] = None, precision: str = "auto", fast: bool = True,
+                 inference: InferenceSettings = InferenceSettings()):
         self.device = torch.device(device) if device is not None else default_device()
         self.model = clip.model.to(self.device).eval()
-        self.settings = settings
-        self.tower = GEMVisionTower(self.model.visual, settings.depth, settings.iters,
-                                    settings.inv_temperature, fast=fast)
+        self.settings, self.inference = settings, inference
+        if settings.method == "gem":
+            self.tower = GEMVisionTower(self.model.visual, settings.depth, settings.iters,
+                                        settings.inv_temperature, fast=fast)
+        else:
+            self.tower = LastBlockTower(self.model.visual, settings.method, settings.gaussian_std)
         self.mean, self.std = clip.mean, clip.std
         self.dtype = autocast_dtype(precision, self.device)
         self.text = TextEmbeddingCache(self.model.encode_text, clip.tokenizer, self.device)
@@ -46,9 +79,9 @@ class GEMSegmenter:
     @classmethod
     def from_pretrained(cls, model_name: str, pretrained: Optional[str], settings: GEMSettings = GEMSettings(),
                         device: Optional[str | torch.device] = None, precision: str = "auto",
-                        fast: bool = True) -> "GEMSegmenter":
+                        fast: bool = True, inference: InferenceSettings = InferenceSettings()) -> "GEMSegmenter":
         device = torch.device(device) if device is not None else default_device()
-        return cls(load_clip(model_name, pretrained, device), settings, device, precision, fast)
+        return cls(load_clip(model_name, pretrained, device), settings, device, precision, fast, inference)
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -59,14 +92,20 @@ class GEMSegmenter:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def vocabulary(self, class_names: Sequence[str], templates: TemplateSpec = None) -> Vocabulary:
-        """Text embeddings for the classes, computed once per (names, templates)."""
+    def vocabulary(self, class_names: Sequence[ClassEntry], templates: TemplateSpec = None,
+                   background: Sequence[str] = ()) -> Vocabulary:
+        """Text embeddings for the classes (a name or a list of synonyms each) and background
+        names, computed once per (names, templates)."""
         with self._autocast():
-            return self.text.get(class_names, templates)
+            return self.text.get(class_names, templates, background)
 
     @torch.no_grad()
     def tokens(self, images: torch.Tensor, keep_original: bool = False) -> GEMTokens:
+        if keep_original and self.settings.method != "gem":
+            raise ValueError("keep_original: only the gem method keeps the original path")
         with self._autocast():
+            if self.settings.method != "gem":
+                return self.tower(images.to(self.device))
             return self.tower(images.to(self.device), keep_original=keep_original)
 
     @torch.no_grad()
@@ -96,8 +135,45 @@ class GEMSegmenter:
         """PIL images -> one (B, 3, H, W) batch at ``size`` (height, width)."""
         return torch.stack([image_to_tensor(image, size, self.mean, self.std) for image in images])
 
-    def label(self, images: Sequence[Image.Image], vocabulary: Vocabulary, input_size: tuple[int, int] = (448, 448),
+    def model_size(self, height: int, width: int) -> tuple[int, int]:
+        """The model input's (height, width) for an image of this size (``inference.resize``)."""
+        return self.inference.resize.model_size(height, width)
+
+    def model_input(self, image: Image.Image) -> torch.Tensor:
+        """A PIL image -> its normalised (3, h, w) model input at ``model_size``."""
+        return image_to_tensor(image, self.model_size(image.height, image.width), self.mean, self.std)
+
+    @torch.no_grad()
+    def dense_logits(self, images: Sequence[torch.Tensor], vocabulary: Vocabulary) -> list[torch.Tensor]:
+        """Model inputs of any sizes -> per image the cosine similarity of every vocabulary word:
+        (words, grid_h, grid_w) for whole images, (words, h, w) with sliding windows. Images (or
+        all their windows) share forwards, ``inference.max_batch`` at a time."""
+        def similarities(batch: torch.Tensor) -> torch.Tensor:
+            return self.patch_similarities(batch, vocabulary)
+        images = [image.to(self.device) for image in images]
+        if self.inference.slide is None:
+            return grouped_similarities(similarities, images, self.inference.max_batch)
+        return slide_logits(similarities, images, self.inference.slide, self.inference.max_batch)
+
+    def regions(self, logits: torch.Tensor, size: tuple[int, int], vocabulary: Vocabulary,
+                thresholds: LabelingThresholds = LabelingThresholds(), image: Optional[torch.Tensor] = None
+                ) -> tuple[np.ndarray, list[ClassRegion]]:
+        """One image's ``dense_logits`` -> (label map, regions) at ``size`` (height, width), the
+        image's own. ``image``: its model input, needed for PAMR."""
+        bands = top_class_bands(logits, size, vocabulary.word_class.to(logits.device), len(vocabulary),
+                                thresholds.logit_scale, thresholds.background_threshold,
+                                self.inference.pamr, None if image is None else image.to(logits.device))
+        return label_image(None, size, thresholds, top_bands=bands, num_classes=len(vocabulary))
+
+    def label(self, images: Sequence[Image.Image], vocabulary: Vocabulary,
+              input_size: Optional[tuple[int, int]] = None,
               thresholds: LabelingThresholds = LabelingThresholds()) -> list[list[ClassRegion]]:
-        """Label PIL images: per image, one region per present class at the image's own size."""
-        sims = self.patch_similarities(self.preprocess(images, input_size), vocabulary)  # label maps on its device
-        return [label_image(s, (image.height, image.width), thresholds)[1] for s, image in zip(sims, images)]
+        """Label PIL images: per image, one region per present class at the image's own size.
+        ``input_size`` (height, width) overrides the resize with a square one."""
+        if input_size is not None:
+            inputs = [image_to_tensor(image, input_size, self.mean, self.std) for image in images]
+        else:
+            inputs = [self.model_input(image) for image in images]
+        logits = self.dense_logits(inputs, vocabulary)
+        return [self.regions(item, (image.height, image.width), vocabulary, thresholds, tensor)[1]
+                for item, image, tensor in zip(logits, images, inputs)]

@@ -38,7 +38,7 @@ def _flag_options(key) -> dict:
         options["type"] = {"int": int, "float": float}[key.kind]
     elif key.kind == "list-int":
         options.update(type=int, nargs="+")
-    elif key.kind == "list-str" and key.cli != "comma":
+    elif key.kind == "list-str" and key.cli is None:
         options["nargs"] = "+"
     return options
 
@@ -83,6 +83,12 @@ def _storage_options(endpoint: Optional[str]) -> dict:
     return {"s3": {"endpoint_url": endpoint}} if endpoint else {}
 
 
+def _vocab_item(text: str) -> str | list[str]:
+    """One class of --vocab: a name, or synonyms joined by '|' (the first is the label)."""
+    names = [name.strip() for name in text.split("|")]
+    return names if len(names) > 1 else names[0]
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     """The flags given, as config keys; the flag's text parsed as its key's schema says."""
     from pipeline.config import ConfigError, config_keys
@@ -93,6 +99,8 @@ def _overrides(args: argparse.Namespace) -> dict:
             continue
         if key.cli == "comma":
             value = [name.strip() for name in value.split(",")]
+        elif key.cli == "vocab":
+            value = [_vocab_item(item) for item in value.split(",")]
         elif key.cli == "json":
             try:
                 value = json.loads(value)

@@ -142,6 +142,7 @@ def _run(handler, args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from jobs.cli import _storage_options
     from pipeline.evaluate import label_ground_truth, read_output_rows, score_rows
+    from pipeline.config import class_labels
     from pipeline.quality_report import write_report
     from pipeline.runner import build_spec, check_model
     storage_options = _storage_options(args.s3_endpoint)
@@ -152,8 +153,7 @@ def _eval(args: argparse.Namespace) -> int:
         output = args.labels
     else:  # everything is checked before any labelling starts
         config = _label_config(args, str(Path(args.report) / "labels"))
-        vocab = build_spec(config).class_names
-        _mapping(args, ground_truth.class_names, vocab)
+        _mapping(args, ground_truth.class_names, class_labels(build_spec(config).class_names))
         check_model(config)
         output, seconds = label_ground_truth(ground_truth, config, args.report)
         storage_options = config.storage_options
@@ -171,16 +171,30 @@ def _eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_calibratable(config) -> None:
+    """calibrate caches whole-image, one-name-per-class similarities at ``input_size``; the keys
+    that change that path (issue 11) are refused rather than silently ignored."""
+    from pipeline.config import ConfigError
+    unsupported = config.non_default(("background", "resize", "short_side", "max_long_side", "slide", "pamr"))
+    if any(not isinstance(entry, str) for entry in config.vocab):
+        unsupported.append("vocab synonyms")
+    if unsupported:
+        raise ConfigError(f"calibrate: not supported with {', '.join(unsupported)} (whole-image, one name per "
+                          "class only); use eval to score such settings")
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     import torch
     from pipeline.calibrate import Grid, compute_similarities, sweep, write_calibration
+    from pipeline.config import class_labels
     from pipeline.runner import build_spec, check_model
     from pipeline.sizing import local_sizing
     from pipeline.worker import load_segmenter
     config = _label_config(args, args.report)
+    _check_calibratable(config)
     ground_truth = _ground_truth(args, config.storage_options)
     spec = build_spec(config)
-    mapping = _mapping(args, ground_truth.class_names, spec.class_names)
+    mapping = _mapping(args, ground_truth.class_names, class_labels(spec.class_names))
     values = {"logit_scale": _grid_values(args.grid_logit_scale, float, "--grid-logit-scale"),
               "background_threshold": _grid_values(args.grid_background_threshold, float,
                                                    "--grid-background-threshold"),
@@ -189,12 +203,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     specs = _template_sets(config.templates, args.compare_templates)
     check_model(config)
     device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
-    segmenter = load_segmenter(spec, device)
+    batch_size = local_sizing(config, device.type == "cuda").batch_size  # the config's, or this machine's
+    segmenter = load_segmenter(spec, device, batch_size)
     vocabularies = {name: segmenter.vocabulary(spec.class_names, templates) for name, templates in specs.items()}
     progress = args.progress is not False
     start = time.perf_counter()
     cached = compute_similarities(ground_truth, segmenter, vocabularies, mapping, tuple(config.input_size),
-                                  local_sizing(config, device.type == "cuda").batch_size, progress)
+                                  batch_size, progress)
     model_seconds = time.perf_counter() - start
     calibrations = [sweep(cached, mapping, grid, model_seconds, progress, name) for name in vocabularies]
     record = write_calibration(calibrations, args.report, {"mapping": mapping.as_dict()}, specs)

@@ -22,12 +22,14 @@ from typing import Optional
 import numpy as np
 import torch
 import yaml
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from gem import GEMSegmenter, LabelingThresholds
 from gem.postprocess import upsampled_bands
 from gem.vocabulary import Vocabulary
 from pipeline.classmap import ClassMapping
+from pipeline.config import error_message
 from pipeline.groundtruth import GroundTruth, GroundTruthError
 from pipeline.metrics import SegmentationMetric
 from pipeline.plots import plot_grid
@@ -47,9 +49,9 @@ class Grid:
         try:  # the labelling's own checks, on every value
             for scale, threshold, area in itertools.product(self.logit_scale, self.background_threshold,
                                                             self.min_area):
-                LabelingThresholds(scale, threshold, area)
-        except ValueError as err:
-            raise GroundTruthError(f"grid: {err}") from None
+                LabelingThresholds(logit_scale=scale, background_threshold=threshold, min_area=area)
+        except ValidationError as err:
+            raise GroundTruthError(f"grid: {error_message(err, 'thresholds')}") from None
 
     @property
     def size(self) -> int:
@@ -173,7 +175,8 @@ def sweep(cached: list[CachedImage], mapping: ClassMapping, grid: Grid, model_se
             for image in cached:
                 scores = class_scores(image.similarities[templates], image.target.shape, scale)
                 for j, k in itertools.product(range(shape[1]), range(shape[2])):
-                    thresholds = LabelingThresholds(scale, grid.background_threshold[j], grid.min_area[k])
+                    thresholds = LabelingThresholds(
+                        logit_scale=scale, background_threshold=grid.background_threshold[j], min_area=grid.min_area[k])
                     reported, points = reported_labels(scores, thresholds)
                     metric = metrics[i, j, k]
                     metric.update(prediction_of[reported + 1], image.target)

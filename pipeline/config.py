@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import (ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter,
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter,
                       ValidationError, field_validator, model_validator)
 from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 
-from gem.settings import GEMSettings, LabelingThresholds
+from gem.settings import METHODS, GEMSettings, LabelingThresholds
 
 SCHEMA_VERSION = 1
 
@@ -31,14 +31,51 @@ ThresholdConfig = LabelingThresholds
 DecodeMode = Literal["auto", "cpu", "gpu"]  # where JPEGs are decoded (pipeline/device_feed.py)
 
 
+class SlideConfig(BaseModel):
+    """Sliding-window inference (mmseg's ``slide_inference``); no crop: the whole image at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    crop: Optional[StrictInt] = Field(
+        None, description="sliding-window side in model-input pixels (>= 16), windows placed as mmseg's and "
+                          "overlaps averaged, the crops of a batch's images sharing forwards; null: the whole "
+                          "image at once")
+    stride: Optional[StrictInt] = Field(None, description="step between windows, 1 to crop; null: crop // 2")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _half_crop_stride(cls, value: Any) -> Any:
+        """The stride defaults to half the crop, so the config (and its fingerprint) says which."""
+        if isinstance(value, dict) and value.get("stride") is None and isinstance(value.get("crop"), int):
+            return {**value, "stride": max(1, value["crop"] // 2)}
+        return value
+
+
+class PAMRConfig(BaseModel):
+    """Pixel-adaptive mask refinement of the class scores at the image's size (``gem.pamr``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: StrictBool = Field(
+        False, json_schema_extra={"flag": "--pamr"},
+        description="refine the full-resolution class scores against the image (PAMR) before the decision; "
+                    "points come from the refined map")
+    steps: StrictInt = Field(10, description="PAMR averaging iterations (>= 1)")
+    dilations: list[StrictInt] = Field(default_factory=lambda: [8, 16],
+                                       description="PAMR neighbourhood spacings in pixels (positive)")
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message says which key and why."""
 
 
-def _flag(*, flag: Optional[str] = None, no_flag: Optional[str] = None, cli: Optional[str] = None) -> dict:
+def _flag(*, flag: Optional[str] = None, no_flag: Optional[str] = None, cli: Optional[str] = None,
+          flag_prefix: Optional[str] = None) -> dict:
     """Command-line metadata of a key: its flag name if not derived from the key, the reason it
-    has none, or how the flag's text is parsed ('comma': a comma-separated list, 'json')."""
-    return {k: v for k, v in {"flag": flag, "no_flag": no_flag, "cli": cli}.items() if v is not None}
+    has none, how the flag's text is parsed ('comma': a comma-separated list, 'vocab': classes
+    split on commas and synonyms on '|', 'json'), or for a section the prefix of its flags."""
+    given = {"flag": flag, "no_flag": no_flag, "cli": cli, "flag_prefix": flag_prefix}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 @dataclass(config=ConfigDict(extra="forbid", protected_namespaces=()))
@@ -47,12 +84,18 @@ class LabelConfig:
         default_factory=list, description="shard URLs, globs (`*`), brace patterns (`{000..099}`) or `.txt` "
                                           "lists of shards, local or on any fsspec filesystem")
     output: StrictStr = Field("", description="output prefix: a local folder or an `s3://`, `gs://` URL")
-    vocab: list[StrictStr] = Field(
-        default_factory=list, json_schema_extra=_flag(cli="comma"),
-        description="class names; in YAML one list item per class (`\"pepper, sweet\"` is one class), "
-                    "the flag splits on commas")
+    vocab: list[Union[StrictStr, list[StrictStr]]] = Field(
+        default_factory=list, json_schema_extra=_flag(cli="vocab"),
+        description="class names; in YAML one list item per class (`\"pepper, sweet\"` is one class), an item "
+                    "that is a list holds one class's synonyms (the first is the label); the flag splits "
+                    "classes on commas and synonyms on `|`: `\"person|man|woman,dog\"`")
     vocab_file: Optional[StrictStr] = Field(
-        None, description="a UTF-8 file (local or URL) with one class name a line; `#` starts a comment")
+        None, description="a UTF-8 file (local or URL) with one class a line, commas between its synonyms; "
+                          "`#` starts a comment")
+    background: list[StrictStr] = Field(
+        default_factory=list, json_schema_extra=_flag(cli="comma"),
+        description="background names (`sky`, `wall`): they compete with the classes but are never labels; "
+                    "the flag splits on commas")
     templates: Union[StrictStr, list[StrictStr]] = Field(
         "single", description="prompt templates: `single` (`a photo of a {}.`), `imagenet80`, a file with one "
                               "a line, or templates containing `{}`")
@@ -63,10 +106,22 @@ class LabelConfig:
         None, description="an extra open_clip model config JSON (file or folder) for custom architectures")
     gem: GEMSettings = Field(default_factory=GEMSettings, description="GEM settings")
     thresholds: LabelingThresholds = Field(default_factory=LabelingThresholds, description="post-processing")
+    method: Literal[METHODS] = Field("gem", description=GEMSettings.model_fields["method"].description)
+    gaussian_std: StrictFloat = Field(5.0, gt=0, description=GEMSettings.model_fields["gaussian_std"].description)
     input_size: list[StrictInt] = Field(
         default_factory=lambda: [448, 448],
         description="model input, `SIZE` or `HEIGHT WIDTH` (>= 16, multiples of the patch size): images are "
                     "resized to it, masks, boxes and points come back at the image's own size")
+    resize: Literal["square", "short_side"] = Field(
+        "square", description="`square`: every image to `input_size`; `short_side`: keep the aspect ratio, "
+                              "short side to `short_side`, long side at most `max_long_side`")
+    short_side: StrictInt = Field(448, ge=16, description="with `resize: short_side`: the short side's length")
+    max_long_side: StrictInt = Field(2048, description="with `resize: short_side`: the long side's cap "
+                                                       "(>= short_side)")
+    slide: SlideConfig = Field(default_factory=SlideConfig, json_schema_extra=_flag(flag_prefix="slide-"),
+                               description="sliding windows")
+    pamr: PAMRConfig = Field(default_factory=PAMRConfig, json_schema_extra=_flag(flag_prefix="pamr-"),
+                             description="pixel-adaptive mask refinement")
     points: Literal["peak", "per_component"] = Field(
         "peak", description="prompt points per label: the class's `peak`, or one per connected component "
                             "(`per_component`, largest first, e.g. for SAM)")
@@ -113,8 +168,12 @@ class LabelConfig:
     # Keys whose values change the labels; the rest (where, how fast) do not.
     FINGERPRINT_KEYS: ClassVar[tuple[str, ...]] = ("model", "pretrained", "model_config", "gem", "thresholds",
                                                    "input_size", "precision")
+    # Also changing the labels, but fingerprinted only when not at their defaults, so that outputs
+    # made before these keys existed keep their fingerprints.
+    FINGERPRINT_KEYS_IF_SET: ClassVar[tuple[str, ...]] = ("background", "method", "gaussian_std", "resize",
+                                                          "short_side", "max_long_side", "slide", "pamr")
 
-    @field_validator("input", "vocab", mode="before")
+    @field_validator("input", "vocab", "background", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
@@ -140,19 +199,37 @@ class LabelConfig:
         _check_consistency(self)
         return self
 
-    def fingerprint_source(self, class_names: list[str], templates: list[str]) -> dict:
+    def fingerprint_source(self, class_names: list[Union[str, list[str]]], templates: list[str]) -> dict:
         settings = self.to_dict()
         source = {key: settings[key] for key in self.FINGERPRINT_KEYS}
+        source.update({key: settings[key] for key in self.non_default(self.FINGERPRINT_KEYS_IF_SET)})
         source.update(vocab=class_names, templates=templates, schema_version=SCHEMA_VERSION)
         if self.points != "peak":  # only then: outputs made before these keys keep their fingerprint
             source.update(points=self.points, max_points=self.max_points)
         return source
 
+    def non_default(self, keys: typing.Iterable[str]) -> list[str]:
+        """Those of these top-level keys whose values differ from their defaults."""
+        settings = self.to_dict()
+        return [key for key in keys if settings[key] != _dumped_default(key)]
+
     def to_dict(self) -> dict:
         return _ADAPTER.dump_python(self)
 
 
+def class_labels(vocab: typing.Sequence[Union[str, typing.Sequence[str]]]) -> list[str]:
+    """Each class's label, its first name: a resolved vocabulary (or an output's) may hold lists
+    of synonyms."""
+    return [entry if isinstance(entry, str) else entry[0] for entry in vocab]
+
+
 _ADAPTER = TypeAdapter(LabelConfig)
+
+
+def _dumped_default(key: str) -> Any:
+    """A top-level key's default, as ``to_dict`` writes it."""
+    default = LabelConfig.__pydantic_fields__[key].get_default(call_default_factory=True)
+    return default.model_dump() if isinstance(default, BaseModel) else default
 
 
 def _check_consistency(config: LabelConfig) -> None:
@@ -175,6 +252,25 @@ def _check_consistency(config: LabelConfig) -> None:
         raise ValueError(f"vocab_file: no such file {config.vocab_file}")
     if config.model_config:
         _check_model_config(config.model_config)
+    _check_dense(config)
+
+
+def _check_dense(config: LabelConfig) -> None:
+    """The head, resize, slide and PAMR keys' rules across keys."""
+    if config.gem.model_fields_set & {"method", "gaussian_std"}:
+        raise ValueError("gem: method and gaussian_std are top-level keys, not in the gem section")
+    if config.max_long_side < config.short_side:
+        raise ValueError(f"max_long_side: must be >= short_side ({config.short_side}), got {config.max_long_side}")
+    slide = config.slide
+    if slide.crop is None and slide.stride is not None:
+        raise ValueError("slide.stride: give slide.crop too (or neither, for whole-image inference)")
+    if slide.crop is not None and (slide.crop < 16 or not 1 <= slide.stride <= slide.crop):
+        raise ValueError(f"slide: need crop >= 16 and 1 <= stride <= crop, got crop {slide.crop}, "
+                         f"stride {slide.stride}")
+    pamr = config.pamr
+    if pamr.steps < 1 or not pamr.dilations or min(pamr.dilations) < 1:
+        raise ValueError(f"pamr: need steps >= 1 and positive dilations, got steps {pamr.steps}, "
+                         f"dilations {pamr.dilations}")
 
 
 def _check_model_config(path: str) -> None:
@@ -234,22 +330,40 @@ def _kind(annotation: Any) -> str:
     return {bool: "bool", int: "int", float: "float"}.get(annotation, "str")
 
 
+def _extra(info: FieldInfo) -> dict:
+    return info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+
+
 def _leaf(key: str, info: FieldInfo, flag_name: str) -> ConfigKey:
-    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    extra = _extra(info)
     default = info.get_default(call_default_factory=True)
     return ConfigKey(key, info.annotation, default, info.description or "",
                      extra.get("flag", "--" + flag_name.replace("_", "-")), extra.get("cli"), extra.get("no_flag"))
 
 
+def _section(info: FieldInfo) -> Optional[type[BaseModel]]:
+    """The section model of a top-level key (gem, thresholds, slide, pamr), or None for a leaf."""
+    model = info.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _section_fields(model: type[BaseModel]) -> dict[str, FieldInfo]:
+    """A section's keys; library settings held as top-level keys (``method``) are not among them."""
+    return {name: info for name, info in model.model_fields.items() if not _extra(info).get("top_level")}
+
+
 def config_keys() -> list[ConfigKey]:
-    """Every leaf key, in schema order; sections' keys get flags named after the leaf (--depth)."""
+    """Every leaf key, in schema order; sections' keys get flags named after the leaf and the
+    section's flag_prefix (--depth, --slide-crop) unless they name their own (--pamr)."""
     keys = []
     for name, info in LabelConfig.__pydantic_fields__.items():
-        section = info.annotation
-        if isinstance(section, type) and issubclass(section, (GEMSettings, LabelingThresholds)):
-            keys += [_leaf(f"{name}.{leaf}", leaf_info, leaf) for leaf, leaf_info in section.model_fields.items()]
-        else:
+        section = _section(info)
+        if section is None:
             keys.append(_leaf(name, info, name))
+            continue
+        prefix = _extra(info).get("flag_prefix", "")
+        keys += [_leaf(f"{name}.{leaf}", leaf_info, prefix + leaf)
+                 for leaf, leaf_info in _section_fields(section).items()]
     return keys
 
 
@@ -298,15 +412,17 @@ def _dotted(loc: tuple) -> str:
 
 
 def _known_keys(loc: tuple) -> list[str]:
-    if len(loc) > 1 and loc[0] in ("gem", "thresholds"):
-        return list(LabelConfig.__pydantic_fields__[loc[0]].annotation.model_fields)
-    return list(LabelConfig.__pydantic_fields__)
+    fields = LabelConfig.__pydantic_fields__
+    section = _section(fields[loc[0]]) if len(loc) > 1 and loc[0] in fields else None
+    return list(_section_fields(section) if section else fields)
 
 
-def error_message(err: ValidationError) -> str:
-    """The first problem as one line: ``key: what is wrong``."""
+def error_message(err: ValidationError, section: Optional[str] = None) -> str:
+    """The first problem as one line: ``key: what is wrong``; ``section`` names the config
+    section of a settings model validated on its own (e.g. ``thresholds``)."""
     first = err.errors(include_url=False)[0]
-    kind, loc, ctx, got = first["type"], tuple(first["loc"]), first.get("ctx") or {}, first.get("input")
+    kind, ctx, got = first["type"], first.get("ctx") or {}, first.get("input")
+    loc = ((section,) if section else ()) + tuple(first["loc"])
     key = _dotted(loc)
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"unknown key {key} (known: {', '.join(sorted(_known_keys(loc)))})"
@@ -316,8 +432,7 @@ def error_message(err: ValidationError) -> str:
     if kind == "missing":
         return f"{key}: required"
     if kind == "literal_error":
-        choices = ctx["expected"].replace(" or ", ", ").replace("'", "")  # 'a', 'b' or 'c' -> a, b, c
-        return f"{key}: one of {choices}; got {got!r}"
+        return f"{key}: one of {ctx['expected'].replace(' or ', ', ')}; got {got!r}"
     if kind == "greater_than":
         bound = "positive" if ctx["gt"] == 0 else f"> {ctx['gt']}"
         return f"{key}: must be {bound}, got {got}"
@@ -338,8 +453,9 @@ def error_message(err: ValidationError) -> str:
 def _field_info(loc: tuple) -> Optional[FieldInfo]:
     fields = LabelConfig.__pydantic_fields__
     if loc and loc[0] in fields:
-        if len(loc) > 1 and loc[0] in ("gem", "thresholds"):
-            return fields[loc[0]].annotation.model_fields.get(loc[1])
+        section = _section(fields[loc[0]])
+        if len(loc) > 1 and section is not None:
+            return section.model_fields.get(loc[1])
         return fields[loc[0]]
     return None
 
@@ -372,7 +488,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
         if not isinstance(target, dict):
             raise ConfigError(f"{section}: expected a mapping, got {target!r}")
         target[name] = value
-    for section in ("gem", "thresholds"):
+    for section in (name for name, info in LabelConfig.__pydantic_fields__.items() if _section(info)):
         if data.get(section) is None and section in data:
             data[section] = {}
     try:

@@ -3,7 +3,8 @@
 On a GPU the model thread launches work on its own CUDA stream from pinned host memory with
 non-blocking copies, so the copy of batch N+1 overlaps the compute of batch N. With
 ``decode: gpu`` (or ``auto`` on a GPU) plain JPEGs are decoded in batches by nvJPEG
-(``torchvision.io.decode_jpeg(..., device="cuda")``) and resized there; everything else (PNG,
+(``torchvision.io.decode_jpeg(..., device="cuda")``) and resized there, each to the model input
+size of its own image size (``resize: short_side`` keeps aspect ratios); everything else (PNG,
 WebP, CMYK or EXIF-rotated JPEGs) and any JPEG nvJPEG refuses is decoded on the CPU, per image.
 Only the selection logic runs without a GPU; the GPU branch is kept small for that reason.
 """
@@ -70,25 +71,27 @@ def gpu_ready_jpeg(index: int, raw: dict) -> Optional[DecodedSample]:
     return DecodedSample(index, key, width, height, encoded=raw[entry], uid=raw.get("__uid__", key))
 
 
-def gpu_decode_resize(encoded: Sequence[bytes], size: tuple[int, int], mean, std,
-                      device: torch.device) -> torch.Tensor:  # pragma: no cover - needs a GPU
-    """JPEG bytes -> (B, 3, H, W) normalised model input, decoded and resized on the GPU."""
+def gpu_decode_resize(encoded: Sequence[bytes], sizes: Sequence[tuple[int, int]], mean, std,
+                      device: torch.device) -> list[torch.Tensor]:  # pragma: no cover - needs a GPU
+    """JPEG bytes -> each image's (3, H, W) normalised model input at its size in ``sizes``,
+    decoded and resized on the GPU."""
     from torchvision.io import ImageReadMode, decode_jpeg
     data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in encoded]
     images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     resized = [F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True,
-                             align_corners=False).clamp_(0, 255) for image in images]
+                             align_corners=False).clamp_(0, 255) for image, size in zip(images, sizes)]
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-    return (torch.cat(resized) - mean_t) / std_t
+    return [((image - mean_t) / std_t)[0] for image in resized]
 
 
 class DeviceFeeder:
     """Batches of DecodedSamples -> one input tensor on the model's device (see the module doc)."""
 
-    def __init__(self, device: torch.device, input_size: tuple[int, int], mean, std,
+    def __init__(self, device: torch.device, model_size: Callable[[int, int], tuple[int, int]], mean, std,
                  cpu_decode: Callable[[int, dict], DecodedSample]):
-        self.device, self.input_size, self.mean, self.std = device, input_size, mean, std
+        """``model_size``: an image's (height, width) -> its model input's."""
+        self.device, self.model_size, self.mean, self.std = device, model_size, mean, std
         self._cpu_decode = cpu_decode
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
@@ -96,23 +99,24 @@ class DeviceFeeder:
     def on_stream(self):
         return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
 
-    def inputs(self, batch: list[DecodedSample]) -> tuple[torch.Tensor, list[DecodedSample]]:
-        """The batch's input on the device, and the samples it holds (a JPEG the GPU could not
-        decode and the CPU cannot either is dropped from the batch, carrying its error)."""
+    def inputs(self, batch: list[DecodedSample]) -> tuple[list[torch.Tensor], list[DecodedSample]]:
+        """The batch's inputs on the device (sizes may differ), and the samples they are of (a JPEG
+        the GPU could not decode and the CPU cannot either is dropped, carrying its error). Each
+        sample's ``tensor`` becomes its device copy: post-processing (PAMR) reads the image."""
         on_gpu = [s for s in batch if s.encoded is not None]
         if on_gpu:  # pragma: no cover - needs a GPU
             batch = self._decode_on_gpu(batch, on_gpu)
         ready = [s for s in batch if s.tensor is not None]
-        if not self.cuda:
-            return torch.stack([s.tensor for s in ready]), ready
-        tensors = [s.tensor if s.tensor.is_cuda else s.tensor.pin_memory().to(self.device, non_blocking=True)
-                   for s in ready]  # pragma: no cover - needs a GPU
-        return torch.stack(tensors), ready
+        if self.cuda:  # pragma: no cover - needs a GPU
+            for sample in ready:
+                if not sample.tensor.is_cuda:
+                    sample.tensor = sample.tensor.pin_memory().to(self.device, non_blocking=True)
+        return [s.tensor for s in ready], ready
 
     def _decode_on_gpu(self, batch, on_gpu):  # pragma: no cover - needs a GPU
         try:
-            decoded = gpu_decode_resize([s.encoded for s in on_gpu], self.input_size, self.mean, self.std,
-                                        self.device)
+            sizes = [self.model_size(s.height, s.width) for s in on_gpu]
+            decoded = gpu_decode_resize([s.encoded for s in on_gpu], sizes, self.mean, self.std, self.device)
             for sample, tensor in zip(on_gpu, decoded):
                 sample.tensor, sample.encoded = tensor, None
         except Exception:  # one bad JPEG fails nvJPEG's batch: decode these on the CPU, one by one

@@ -20,7 +20,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.classmap import ClassMapping
-from pipeline.config import LabelConfig
+from pipeline.config import LabelConfig, class_labels
 from pipeline.encode import decode_mask
 from pipeline.groundtruth import GroundTruth, GroundTruthError
 from pipeline.manifest import OutputLayout, read_markers, read_output_config
@@ -40,7 +40,7 @@ class EvalResult:
 
 
 def read_output_rows(output: str, storage_options: Optional[StorageOptions] = None) -> tuple[list[str], dict[str, dict]]:
-    """(vocabulary, key -> row) of every done shard of a gemlabel output."""
+    """(class labels, key -> row) of every done shard of a gemlabel output."""
     layout = OutputLayout(output)
     config = read_output_config(layout, storage_options)
     markers = read_markers(layout, storage_options)
@@ -55,7 +55,7 @@ def read_output_rows(output: str, storage_options: Optional[StorageOptions] = No
                     log.warning("key %s is in more than one shard; scoring the first", row["key"])
                     continue
                 rows[row["key"]] = row
-    return list(config["settings"]["vocab"]), rows
+    return class_labels(config["settings"]["vocab"]), rows
 
 
 def prediction_from_row(row: dict, mapping: ClassMapping) -> tuple[np.ndarray, list[tuple[int, int, int]]]:

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from pipeline.config import class_labels
 from pipeline.encode import decode_mask
 from pipeline.manifest import OutputLayout, read_markers, read_output_config
 from pipeline.storage import StorageOptions, filesystem
@@ -59,7 +60,8 @@ def open_labelset(output: str, storage_options: Optional[StorageOptions] = None)
     markers = read_markers(layout, storage_options)
     if not markers:
         raise NotAnOutputError(f"{output} has no labelled shards yet (no stats markers)")
-    return LabelSet(layout.root, list(config["settings"]["vocab"]), markers, config["fingerprint"], storage_options)
+    return LabelSet(layout.root, class_labels(config["settings"]["vocab"]), markers, config["fingerprint"],
+                    storage_options)
 
 
 def label_mask(label: dict) -> np.ndarray:

@@ -32,7 +32,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from PIL import Image, ImageOps
@@ -159,9 +159,11 @@ def image_entry(sample: dict) -> Optional[str]:
     return None
 
 
-def decode_sample(index: int, raw: dict, input_size: tuple[int, int], mean, std) -> DecodedSample:
+def decode_sample(index: int, raw: dict, input_size: Union[tuple[int, int], Callable[[int, int], tuple[int, int]]],
+                  mean, std) -> DecodedSample:
     """Bytes -> the model's input tensor and the image's size (EXIF orientation applied); never
-    raises. Images over Pillow's decompression-bomb limit are errors too."""
+    raises. Images over Pillow's decompression-bomb limit are errors too. ``input_size``: the
+    model input's (height, width), or a function of the image's (height, width) giving it."""
     key = raw.get("__key__", f"#{index}")
     uid = raw.get("__uid__", key)
     entry = image_entry(raw)
@@ -177,7 +179,8 @@ def decode_sample(index: int, raw: dict, input_size: tuple[int, int], mean, std)
             image.load()
         image = to_rgb(ImageOps.exif_transpose(image))
         decoded = time.perf_counter()
-        tensor = image_to_tensor(image, input_size, mean, std)
+        size = input_size(image.height, image.width) if callable(input_size) else input_size
+        tensor = image_to_tensor(image, size, mean, std)
     except Exception as err:  # any decoder failure is this sample's, not the shard's
         return DecodedSample(index, key, error=f"decode {entry}: {error_text(err)}", uid=uid,
                              error_kind=f"decode:{type(err).__name__}", decode_s=time.perf_counter() - start)

@@ -17,7 +17,7 @@ import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -96,13 +96,22 @@ def read_vocab_file(url: str, storage_options) -> list[str]:
     return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
 
 
-def resolve_vocabulary(config: LabelConfig) -> list[str]:
-    """Each YAML list item is one class (the --vocab flag's commas were split by the CLI)."""
-    names = read_vocab_file(config.vocab_file, config.storage_options) if config.vocab_file else list(config.vocab)
+def resolve_vocabulary(config: LabelConfig) -> list[Union[str, list[str]]]:
+    """The classes, each a name or a list of synonyms (the first name is the label). YAML: one
+    class per list item, a string item never split, a list item holding synonyms (the --vocab
+    flag's commas and bars were split by the CLI); vocab files: one class a line, commas between
+    synonyms. Names repeated across classes, synonyms and background names are an error."""
+    if config.vocab_file:
+        lines = read_vocab_file(config.vocab_file, config.storage_options)
+        entries = [line.split(",") for line in lines]
+    else:
+        entries = [[item] if isinstance(item, str) else item for item in config.vocab]
+    entries = [[name.strip() for name in entry] for entry in entries]
     try:
-        return list(clean_class_names(names))
+        clean_class_names([name for entry in entries for name in entry] + list(config.background))
     except ValueError as err:
         raise ConfigError(f"vocab: {err}") from None
+    return [entry[0] if len(entry) == 1 else entry for entry in entries]
 
 
 def check_model(config: LabelConfig) -> None:
@@ -295,12 +304,12 @@ class WorkerPool:
         self.torch_threads = self.sizing.torch_threads
         self._remote = ray.remote(ShardLabeler)
         self._actors: list = []
-        self._text = None  # ObjectRef of the vocabulary's embeddings, once one worker has them
+        self._vocabulary = None  # ObjectRef of the encoded vocabulary, once one worker has it
 
     def new_actor(self):
         name = f"{WORKER_PREFIX}-{self.run_id}-{len(self._actors)}"
         actor = self._remote.options(name=name, max_restarts=0, **self.resources).remote(
-            self.spec, None, self.torch_threads, self._text, self.sizing)
+            self.spec, None, self.torch_threads, self._vocabulary, self.sizing)
         self._actors.append(actor)
         return actor
 
@@ -344,16 +353,16 @@ class WorkerPool:
                 pending[replacement.describe.remote()] = replacement
                 continue
             started.append(actor)
-        self._share_text_embeddings(started)
+        self._share_vocabulary(started)
         return started
 
-    def _share_text_embeddings(self, actors: list) -> None:
-        """One worker encodes the vocabulary (or reads OUT/_cache); the others get the tensor
-        through the object store, as do replacement workers (new_actor), so a run runs the text
-        tower at most once."""
+    def _share_vocabulary(self, actors: list) -> None:
+        """One worker encodes the vocabulary (or reads OUT/_cache); the others get it (embeddings
+        of every class name, synonym and background name) through the object store, as do
+        replacement workers (new_actor), so a run runs the text tower at most once."""
         try:
-            self._text = actors[0].text_embeddings.remote()
-            ray.get([a.set_text_embeddings.remote(self._text) for a in actors[1:]] + [self._text])
+            self._vocabulary = actors[0].shared_vocabulary.remote()
+            ray.get([a.set_vocabulary.remote(self._vocabulary) for a in actors[1:]] + [self._vocabulary])
         except (RayActorError, RayTaskError) as err:
             cause = getattr(err, "cause", None) or err
             raise WorkerStartError(f"workers could not start: {_error_text(cause)}") from None

@@ -9,6 +9,7 @@ either done or not started.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -23,13 +24,14 @@ from typing import Optional
 import pyarrow.parquet as pq
 import torch
 
-from gem import GEMSegmenter, label_image
+from gem import GEMSegmenter
 from gem.loading import RANDOM_WEIGHTS
 from gem.vocabulary import Vocabulary
 from pipeline.components import prompt_points
 from pipeline.config import LabelConfig
 from pipeline.device_feed import DeviceFeeder, gpu_ready_jpeg, resolve_decode
 from pipeline.encode import label_record
+from pipeline.inference import segmenter_settings
 from pipeline.manifest import OutputLayout, write_json
 from pipeline.reader import DecodedSample, decode_sample, error_text, iter_tar_samples
 from pipeline.schema import table_from_rows
@@ -72,33 +74,43 @@ def register_model_config(path: Optional[str]) -> None:
         open_clip.add_model_config(path)
 
 
-def load_segmenter(spec: RunSpec, device: torch.device) -> GEMSegmenter:
+def load_segmenter(spec: RunSpec, device: torch.device, batch_size: Optional[int] = None) -> GEMSegmenter:
+    """The run's segmenter; ``batch_size`` (images or crops per forward) defaults to the config's
+    or, unset there, the one derived from this machine."""
     config = spec.config
     register_model_config(config.model_config)
     if config.pretrained is None or config.pretrained.lower() in RANDOM_WEIGHTS:
         torch.manual_seed(0)  # random weights, but the same ones in every worker and run
-    return GEMSegmenter.from_pretrained(config.model, config.pretrained, config.gem, device, config.precision)
+    batch_size = batch_size or local_sizing(config, device.type == "cuda").batch_size
+    settings, inference = segmenter_settings(config, batch_size)
+    return GEMSegmenter.from_pretrained(config.model, config.pretrained, settings, device, config.precision,
+                                        inference=inference)
+
+
+def on_device(vocabulary: Vocabulary, device: torch.device) -> Vocabulary:
+    """The same vocabulary with its embeddings (float32, as the similarities are) on ``device``."""
+    return dataclasses.replace(vocabulary, embeddings=vocabulary.embeddings.float().to(device))
 
 
 class ShardLabeler:
     def __init__(self, spec: RunSpec, device: Optional[str] = None, torch_threads: Optional[int] = None,
-                 text_embeddings: Optional[torch.Tensor] = None, sizing: Optional[Sizing] = None):
+                 vocabulary: Optional[Vocabulary] = None, sizing: Optional[Sizing] = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.spec, self.config = spec, spec.config
         self.layout = OutputLayout(spec.config.output)
         # Ray hides the GPUs from actors that asked for none, so this follows the actor's resources.
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.segmenter = load_segmenter(spec, self.device)
+        sizing = sizing or local_sizing(self.config, self.device.type == "cuda")
+        self.segmenter = load_segmenter(spec, self.device, sizing.batch_size)
         self.text_encodes, self.text_source = 0, None  # how this worker got its vocabulary
         self._vocabulary: Optional[Vocabulary] = None
-        if text_embeddings is not None:
-            self.set_text_embeddings(text_embeddings)
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
         self.thresholds = spec.config.thresholds
-        self.input_size = tuple(spec.config.input_size)
         self.decode_mode = resolve_decode(self.config.decode, self.device)
-        self.feeder = DeviceFeeder(self.device, self.input_size, self.segmenter.mean, self.segmenter.std, self._decode)
-        sizing = sizing or local_sizing(self.config, self.device.type == "cuda")
+        self.feeder = DeviceFeeder(self.device, self.segmenter.model_size, self.segmenter.mean, self.segmenter.std,
+                                   self._decode)
         self.stage_settings = StageSettings(sizing.batch_size, sizing.decode_threads, sizing.postprocess_threads)
         self._timings_lock = threading.Lock()  # post-processing threads add to one shard's timings
 
@@ -109,54 +121,53 @@ class ShardLabeler:
                 "batch_size": self.stage_settings.batch_size, "decode_threads": self.stage_settings.decode_threads,
                 "postprocess_threads": self.stage_settings.postprocess_threads}
 
-    def text_embeddings(self) -> torch.Tensor:
-        """The vocabulary's (classes, dim) embeddings on the CPU: from OUT/_cache if a run already
-        encoded them, else encoded here (on this worker's accelerator) and cached."""
-        if self._vocabulary is not None:
-            return self._vocabulary.embeddings.cpu()
-        config = self.config
-        key = text_cache_key(config.model, config.pretrained, config.model_config, self.spec.class_names,
-                             self.spec.templates, self.segmenter.dtype)
-        url = text_cache_url(config.output, key)
-        cached = read_cached(url, config.storage_options)
-        if cached is not None:
-            self.set_text_embeddings(cached, source="cache")
-            return cached
-        self._vocabulary = self.segmenter.vocabulary(self.spec.class_names, self.spec.templates)
-        self.text_encodes, self.text_source = self.text_encodes + 1, "encoded"
-        embeddings = self._vocabulary.embeddings.float().cpu()
-        write_cached(url, embeddings, config.storage_options)
-        return embeddings
+    def shared_vocabulary(self) -> Vocabulary:
+        """The vocabulary (every class name, synonym and background name's embedding, and which
+        class each belongs to) on the CPU, for the other workers: from OUT/_cache if a run already
+        encoded it, else encoded here (on this worker's accelerator) and cached."""
+        if self._vocabulary is None:
+            config = self.config
+            key = text_cache_key(config.model, config.pretrained, config.model_config, self.spec.class_names,
+                                 self.spec.templates, self.segmenter.dtype, config.background)
+            url = text_cache_url(config.output, key)
+            cached = read_cached(url, config.storage_options)
+            if cached is not None:
+                self.set_vocabulary(cached, source="cache")
+            else:
+                self.set_vocabulary(self.segmenter.vocabulary(self.spec.class_names, self.spec.templates,
+                                                              config.background), source="encoded")
+                self.text_encodes += 1
+                write_cached(url, self._vocabulary, config.storage_options)
+        return on_device(self._vocabulary, torch.device("cpu"))
 
-    def set_text_embeddings(self, embeddings: torch.Tensor, source: str = "shipped") -> None:
-        """Use embeddings another worker encoded (handed over through Ray's object store)."""
-        self._vocabulary = Vocabulary(tuple(self.spec.class_names), tuple(self.spec.templates),
-                                      embeddings.float().to(self.device))
+    def set_vocabulary(self, vocabulary: Vocabulary, source: str = "shipped") -> None:
+        """Use a vocabulary encoded elsewhere (another worker, through Ray's object store; the cache)."""
+        self._vocabulary = on_device(vocabulary, self.device)
         self.text_source = self.text_source or source
 
     @property
     def vocabulary(self) -> Vocabulary:
         if self._vocabulary is None:
-            self.text_embeddings()
+            self.shared_vocabulary()
         return self._vocabulary
 
     def _decode(self, index: int, raw: dict) -> DecodedSample:
-        return decode_sample(index, raw, self.input_size, self.segmenter.mean, self.segmenter.std)
+        return decode_sample(index, raw, self.segmenter.model_size, self.segmenter.mean, self.segmenter.std)
 
     def _decode_for_stages(self, index: int, raw: dict) -> DecodedSample:
         """With GPU decode, plain JPEGs go to the model thread undecoded; the rest decode here."""
         return (self.decode_mode == "gpu" and gpu_ready_jpeg(index, raw)) or self._decode(index, raw)
 
     def _launch(self, batch: list[DecodedSample], timings: Counter):
-        """Start the model on a batch: ([(sample, similarities | exception | None)], wait). A
+        """Start the model on a batch: ([(sample, dense logits | exception | None)], wait). A
         batch the model fails on (e.g. out of memory) is retried one image at a time."""
         start = time.perf_counter()
         try:  # similarities stay on the model's device: label maps are built there too
             with self.feeder.on_stream():
                 images, ready = self.feeder.inputs(batch)
-                sims = self.segmenter.patch_similarities(images, self.vocabulary)
+                logits = self.segmenter.dense_logits(images, self.vocabulary)
                 wait = self.feeder.ready()
-        except Exception as err:
+        except Exception as err:  # e.g. out of memory: one image at a time, then an error row
             if len(batch) == 1:
                 return [(batch[0], err)], None
             pairs = []
@@ -168,10 +179,10 @@ class ShardLabeler:
             return pairs, None
         timings["model_s"] += time.perf_counter() - start
         kept = {id(sample) for sample in ready}  # samples left out carry a decode error
-        return list(zip(ready, sims)) + [(s, None) for s in batch if id(s) not in kept], wait
+        return list(zip(ready, logits)) + [(s, None) for s in batch if id(s) not in kept], wait
 
     def _postprocess_row(self, shard: Shard, sample: DecodedSample, output, timings: Counter) -> dict:
-        """One image's similarities -> its row (label maps, regions, RLE); never raises."""
+        """One image's dense logits -> its row (label maps, regions, RLE); never raises."""
         if output is None:
             return self._row(shard, sample)
         if isinstance(output, Exception):
@@ -179,9 +190,10 @@ class ShardLabeler:
         start = time.perf_counter()
         labelled = start
         try:
-            _, regions = label_image(output, (sample.height, sample.width), self.thresholds)
+            _, regions = self.segmenter.regions(output, (sample.height, sample.width), self.vocabulary,
+                                                self.thresholds, sample.tensor)
             labelled = time.perf_counter()
-            labels = [label_record(r, self.spec.class_names, self._points(r)) for r in regions]
+            labels = [label_record(r, self.vocabulary.class_names, self._points(r)) for r in regions]
             row = self._row(shard, sample, labels=labels)
         except Exception as err:  # this image's failure only
             row = self._error_row(shard, sample, "label", err)

@@ -106,7 +106,8 @@ def test_every_key_has_a_flag_with_help_and_default(capsys):
         if key.flag:
             assert key.description, key.key
             assert key.flag in help_text, key.flag
-    assert "(default: 448)" not in help_text and "(default: [448, 448])" in help_text
+    # input_size's default is shown as the list it is (short_side's own default is a plain 448)
+    assert "come back at the image's own size (default: [448, 448])" in help_text
     assert "(default: 600.0)" in help_text and "(default: required)" in help_text
 
 
@@ -115,6 +116,8 @@ def test_each_flag_sets_its_key(tmp_path, monkeypatch):
     import jobs.cli as cli
     from pipeline.config import config_keys
     samples = {"bool": None, "int": "3", "float": "0.5", "list-int": ["224"], "choice": None}
+    # issue 11's size keys have lower bounds above 3 (and max_long_side >= short_side)
+    sizes = {"short_side": "224", "max_long_side": "448", "slide.crop": "224"}
     argv = ["label", "--config", write_yaml(tmp_path, {"input": ["a.tar"], "output": "o", "vocab": ["cat"]})]
     for key in config_keys():
         if key.kind == "bool":
@@ -127,6 +130,8 @@ def test_each_flag_sets_its_key(tmp_path, monkeypatch):
             argv += [key.flag, "224"]
         elif key.cli == "json":
             argv += [key.flag, '{"s3": {"anon": true}}']
+        elif key.key in sizes:
+            argv += [key.flag, sizes[key.key]]
         elif key.kind in samples:
             argv += [key.flag, samples[key.kind]]
         elif key.key == "vocab":

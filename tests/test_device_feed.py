@@ -34,7 +34,7 @@ def test_config_rejects_gpu_decode_on_cpu_workers_and_unknown_decoders():
     assert load_config(None, base).decode == "auto"
     with pytest.raises(ConfigError, match="decode: gpu needs GPU workers"):
         load_config(None, {**base, "decode": "gpu", "device": "cpu"})
-    with pytest.raises(ConfigError, match="decode: one of auto, cpu, gpu"):
+    with pytest.raises(ConfigError, match="decode: one of 'auto', 'cpu', 'gpu'; got 'fast'"):
         load_config(None, {**base, "decode": "fast"})
 
 

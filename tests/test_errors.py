@@ -307,7 +307,7 @@ def test_report_counts_pending_shards_given_the_input(base_config, tmp_path, cap
     assert "3 total" not in summary.out and "2 total, 2 labelled" in summary.out  # the summary is on stdout
     assert "2 total" not in summary.err
     assert main(["report", config["output"], "--input", str(tmp_path / "in" / "*.tar")]) == 0
-    assert "2 done, 0 failed, 0 with image errors, 1 pending (of the given input)" in capsys.readouterr().out
+    assert "2 done, 0 failed, 0 missing, 0 with image errors, 1 pending (of the given input)" in capsys.readouterr().out
     assert main(["report", config["output"], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["shards_pending"] is None
 

@@ -75,8 +75,10 @@ def write_output_from_ground_truth(output: Path, drop: tuple[str, str] = ("", ""
     buffer = io.BytesIO()
     pq.write_table(table_from_rows(rows, source), buffer)
     write_bytes_atomic(layout.labels_url("gt-0"), buffer.getvalue())
-    write_json(layout.marker_url("gt-0"), {"shard_id": "gt-0", "fingerprint": "from-gt",
-                                           "parquet": "labels/gt-0.parquet", "samples": len(rows)})
+    write_json(layout.marker_url("gt-0"), {"shard": "gt.tar", "shard_id": "gt-0", "fingerprint": "from-gt",
+                                           "parquet": "labels/gt-0.parquet", "samples": len(rows),
+                                           "parquet_bytes": buffer.getbuffer().nbytes, "ok": len(rows),
+                                           "errors": 0, "labels": sum(len(row["labels"]) for row in rows)})
 
 
 def write_class_map(tmp_path: Path) -> str:
@@ -128,7 +130,7 @@ def test_calibration_post_processing_equals_label_image():
         for scale in (10.0, 100.0):
             scores = class_scores(similarities, size, scale)
             for threshold, area in [(0.0, 1), (0.3, 1), (0.5, 50), (0.6, 400), (0.99, 1)]:
-                thresholds = LabelingThresholds(scale, threshold, area)
+                thresholds = LabelingThresholds(logit_scale=scale, background_threshold=threshold, min_area=area)
                 labels, regions = label_image(similarities, size, thresholds)
                 reported, points = reported_labels(scores, thresholds)
                 kept = [r.class_id for r in regions]
@@ -255,7 +257,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
         assert not report.exists()
     assert main(["calibrate", *GT_FLAGS, "--vocab", "person", "--report", str(tmp_path / "report"),
                  "--grid-background-threshold", "0,1.5"]) == 2
-    assert "background_threshold must be in [0, 1]" in capsys.readouterr().err
+    assert "thresholds.background_threshold: must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert main(["calibrate", *GT_FLAGS, "--vocab", "person", "--report", str(tmp_path / "report"),
                  "--compare-templates", "single,no-such-set"]) == 2
     assert "--compare-templates: templates: 'no-such-set' is neither" in capsys.readouterr().err

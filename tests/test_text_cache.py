@@ -19,7 +19,7 @@ def test_two_workers_encode_once_and_a_rerun_reads_the_cache(ray_session, base_c
     summary = run_labeling(load_config(None, {**config, "input": first}))
     assert (summary.shards_done, summary.text_encodes) == (3, 1)
     cached = list_files(f"{config['output']}/_cache", None, ".pt")
-    assert len(cached) == 1 and read_cached(cached[0]).shape == (4, 32)
+    assert len(cached) == 1 and read_cached(cached[0]).embeddings.shape == (4, 32)
     sources = {m["worker"]["text_source"] for m in read_markers(OutputLayout(config["output"])).values()}
     assert sources <= {"encoded", "shipped"}
 
@@ -49,3 +49,22 @@ def test_cache_key_follows_model_weights_vocabulary_and_templates(micro_checkpoi
                 {"dtype": torch.bfloat16}]
     keys = {text_cache_key(**{**args, **variant}) for variant in variants}
     assert key not in keys and len(keys) == len(variants)
+
+
+def test_cached_vocabulary_keeps_synonyms_and_background(tmp_path):
+    """A synonym vocabulary comes back from the cache with every word's row and its class."""
+    from gem.vocabulary import Vocabulary
+    from pipeline.text_cache import write_cached
+    vocabulary = Vocabulary(("person", "dog"), ("a {}.",), torch.randn(5, 8), (("person", "man"), ("dog",)),
+                            ("sky", "wall"))
+    url = str(tmp_path / "text.pt")
+    write_cached(url, vocabulary)
+    back = read_cached(url)
+    assert (back.class_names, back.templates, back.synonyms, back.background) == (
+        vocabulary.class_names, vocabulary.templates, vocabulary.synonyms, vocabulary.background)
+    assert torch.equal(back.embeddings, vocabulary.embeddings) and back.word_class.tolist() == [0, 0, 1, 2, 2]
+    base = dict(model="m", pretrained="p", model_config=None, templates=["a {}."], dtype=None)
+    assert text_cache_key(class_names=[["person", "man"], "dog"], **base) != text_cache_key(
+        class_names=["person", "dog"], **base)
+    assert text_cache_key(class_names=["dog"], background=["sky"], **base) != text_cache_key(
+        class_names=["dog"], **base)
