@@ -188,6 +188,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from pipeline.calibrate import Grid, compute_similarities, sweep, write_calibration
     from pipeline.config import class_labels
     from pipeline.runner import build_spec, check_model
+    from pipeline.sizing import local_sizing
     from pipeline.worker import load_segmenter
     config = _label_config(args, args.report)
     _check_calibratable(config)
@@ -202,12 +203,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     specs = _template_sets(config.templates, args.compare_templates)
     check_model(config)
     device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
-    segmenter = load_segmenter(spec, device)
+    batch_size = local_sizing(config, device.type == "cuda").batch_size  # the config's, or this machine's
+    segmenter = load_segmenter(spec, device, batch_size)
     vocabularies = {name: segmenter.vocabulary(spec.class_names, templates) for name, templates in specs.items()}
     progress = args.progress is not False
     start = time.perf_counter()
     cached = compute_similarities(ground_truth, segmenter, vocabularies, mapping, tuple(config.input_size),
-                                  config.batch_size, progress)
+                                  batch_size, progress)
     model_seconds = time.perf_counter() - start
     calibrations = [sweep(cached, mapping, grid, model_seconds, progress, name) for name in vocabularies]
     record = write_calibration(calibrations, args.report, {"mapping": mapping.as_dict()}, specs)

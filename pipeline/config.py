@@ -28,6 +28,9 @@ GEMConfig = GEMSettings
 ThresholdConfig = LabelingThresholds
 
 
+DecodeMode = Literal["auto", "cpu", "gpu"]  # where JPEGs are decoded (pipeline/device_feed.py)
+
+
 class SlideConfig(BaseModel):
     """Sliding-window inference (mmseg's ``slide_inference``); no crop: the whole image at once."""
 
@@ -125,14 +128,25 @@ class LabelConfig:
     max_points: StrictInt = Field(5, ge=1, description="with `points: per_component`: at most this many a label")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="`auto`: bf16 on GPU, fp32 on CPU")
-    batch_size: StrictInt = Field(16, gt=0, description="images per model call")
+    batch_size: Optional[StrictInt] = Field(
+        None, gt=0, description="images per model call; `null`: derived from the node (64 per GPU, 16 on CPU)")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="`auto`: GPUs if the cluster has some; `cuda`: GPU actors (also waits for an "
                             "autoscaler); `cpu`")
     num_workers: Optional[StrictInt] = Field(None, ge=1, description="Ray actors; default: one per GPU, else 1")
     gpus_per_worker: StrictFloat = Field(1.0, ge=0, description="GPUs per actor when GPUs are used")
-    cpus_per_worker: StrictFloat = Field(1.0, gt=0, description="CPUs per actor (fractions allowed)")
-    decode_threads: StrictInt = Field(4, gt=0, description="image-decoding threads per actor")
+    cpus_per_worker: Optional[StrictFloat] = Field(
+        None, gt=0, description="CPUs per actor (fractions allowed); `null`: derived from the node (a GPU "
+                                "worker takes the node's CPUs per GPU, CPU workers split the node)")
+    decode_threads: Optional[StrictInt] = Field(
+        None, gt=0, description="image-decoding threads per actor; `null`: derived from the node "
+                                "(from `cpus_per_worker`)")
+    postprocess_threads: Optional[StrictInt] = Field(
+        None, gt=0, description="label-map and RLE threads per actor; `null`: derived from the node "
+                                "(from `cpus_per_worker`)")
+    decode: DecodeMode = Field(
+        "auto", description="`auto`: plain JPEGs decoded and resized on the GPU (nvJPEG) when the worker has one, "
+                            "other images on the CPU; `cpu`; `gpu` (needs GPU workers)")
     max_shard_retries: StrictInt = Field(2, ge=0, description="attempts after the first, per shard")
     max_actor_restarts: StrictInt = Field(8, ge=0, description="replacement actors before the run gives up")
     schedule_timeout_s: StrictFloat = Field(
@@ -232,6 +246,8 @@ def _check_consistency(config: LabelConfig) -> None:
         raise ValueError(f"input_size: expected one or two sizes >= 16 (height, width), got {config.input_size}")
     if config.device == "cuda" and config.gpus_per_worker <= 0:
         raise ValueError("gpus_per_worker: must be positive with device: cuda")
+    if config.decode == "gpu" and config.device == "cpu":
+        raise ValueError("decode: gpu needs GPU workers; drop device: cpu or use decode: auto")
     if config.vocab_file and "://" not in config.vocab_file and not Path(config.vocab_file).is_file():
         raise ValueError(f"vocab_file: no such file {config.vocab_file}")
     if config.model_config:

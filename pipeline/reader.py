@@ -28,6 +28,7 @@ import queue
 import re
 import tarfile
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ class DecodedSample:
     error: Optional[str] = None
     error_kind: Optional[str] = None  # short label for the error histogram
     uid: str = ""              # unique within the shard: the key, or key#2, key#3 for repeats
+    decode_s: float = 0.0      # CPU seconds spent decoding (bytes -> RGB pixels)
+    resize_s: float = 0.0      # CPU seconds spent resizing and normalising to the model input
+    encoded: Optional[bytes] = None  # a JPEG left for the accelerator to decode (tensor is None then)
 
     def __post_init__(self):
         self.uid = self.uid or self.key
@@ -167,18 +171,21 @@ def decode_sample(index: int, raw: dict, input_size: Union[tuple[int, int], Call
         found = sorted(k for k in raw if not k.startswith("__"))
         return DecodedSample(index, key, error=f"no image ({'/'.join(IMAGE_EXTENSIONS)}) in sample; "
                                                f"found {found}", error_kind="no_image", uid=uid)
+    start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw[entry]))
             image.load()
         image = to_rgb(ImageOps.exif_transpose(image))
+        decoded = time.perf_counter()
         size = input_size(image.height, image.width) if callable(input_size) else input_size
         tensor = image_to_tensor(image, size, mean, std)
     except Exception as err:  # any decoder failure is this sample's, not the shard's
-        return DecodedSample(index, key, error=f"decode {entry}: {error_text(err)}",
-                             error_kind=f"decode:{type(err).__name__}", uid=uid)
-    return DecodedSample(index, key, image.width, image.height, tensor, uid=uid)
+        return DecodedSample(index, key, error=f"decode {entry}: {error_text(err)}", uid=uid,
+                             error_kind=f"decode:{type(err).__name__}", decode_s=time.perf_counter() - start)
+    return DecodedSample(index, key, image.width, image.height, tensor, uid=uid,
+                         decode_s=decoded - start, resize_s=time.perf_counter() - decoded)
 
 
 _END = object()

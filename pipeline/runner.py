@@ -29,6 +29,7 @@ from pipeline.config import ConfigError, LabelConfig, fingerprint
 from pipeline.manifest import OutputLayout, prepare_output, read_markers, verify_markers, write_json
 from pipeline.resolve import content_fingerprints, resolve_paths
 from pipeline.shards import Shard, list_shards
+from pipeline.sizing import sizing_for
 from pipeline.storage import file_identity, protocol_of, read_bytes, same_file_version, stat_files
 from pipeline.worker import RunSpec, ShardLabeler, register_model_config
 
@@ -55,6 +56,7 @@ class RunSummary:
     seconds: float = 0.0
     actor_restarts: int = 0
     shard_retries: int = 0
+    text_encodes: int = 0  # times the workers ran the text tower (0 when OUT/_cache had the embeddings)
     failed: dict[str, str] = field(default_factory=dict)  # shard url -> last error
     status: str = "running"  # ok | failed (some shards) | error (did not start or crashed) | interrupted
     error: str = ""
@@ -288,25 +290,38 @@ class WorkerPool:
     def __init__(self, spec: RunSpec, run_id: str):
         self.spec, self.config, self.run_id = spec, spec.config, run_id
         config = spec.config
-        gpus = ray.cluster_resources().get("GPU", 0)
+        resources = ray.cluster_resources()
+        gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
         # device: cuda asks for GPU actors even before an autoscaler has started GPU nodes.
         use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0 and config.gpus_per_worker > 0)
         if use_gpu:
-            self.resources = {"num_gpus": config.gpus_per_worker, "num_cpus": config.cpus_per_worker}
             self.size = config.num_workers or max(1, int(gpus // config.gpus_per_worker))
         else:
-            self.resources = {"num_gpus": 0, "num_cpus": config.cpus_per_worker}
             self.size = config.num_workers or 1
-        self.torch_threads = max(1, int(round(config.cpus_per_worker)))
+        self.sizing = sizing_for(config, cpus, gpus, use_gpu, self.size)  # defaults from CPUs per GPU
+        self.resources = {"num_gpus": config.gpus_per_worker if use_gpu else 0,
+                          "num_cpus": self.sizing.cpus_per_worker}
+        self.torch_threads = self.sizing.torch_threads
         self._remote = ray.remote(ShardLabeler)
         self._actors: list = []
+        self._vocabulary = None  # ObjectRef of the encoded vocabulary, once one worker has it
 
     def new_actor(self):
         name = f"{WORKER_PREFIX}-{self.run_id}-{len(self._actors)}"
         actor = self._remote.options(name=name, max_restarts=0, **self.resources).remote(
-            self.spec, None, self.torch_threads)
+            self.spec, None, self.torch_threads, self._vocabulary, self.sizing)
         self._actors.append(actor)
         return actor
+
+    def text_encodes(self) -> int:
+        """How many times the live workers ran the text tower."""
+        counts = []
+        for actor in self._actors:
+            try:
+                counts.append(ray.get(actor.describe.remote(), timeout=30)["text_encodes"])
+            except Exception:  # killed or dead actors: their count is gone with them
+                pass
+        return sum(counts)
 
     def shutdown(self) -> None:
         """Free the workers' resources (a driver that stays connected to Ray would keep them)."""
@@ -338,7 +353,19 @@ class WorkerPool:
                 pending[replacement.describe.remote()] = replacement
                 continue
             started.append(actor)
+        self._share_vocabulary(started)
         return started
+
+    def _share_vocabulary(self, actors: list) -> None:
+        """One worker encodes the vocabulary (or reads OUT/_cache); the others get it (embeddings
+        of every class name, synonym and background name) through the object store, as do
+        replacement workers (new_actor), so a run runs the text tower at most once."""
+        try:
+            self._vocabulary = actors[0].shared_vocabulary.remote()
+            ray.get([a.set_vocabulary.remote(self._vocabulary) for a in actors[1:]] + [self._vocabulary])
+        except (RayActorError, RayTaskError) as err:
+            cause = getattr(err, "cause", None) or err
+            raise WorkerStartError(f"workers could not start: {_error_text(cause)}") from None
 
 
 def _error_text(err: BaseException) -> str:
@@ -550,6 +577,7 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     try:
         if pool is not None:
             _label_with_progress(pool, todo, summary, wall, len(shards), config, out)
+            summary.text_encodes = pool.text_encodes()
         summary.status = "failed" if summary.shards_failed else "ok"
     except KeyboardInterrupt:
         summary.status = "interrupted"

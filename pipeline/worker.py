@@ -1,15 +1,20 @@
 """Label one shard end to end: read, decode, batch, GEM, post-process, RLE, write, commit.
 
 ``ShardLabeler`` is a plain class (Ray wraps it as an actor in ``pipeline.runner``): it loads the
-model and the vocabulary once, then labels shard after shard. Commit order: the Parquet file,
-then the stats marker, each written atomically, so a shard is either done or not started.
+model once and gets the vocabulary's embeddings once (encoded, from OUT/_cache, or from another
+worker through Ray's object store), then labels shard after shard, its stages overlapping on
+threads (``pipeline.stages``) with batches fed to the device by ``pipeline.device_feed``.
+Commit order: the Parquet file, then the stats marker, each written atomically, so a shard is
+either done or not started.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,15 +26,20 @@ import torch
 
 from gem import GEMSegmenter
 from gem.loading import RANDOM_WEIGHTS
+from gem.vocabulary import Vocabulary
 from pipeline.components import prompt_points
 from pipeline.config import LabelConfig
+from pipeline.device_feed import DeviceFeeder, gpu_ready_jpeg, resolve_decode
 from pipeline.encode import label_record
 from pipeline.inference import segmenter_settings
 from pipeline.manifest import OutputLayout, write_json
-from pipeline.reader import DecodedSample, PrefetchingReader, decode_sample, error_text
+from pipeline.reader import DecodedSample, decode_sample, error_text, iter_tar_samples
 from pipeline.schema import table_from_rows
 from pipeline.shards import Shard
+from pipeline.sizing import Sizing, local_sizing
+from pipeline.stages import ShardStages, StageSettings
 from pipeline.storage import file_identity, remove, stat_file, write_bytes_atomic
+from pipeline.text_cache import read_cached, text_cache_key, text_cache_url, write_cached
 
 log = logging.getLogger(__name__)
 
@@ -64,56 +74,140 @@ def register_model_config(path: Optional[str]) -> None:
         open_clip.add_model_config(path)
 
 
-def load_segmenter(spec: RunSpec, device: torch.device) -> GEMSegmenter:
+def load_segmenter(spec: RunSpec, device: torch.device, batch_size: Optional[int] = None) -> GEMSegmenter:
+    """The run's segmenter; ``batch_size`` (images or crops per forward) defaults to the config's
+    or, unset there, the one derived from this machine."""
     config = spec.config
     register_model_config(config.model_config)
     if config.pretrained is None or config.pretrained.lower() in RANDOM_WEIGHTS:
         torch.manual_seed(0)  # random weights, but the same ones in every worker and run
-    settings, inference = segmenter_settings(config)
+    batch_size = batch_size or local_sizing(config, device.type == "cuda").batch_size
+    settings, inference = segmenter_settings(config, batch_size)
     return GEMSegmenter.from_pretrained(config.model, config.pretrained, settings, device, config.precision,
                                         inference=inference)
 
 
+def on_device(vocabulary: Vocabulary, device: torch.device) -> Vocabulary:
+    """The same vocabulary with its embeddings (float32, as the similarities are) on ``device``."""
+    return dataclasses.replace(vocabulary, embeddings=vocabulary.embeddings.float().to(device))
+
+
 class ShardLabeler:
-    def __init__(self, spec: RunSpec, device: Optional[str] = None, torch_threads: Optional[int] = None):
+    def __init__(self, spec: RunSpec, device: Optional[str] = None, torch_threads: Optional[int] = None,
+                 vocabulary: Optional[Vocabulary] = None, sizing: Optional[Sizing] = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.spec, self.config = spec, spec.config
         self.layout = OutputLayout(spec.config.output)
         # Ray hides the GPUs from actors that asked for none, so this follows the actor's resources.
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.segmenter = load_segmenter(spec, self.device)
-        self.vocabulary = self.segmenter.vocabulary(spec.class_names, spec.templates, spec.config.background)
+        sizing = sizing or local_sizing(self.config, self.device.type == "cuda")
+        self.segmenter = load_segmenter(spec, self.device, sizing.batch_size)
+        self.text_encodes, self.text_source = 0, None  # how this worker got its vocabulary
+        self._vocabulary: Optional[Vocabulary] = None
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
         self.thresholds = spec.config.thresholds
+        self.decode_mode = resolve_decode(self.config.decode, self.device)
+        self.feeder = DeviceFeeder(self.device, self.segmenter.model_size, self.segmenter.mean, self.segmenter.std,
+                                   self._decode)
+        self.stage_settings = StageSettings(sizing.batch_size, sizing.decode_threads, sizing.postprocess_threads)
+        self._timings_lock = threading.Lock()  # post-processing threads add to one shard's timings
 
     def describe(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(), "text_encodes": self.text_encodes,
+                "text_source": self.text_source, "decode": self.decode_mode,
+                "batch_size": self.stage_settings.batch_size, "decode_threads": self.stage_settings.decode_threads,
+                "postprocess_threads": self.stage_settings.postprocess_threads}
+
+    def shared_vocabulary(self) -> Vocabulary:
+        """The vocabulary (every class name, synonym and background name's embedding, and which
+        class each belongs to) on the CPU, for the other workers: from OUT/_cache if a run already
+        encoded it, else encoded here (on this worker's accelerator) and cached."""
+        if self._vocabulary is None:
+            config = self.config
+            key = text_cache_key(config.model, config.pretrained, config.model_config, self.spec.class_names,
+                                 self.spec.templates, self.segmenter.dtype, config.background)
+            url = text_cache_url(config.output, key)
+            cached = read_cached(url, config.storage_options)
+            if cached is not None:
+                self.set_vocabulary(cached, source="cache")
+            else:
+                self.set_vocabulary(self.segmenter.vocabulary(self.spec.class_names, self.spec.templates,
+                                                              config.background), source="encoded")
+                self.text_encodes += 1
+                write_cached(url, self._vocabulary, config.storage_options)
+        return on_device(self._vocabulary, torch.device("cpu"))
+
+    def set_vocabulary(self, vocabulary: Vocabulary, source: str = "shipped") -> None:
+        """Use a vocabulary encoded elsewhere (another worker, through Ray's object store; the cache)."""
+        self._vocabulary = on_device(vocabulary, self.device)
+        self.text_source = self.text_source or source
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        if self._vocabulary is None:
+            self.shared_vocabulary()
+        return self._vocabulary
 
     def _decode(self, index: int, raw: dict) -> DecodedSample:
         return decode_sample(index, raw, self.segmenter.model_size, self.segmenter.mean, self.segmenter.std)
 
-    def _rows_for_batch(self, shard: Shard, batch: list[DecodedSample], timings: Counter) -> list[dict]:
+    def _decode_for_stages(self, index: int, raw: dict) -> DecodedSample:
+        """With GPU decode, plain JPEGs go to the model thread undecoded; the rest decode here."""
+        return (self.decode_mode == "gpu" and gpu_ready_jpeg(index, raw)) or self._decode(index, raw)
+
+    def _launch(self, batch: list[DecodedSample], timings: Counter):
+        """Start the model on a batch: ([(sample, dense logits | exception | None)], wait). A
+        batch the model fails on (e.g. out of memory) is retried one image at a time."""
         start = time.perf_counter()
         try:  # similarities stay on the model's device: label maps are built there too
-            logits = self.segmenter.dense_logits([s.tensor for s in batch], self.vocabulary)
+            with self.feeder.on_stream():
+                images, ready = self.feeder.inputs(batch)
+                logits = self.segmenter.dense_logits(images, self.vocabulary)
+                wait = self.feeder.ready()
         except Exception as err:  # e.g. out of memory: one image at a time, then an error row
             if len(batch) == 1:
-                return [self._error_row(shard, batch[0], "model", err)]
-            return [row for sample in batch for row in self._rows_for_batch(shard, [sample], timings)]
+                return [(batch[0], err)], None
+            pairs = []
+            for sample in batch:
+                single, wait = self._launch([sample], timings)
+                if wait is not None:
+                    wait()
+                pairs += single
+            return pairs, None
         timings["model_s"] += time.perf_counter() - start
+        kept = {id(sample) for sample in ready}  # samples left out carry a decode error
+        return list(zip(ready, logits)) + [(s, None) for s in batch if id(s) not in kept], wait
+
+    def _postprocess_row(self, shard: Shard, sample: DecodedSample, output, timings: Counter) -> dict:
+        """One image's dense logits -> its row (label maps, regions, RLE); never raises."""
+        if output is None:
+            return self._row(shard, sample)
+        if isinstance(output, Exception):
+            return self._error_row(shard, sample, "model", output)
         start = time.perf_counter()
-        rows = []
-        for sample, sample_logits in zip(batch, logits):
-            try:
-                _, regions = self.segmenter.regions(sample_logits, (sample.height, sample.width), self.vocabulary,
-                                                    self.thresholds, sample.tensor)
-                labels = [label_record(r, self.vocabulary.class_names, self._points(r)) for r in regions]
-                rows.append(self._row(shard, sample, labels=labels))
-            except Exception as err:  # this image's failure only
-                rows.append(self._error_row(shard, sample, "label", err))
-        timings["postprocess_s"] += time.perf_counter() - start
-        return rows
+        labelled = start
+        try:
+            _, regions = self.segmenter.regions(output, (sample.height, sample.width), self.vocabulary,
+                                                self.thresholds, sample.tensor)
+            labelled = time.perf_counter()
+            labels = [label_record(r, self.vocabulary.class_names, self._points(r)) for r in regions]
+            row = self._row(shard, sample, labels=labels)
+        except Exception as err:  # this image's failure only
+            row = self._error_row(shard, sample, "label", err)
+        with self._timings_lock:
+            timings["postprocess_s"] += labelled - start
+            timings["rle_s"] += time.perf_counter() - labelled
+        return row
+
+    def _rows_for_batch(self, shard: Shard, batch: list[DecodedSample], timings: Counter) -> list[dict]:
+        """A batch through the model and post-processing, on this thread."""
+        pairs, wait = self._launch(batch, timings)
+        if wait is not None:
+            wait()
+        return [self._postprocess_row(shard, sample, output, timings) for sample, output in pairs]
 
     def _points(self, region) -> Optional[list[dict]]:
         """Per-component prompt points when asked; None keeps the peak alone (no mask decoded)."""
@@ -140,24 +234,10 @@ class ShardLabeler:
         # Recorded before reading: a shard replaced later has another identity and is relabelled.
         input_identity = file_identity(stat_file(shard.url, self.config.storage_options))
         timings: Counter = Counter()
-        rows: list[dict] = []
-        batch: list[DecodedSample] = []
-        reader = PrefetchingReader(shard.url, self._decode, self.config.decode_threads,
-                                   prefetch=4 * self.config.batch_size, storage_options=self.config.storage_options)
-        wait_start = time.perf_counter()
-        for sample in reader:
-            timings["read_wait_s"] += time.perf_counter() - wait_start
-            if sample.error:
-                rows.append(self._row(shard, sample))
-            else:
-                batch.append(sample)
-                if len(batch) == self.config.batch_size:
-                    rows += self._rows_for_batch(shard, batch, timings)
-                    batch = []
-            wait_start = time.perf_counter()
-        if batch:
-            rows += self._rows_for_batch(shard, batch, timings)
-        rows.sort(key=lambda row: row["_index"])
+        stages = ShardStages(self.stage_settings, self._decode_for_stages, lambda batch: self._launch(batch, timings),
+                             lambda sample, output: self._postprocess_row(shard, sample, output, timings),
+                             lambda sample: self._row(shard, sample), timings)
+        rows = stages.run(iter_tar_samples(shard.url, self.config.storage_options))
         errors = Counter(row.pop("_kind") for row in rows if row["status"] == "error")
         for row in rows:
             row.pop("_index")

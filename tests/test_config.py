@@ -122,6 +122,8 @@ def test_each_flag_sets_its_key(tmp_path, monkeypatch):
     for key in config_keys():
         if key.kind == "bool":
             argv.append(key.flag)
+        elif key.key == "decode":  # gpu needs GPU workers, and the last device choice is cpu
+            argv += [key.flag, "cpu"]
         elif key.kind == "choice":
             argv += [key.flag, typing_args(key)[-1]]
         elif key.kind == "list-int":
@@ -141,7 +143,7 @@ def test_each_flag_sets_its_key(tmp_path, monkeypatch):
     assert config.vocab == ["cat", "sweet pepper"] and config.gem.depth == 3 and config.thresholds.min_area == 3
     assert config.thresholds.background_threshold == 0.5 and config.input_size == [224, 224]
     assert config.overwrite and config.retry_failed and config.progress is False
-    assert config.storage_options == {"s3": {"anon": True}} and config.device == "cpu"
+    assert config.storage_options == {"s3": {"anon": True}} and config.device == "cpu" and config.decode == "cpu"
     assert config.schedule_timeout_s == 0.5 and config.ray_address == "x"
 
 

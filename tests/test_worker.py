@@ -19,3 +19,31 @@ def test_an_image_the_model_cannot_take_becomes_an_error_row(base_config, tmp_pa
     assert [(r["key"], r["status"]) for r in rows] == [("k0", "ok"), ("bad", "error"), ("k1", "ok")]
     assert rows[1]["error"].startswith("model: RuntimeError") and rows[1]["_kind"] == "model:RuntimeError"
     assert all(r["labels"] for r in rows if r["status"] == "ok")
+
+
+def test_overlapped_and_sequential_stages_write_the_same_labels_and_time_every_stage(base_config, tmp_path):
+    from dataclasses import replace
+
+    from tests.outputs import all_rows, check_labels
+    from tests.shards import varied_samples, write_shard
+
+    samples = varied_samples(13)
+    samples[5] = {"__key__": "broken", "jpg": b"not a jpeg"}
+    url = str(write_shard(tmp_path / "in/s-0.tar", samples))
+    results = {}
+    for sequential in (False, True):
+        output = str(tmp_path / f"out-{sequential}")
+        config = load_config(None, {**base_config, "input": [url], "output": output, "batch_size": 3})
+        labeler = ShardLabeler(build_spec(config), device="cpu", torch_threads=1)
+        labeler.stage_settings = replace(labeler.stage_settings, sequential=sequential)
+        marker = labeler.label_shard(Shard(url, "s-0"))
+        results[sequential] = [{**row, "error": (row["error"] or "").split(" <")[0]} for row in all_rows(output)]
+        assert (marker["samples"], marker["errors"]) == (13, 1)
+        stages = ("read_s", "decode_s", "resize_s", "model_s", "postprocess_s", "rle_s", "write_s")
+        assert all(marker["timings"][key] > 0 for key in stages), marker["timings"]
+        assert {"batch_wait_s", "model_wait_s", "model_blocked_s", "collect_wait_s"} <= set(marker["timings"])
+    assert results[False] == results[True]
+    assert [row["key"] for row in results[False]] == [s["__key__"] for s in samples]
+    for row in results[False]:
+        if row["status"] == "ok":
+            check_labels(row)
