@@ -149,7 +149,7 @@ def test_vocab_file_missing_on_s3_or_unreachable_over_http(base_config, shards, 
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, **S3_CREDENTIALS).mkdir("vocabs")
     config = {**base_config, "input": shards}
     options = json.dumps({"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}})
-    for url, message in ((f"s3://vocabs/missing.txt", "vocab_file: no such file s3://vocabs/missing.txt"),
+    for url, message in (("s3://vocabs/missing.txt", "vocab_file: no such file s3://vocabs/missing.txt"),
                          (f"http://127.0.0.1:{free_port()}/classes.txt", "vocab_file: cannot read http://127.0.0.1")):
         args = label_args(config)
         args[args.index("--vocab"):args.index("--vocab") + 2] = ["--vocab-file", url]

@@ -12,7 +12,6 @@ import re
 import shlex
 import subprocess
 import sys
-import textwrap
 import zoneinfo
 from importlib import metadata
 from pathlib import Path

@@ -4,7 +4,6 @@ import json
 import logging
 import threading
 
-import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main

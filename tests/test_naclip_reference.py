@@ -2,10 +2,9 @@
 reference code's golden outputs (tests/data/naclip-reference, see its README)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gem import GEMSegmenter, GEMSettings, LabelingThresholds
-from gem.dense import BACKGROUND, class_probabilities, decide, renormalise
+from gem.dense import BACKGROUND, class_probabilities, renormalise
 from gem.heads import LastBlockTower
 from gem.loading import LoadedCLIP
 from gem.pamr import PAMRSettings, refine

@@ -1,7 +1,6 @@
 """The vocabulary is encoded once per run, shipped to the other workers, and cached for reruns."""
 import shutil
 
-import pytest
 import torch
 
 from pipeline.config import load_config
