@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gem.vision import GEMTokens, _merge_heads, _split_heads, check_supported
+from gem.vision import GEMTokens, _merge_heads, _split_heads, check_supported, embed_patches
 
 Tensor = torch.Tensor
 
@@ -102,13 +102,7 @@ class LastBlockTower(nn.Module):
         return self._bias_cache[key]
 
     def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        visual = self.visual
-        x = visual.conv1(images)
-        grid = (x.shape[2], x.shape[3])
-        x = x.flatten(2).transpose(1, 2)
-        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
-        x = torch.cat((cls, x), dim=1) + self._positional_embedding(grid, x.dtype)
-        return visual.ln_pre(x), grid
+        return embed_patches(self.visual, images, self._positional_embedding)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int]) -> Tensor:
         if self.method == "vanilla":

@@ -77,6 +77,18 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
+def embed_patches(visual: nn.Module, images: Tensor,
+                  positions: Callable[[tuple[int, int], torch.dtype], Tensor]) -> tuple[Tensor, tuple[int, int]]:
+    """Patchify, prepend the class token, add ``positions(grid, dtype)``, ln_pre: (B, 1 + gh*gw, C).
+    The towers differ only in how they resample the positional embedding to the grid."""
+    x = visual.conv1(images)
+    grid = (x.shape[2], x.shape[3])
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
+    x = torch.cat((cls, x), dim=1) + positions(grid, x.dtype)
+    return visual.ln_pre(x), grid
+
+
 def _attention_naive(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
     return weights @ v
@@ -124,14 +136,7 @@ class GEMVisionTower(nn.Module):
         return self._pos_cache[key]
 
     def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Patchify, prepend the class token, add positions, ln_pre: (B, 1 + gh*gw, C)."""
-        visual = self.visual
-        x = visual.conv1(images)
-        grid = (x.shape[2], x.shape[3])
-        x = x.flatten(2).transpose(1, 2)
-        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
-        x = torch.cat((cls, x), dim=1) + self._positional_embedding(grid, x.dtype)
-        return visual.ln_pre(x), grid
+        return embed_patches(self.visual, images, self._positional_embedding)
 
     def _original_block(self, block: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         x = x + block.ls_1(block.attn.out_proj(_merge_heads(self._attention(q, k, v))))
