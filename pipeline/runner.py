@@ -361,8 +361,10 @@ class WorkerPool:
         of every class name, synonym and background name) through the object store, as do
         replacement workers (new_actor), so a run runs the text tower at most once."""
         try:
-            self._vocabulary = actors[0].shared_vocabulary.remote()
-            ray.get([a.set_vocabulary.remote(self._vocabulary) for a in actors[1:]] + [self._vocabulary])
+            # Re-put by the driver: a copy held only by the first worker's node would be lost with
+            # that node, and replacement workers could not start.
+            self._vocabulary = ray.put(ray.get(actors[0].shared_vocabulary.remote()))
+            ray.get([a.set_vocabulary.remote(self._vocabulary) for a in actors[1:]])
         except (RayActorError, RayTaskError) as err:
             cause = getattr(err, "cause", None) or err
             raise WorkerStartError(f"workers could not start: {_error_text(cause)}") from None

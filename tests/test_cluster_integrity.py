@@ -165,7 +165,9 @@ TWO_NODES = textwrap.dedent("""
 
 
 def test_losing_a_node_mid_run_gives_the_uninterrupted_output(base_config, tmp_path):
-    write_shards(tmp_path / "in", shards=6, per_shard=8)
+    # Shards long enough that the lost node's worker is still inside one when its raylet dies,
+    # even with the overlapped worker (a few seconds a shard).
+    write_shards(tmp_path / "in", shards=6, per_shard=32)
     config = {**base_config, "input": [str(tmp_path / "in" / "*.tar")], "output": str(tmp_path / "lost"),
               "num_workers": 2, "cpus_per_worker": 1, "batch_size": 2}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
