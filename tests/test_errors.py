@@ -254,19 +254,25 @@ def test_sigint_prints_one_line_and_a_rerun_finishes(base_config, tmp_path):
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own cluster, not one another process started here
     driver = subprocess.Popen([sys.executable, "-m", "jobs.label", "--config", str(path)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     layout = OutputLayout(config["output"])
+    lines: list[str] = []  # the driver's stderr: one line per shard it has counted as done
+    pump = threading.Thread(target=lambda: lines.extend(driver.stderr), daemon=True)
+    pump.start()
     deadline = time.monotonic() + 240
-    while len(read_markers(layout)) < 1 and driver.poll() is None and time.monotonic() < deadline:
+    while not any(" images, " in line for line in list(lines)) and driver.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
     driver.send_signal(signal.SIGINT)
     try:
-        stdout, stderr = driver.communicate(timeout=120)
+        driver.wait(timeout=120)
     finally:
         try:
             os.killpg(driver.pid, signal.SIGKILL)  # a local Ray the driver may leave behind
         except ProcessLookupError:
             pass
+    pump.join(30)
+    stderr = "".join(lines)
     assert driver.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     last = stderr.strip().splitlines()[-1]
