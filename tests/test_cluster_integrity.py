@@ -164,6 +164,23 @@ TWO_NODES = textwrap.dedent("""
 """)
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc: this machine is Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
 def test_losing_a_node_mid_run_gives_the_uninterrupted_output(base_config, tmp_path):
     # Shards long enough that the lost node's worker is still inside one when its raylet dies,
     # even with the overlapped worker (a few seconds a shard).
@@ -184,8 +201,14 @@ def test_losing_a_node_mid_run_gives_the_uninterrupted_output(base_config, tmp_p
         deadline = time.monotonic() + 300
         while not read_markers(layout) and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        # One worker per node, each holding one of the 6 shards: the second node is lost mid-shard.
-        os.kill(started["raylet"], signal.SIGKILL)
+        # One worker per node, each holding one of the 6 shards: the second node is lost mid-shard,
+        # its raylet and the worker processes under it at once, as when a machine goes away (a
+        # worker whose raylet alone died could still finish its shard and answer the driver).
+        for pid in process_tree(started["raylet"]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         log, _ = run.communicate(timeout=400)
         assert run.returncode == 0, log[-4000:]
         assert "6 labelled" in log and "actor restarts: 1" in log, log[-4000:]
