@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,9 +67,9 @@ def top_class_bands(logits: Tensor, size: tuple[int, int], word_class: Tensor, n
                     logit_scale: float, threshold: float, pamr: Optional[PAMRSettings] = None,
                     image: Optional[Tensor] = None, max_elements: int = 1 << 25,
                     band_rows: Optional[int] = None
-                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield (first row, top probability (rows, W) float32, class id or -1 (rows, W) int) bands
-    covering an image of ``size`` (height, width).
+                    ) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Yield (first row, top probability (rows, W) float32, class id or -1 (rows, W) int64) bands
+    covering an image of ``size`` (height, width), on the logits' device.
 
     logits: (words, h, w) on any grid covering the image; image: (3, h', w') the model's input,
     upsampled with the logits for PAMR. ``max_elements`` sizes the bands: the largest per-band
@@ -96,4 +95,4 @@ def top_class_bands(logits: Tensor, size: tuple[int, int], word_class: Tensor, n
         band = band[:, start - low:stop - low]
         probs = class_probabilities(band, word_class, groups, logit_scale)
         top_prob, top_class = decide(probs, num_classes, threshold)
-        yield start, top_prob.cpu().numpy(), top_class.cpu().numpy()
+        yield start, top_prob, top_class

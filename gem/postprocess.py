@@ -3,7 +3,9 @@
 Work happens at the original image resolution, in bands of rows: the (C, h, w) patch
 similarities are upsampled bilinearly one band at a time (the same values as a full
 ``F.interpolate(..., mode="bilinear")``), so a large photo with a large vocabulary never holds
-a (C, H, W) tensor. Masks are never materialised either: each class's COCO RLE is cut straight
+a (C, H, W) tensor. Everything up to the label map and each class's count, probability sum, peak
+and box runs on the similarities' device (``RegionStats``); the CPU gets the int16 label map
+and cuts the RLE. Masks are never materialised either: each class's COCO RLE is cut straight
 from the runs of the (column-major) label map, so memory stays at the label map plus its run
 boundaries however many classes are present (``ClassRegion.mask`` decodes on demand).
 """
@@ -70,8 +72,8 @@ class _Runs:
         classes, first = np.unique(self.values[order], return_index=True)
         self._slices = dict(zip(classes.tolist(), zip(first.tolist(), [*first[1:].tolist(), order.size])))
 
-    def region_of(self, class_id: int) -> tuple[dict, tuple[int, int, int, int]]:
-        """(COCO compressed RLE, bbox) of one class, from its runs alone."""
+    def rle_of(self, class_id: int) -> dict:
+        """One class's COCO compressed RLE, from its runs alone."""
         begin, end = self._slices[class_id]
         index = self._order[begin:end]
         starts, ends = self.starts[index], self.ends[index]
@@ -82,82 +84,115 @@ class _Runs:
             counts = counts[:-1]
         rle = mask_utils.frPyObjects({"size": [self.height, self.width], "counts": counts.tolist()},
                                      self.height, self.width)
-        h = self.height
-        first_col, last_col = starts // h, (ends - 1) // h
-        one_column = first_col == last_col
-        top = int(np.where(one_column, starts % h, 0).min())
-        bottom = int(np.where(one_column, (ends - 1) % h, h - 1).max())
-        left, right = int(first_col[0]), int(last_col[-1])
-        return ({"size": [self.height, self.width], "counts": rle["counts"].decode("ascii")},
-                (left, top, right - left + 1, bottom - top + 1))
+        return {"size": [self.height, self.width], "counts": rle["counts"].decode("ascii")}
 
 
 def _softmax_top_bands(similarities: torch.Tensor, size: tuple[int, int], thresholds: LabelingThresholds
-                       ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+                       ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     for start, band in upsampled_bands(similarities * thresholds.logit_scale, size):
         top_prob, top_class = torch.softmax(band, dim=0).max(dim=0)
-        top_prob, top_class = top_prob.cpu().numpy(), top_class.cpu().numpy()
         top_class[top_prob < thresholds.background_threshold] = BACKGROUND
         yield start, top_prob, top_class
 
 
+@dataclass
+class ClassStats:
+    """Per class, over the foreground pixels it wins: pixel count, sum of its probabilities, its
+    peak probability with the peak's flat (row-major) pixel index, and its box (x, y, w, h)."""
+
+    counts: np.ndarray
+    prob_sums: np.ndarray
+    peak_prob: np.ndarray
+    peak_index: np.ndarray
+    boxes: np.ndarray
+
+
+class RegionStats:
+    """``ClassStats`` accumulated band by band on the bands' own device (the model's GPU in a GPU
+    worker), so only the label map itself comes back to the CPU, for RLE.
+
+    Background pixels go to one extra bin rather than being filtered out: boolean indexing would
+    wait for the device. The probability sums are float64: for images up to a few megapixels
+    (sums < 2^22, probabilities >= 2^-6, float32 each) they are exact, so the order in which a
+    device adds them does not change the scores."""
+
+    def __init__(self, num_classes: int, width: int, device: torch.device):
+        self.num_classes, self.width = num_classes, width
+        bins, big = num_classes + 1, torch.iinfo(torch.int64).max
+        self.counts = torch.zeros(bins, dtype=torch.int64, device=device)
+        self.prob_sums = torch.zeros(bins, dtype=torch.float64, device=device)
+        self.peak_prob = torch.full((bins,), -1.0, device=device)
+        self.peak_index = torch.zeros(bins, dtype=torch.int64, device=device)
+        self.low = torch.full((2, bins), big, dtype=torch.int64, device=device)    # first row, first column
+        self.high = torch.full((2, bins), -1, dtype=torch.int64, device=device)    # last row, last column
+
+    def add(self, start: int, top_prob: torch.Tensor, top_class: torch.Tensor) -> None:
+        """One band: rows ``start...`` of the top probability and class (or BACKGROUND)."""
+        classes = top_class.reshape(-1).long()
+        bins = torch.where(classes >= 0, classes, self.num_classes)
+        probs = top_prob.reshape(-1).float()
+        self.counts += torch.bincount(bins, minlength=self.num_classes + 1)
+        self.prob_sums.index_add_(0, bins, probs.double())
+        flat = torch.arange(bins.numel(), device=bins.device) + start * self.width
+        # the peak: the highest probability, the first pixel in raster order among equals
+        band_peak = torch.full_like(self.peak_prob, -1.0).scatter_reduce_(0, bins, probs, "amax")
+        at_peak = torch.where(probs == band_peak[bins], flat, torch.iinfo(torch.int64).max)
+        band_index = torch.full_like(self.peak_index, torch.iinfo(torch.int64).max).scatter_reduce_(
+            0, bins, at_peak, "amin")
+        better = band_peak > self.peak_prob  # an earlier band keeps its peak on a tie
+        self.peak_prob = torch.where(better, band_peak, self.peak_prob)
+        self.peak_index = torch.where(better, band_index, self.peak_index)
+        position = torch.stack((flat // self.width, flat % self.width))
+        index = bins.expand(2, -1)
+        self.low.scatter_reduce_(1, index, position, "amin")
+        self.high.scatter_reduce_(1, index, position, "amax")
+
+    def result(self) -> ClassStats:
+        """The classes' statistics on the CPU (background's bin dropped)."""
+        kept = slice(0, self.num_classes)
+        low, high = self.low[:, kept].cpu().numpy(), self.high[:, kept].cpu().numpy()
+        boxes = np.stack((low[1], low[0], high[1] - low[1] + 1, high[0] - low[0] + 1), axis=1)
+        return ClassStats(self.counts[kept].cpu().numpy(), self.prob_sums[kept].cpu().numpy(),
+                          self.peak_prob[kept].double().cpu().numpy(), self.peak_index[kept].cpu().numpy(), boxes)
+
+
 def label_image(similarities: Optional[torch.Tensor], size: tuple[int, int],
                 thresholds: LabelingThresholds = LabelingThresholds(),
-                top_bands: Optional[Iterable[tuple[int, np.ndarray, np.ndarray]]] = None,
+                top_bands: Optional[Iterable[tuple[int, torch.Tensor, torch.Tensor]]] = None,
                 num_classes: Optional[int] = None) -> tuple[np.ndarray, list[ClassRegion]]:
     """(C, h, w) cosine similarities -> (H, W) int16 label map (-1 background) and one region per
-    present class, ordered by class id.
+    present class, ordered by class id. Probabilities, the label map, counts, peaks and boxes are
+    computed on the similarities' device; the label map is copied to the CPU for the RLE.
 
     top_bands: instead of the similarities, (first row, top probability, class or -1) bands from
     another decision (``gem.dense``: synonyms, background names, PAMR), with ``num_classes``."""
     num_classes = num_classes if num_classes is not None else similarities.shape[0]
     height, width = size
     labels = np.empty((height, width), dtype=np.int16, order="F")  # column-major, as COCO RLE runs
-    counts = np.zeros(num_classes, dtype=np.int64)
-    prob_sums = np.zeros(num_classes, dtype=np.float64)
-    peak_prob = np.full(num_classes, -1.0)
-    peak_index = np.zeros(num_classes, dtype=np.int64)
     if top_bands is None:
         top_bands = _softmax_top_bands(similarities, size, thresholds)
+    stats: Optional[RegionStats] = None
     for start, top_prob, top_class in top_bands:
-        labels[start:start + top_class.shape[0]] = top_class
-        fg = top_class.reshape(-1) >= 0
-        classes, probs = top_class.reshape(-1)[fg], top_prob.reshape(-1)[fg]
-        flat_index = np.flatnonzero(fg) + start * width
-        counts += np.bincount(classes, minlength=num_classes)
-        prob_sums += np.bincount(classes, weights=probs, minlength=num_classes)
-        order = np.argsort(-probs, kind="stable")
-        present, first = np.unique(classes[order], return_index=True)
-        band_peak, band_index = probs[order[first]], flat_index[order[first]]
-        better = band_peak > peak_prob[present]
-        peak_prob[present[better]] = band_peak[better]
-        peak_index[present[better]] = band_index[better]
-    stats = ClassStats(counts, prob_sums, peak_prob, peak_index)
-    return labels, list(class_regions(labels, stats, thresholds.min_area))
-
-
-@dataclass
-class ClassStats:
-    """Per class, over the foreground pixels it wins: pixel count, sum of its probabilities, and
-    its peak probability with the peak's flat (row-major) pixel index."""
-
-    counts: np.ndarray
-    prob_sums: np.ndarray
-    peak_prob: np.ndarray
-    peak_index: np.ndarray
+        top_prob, top_class = torch.as_tensor(top_prob), torch.as_tensor(top_class)
+        stats = stats or RegionStats(num_classes, width, top_class.device)
+        stats.add(start, top_prob, top_class)
+        labels[start:start + top_class.shape[0]] = top_class.to(torch.int16).cpu().numpy()
+    if stats is None:  # an image without rows
+        stats = RegionStats(num_classes, width, torch.device("cpu"))
+    return labels, list(class_regions(labels, stats.result(), thresholds.min_area))
 
 
 def class_regions(labels: np.ndarray, stats: ClassStats, min_area: int = 1) -> Iterator[ClassRegion]:
     """One region per class with at least ``min_area`` pixels, in class order, each with its RLE
-    cut from the label map's runs: no per-class mask is ever built, so memory does not grow with
-    the number of classes present."""
+    cut from the label map's runs (the one per-region step on the CPU): no per-class mask is ever
+    built, so memory does not grow with the number of classes present."""
     width = labels.shape[1]
     present = np.flatnonzero(stats.counts >= min_area)
     if not present.size:
         return
     runs = _Runs(np.asfortranarray(labels))
     for class_id in present:
-        rle, bbox = runs.region_of(int(class_id))
         y, x = divmod(int(stats.peak_index[class_id]), width)
         yield ClassRegion(int(class_id), float(stats.prob_sums[class_id] / stats.counts[class_id]),
-                          float(stats.peak_prob[class_id]), (x, y), int(stats.counts[class_id]), bbox, rle)
+                          float(stats.peak_prob[class_id]), (x, y), int(stats.counts[class_id]),
+                          tuple(int(v) for v in stats.boxes[class_id]), runs.rle_of(int(class_id)))

@@ -146,7 +146,7 @@ def test_pamr_matches_reference(clip):
                                  thresholds.logit_scale, thresholds.background_threshold, settings, image,
                                  band_rows=64))
     assert len(bands) == 5  # 272 rows: halos clipped at the image's edges and cut inside it
-    labels = torch.cat([torch.from_numpy(band) for _, _, band in bands]).long()
+    labels = torch.cat([band for _, _, band in bands]).long()
     check_labels(labels, SLIDE["pamr_pred"][0], reference_probs)
     whole, _ = segmenter.regions(logits, tuple(image.shape[-2:]), vocabulary, thresholds, image)
     assert torch.equal(torch.from_numpy(whole).long(), labels)

@@ -13,15 +13,19 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import json, time, tracemalloc
     import numpy as np
-    from gem.postprocess import ClassStats, class_regions
+    import torch
+    from gem.postprocess import RegionStats, class_regions
     height, width, classes = 6000, 8000, 200
     rows = (np.arange(height, dtype=np.int16) // 300)[:, None]
     cols = (np.arange(width, dtype=np.int16) // 400)[None, :]
     labels = np.empty((height, width), dtype=np.int16, order="F")
     np.remainder(rows * 20 + cols, classes, out=labels)
     labels[:50, :50] = -1
-    counts = np.bincount(labels[labels >= 0].ravel(), minlength=classes)
-    stats = ClassStats(counts, counts * 0.5, np.full(classes, 0.9), np.zeros(classes, dtype=np.int64))
+    accumulated = RegionStats(classes, width, torch.device("cpu"))  # counts, peaks, boxes, band by band
+    for start in range(0, height, 500):
+        band = torch.from_numpy(np.ascontiguousarray(labels[start:start + 500]))
+        accumulated.add(start, torch.full(band.shape, 0.9), band)
+    stats = accumulated.result()
     tracemalloc.start()
     start = time.perf_counter()
     regions = [(r.class_id, r.area, r.bbox, len(r.rle["counts"])) for r in class_regions(labels, stats)]
