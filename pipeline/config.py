@@ -144,6 +144,10 @@ class LabelConfig:
     postprocess_threads: Optional[StrictInt] = Field(
         None, gt=0, description="label-map and RLE threads per actor; `null`: derived from the node "
                                 "(from `cpus_per_worker`)")
+    shards_per_worker: StrictInt = Field(
+        2, ge=1, description="shards a worker holds at once: the next one is read and decoded while the last "
+                             "one's final batches are labelled and written, so the model does not wait between "
+                             "shards; 1: one at a time")
     decode: DecodeMode = Field(
         "auto", description="`auto`: plain JPEGs decoded and resized on the GPU (nvJPEG) when the worker has one, "
                             "other images on the CPU; `cpu`; `gpu` (needs GPU workers)")

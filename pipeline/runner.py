@@ -308,7 +308,8 @@ class WorkerPool:
 
     def new_actor(self):
         name = f"{WORKER_PREFIX}-{self.run_id}-{len(self._actors)}"
-        actor = self._remote.options(name=name, max_restarts=0, **self.resources).remote(
+        actor = self._remote.options(name=name, max_restarts=0, max_concurrency=self.config.shards_per_worker,
+                                     **self.resources).remote(
             self.spec, None, self.torch_threads, self._vocabulary, self.sizing)
         self._actors.append(actor)
         return actor
@@ -378,23 +379,29 @@ def _error_text(err: BaseException) -> str:
 
 def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary: RunSummary,
                  on_result: Callable[[Shard, Optional[dict]], None]) -> None:
-    """Dispatch shards to the started actors until each is done or has failed for good. A
-    replacement actor gets shards only once it has started, so when a node is lost (and its
-    replacement cannot be placed yet) the surviving actors take its shards."""
+    """Dispatch shards to the started actors until each is done or has failed for good. Each
+    actor holds up to ``shards_per_worker`` shards (slots, dealt round-robin so a short queue is
+    spread over all actors). A replacement actor gets shards only once it has started, so when a
+    node is lost (and its replacement cannot be placed yet) the surviving actors take its shards."""
     config = pool.config
     queue: deque[Shard] = deque(todo)
     attempts: Counter = Counter()
-    idle = list(actors)
+    slots = config.shards_per_worker
+    idle = [actor for _ in range(slots) for actor in reversed(actors)]  # popped from the end: actors[0] first
     inflight: dict = {}
     starting: dict = {}  # describe() call -> replacement actor not yet known to be up
+    dead: set = set()  # actors already replaced: their other shards are only requeued
 
-    def replace(err: BaseException) -> None:
+    def replace(actor, err: BaseException) -> None:
+        ray.kill(actor)  # merely unreachable actors too, so no two workers label one shard
+        dead.add(actor)
+        idle[:] = [a for a in idle if a is not actor]
         summary.actor_restarts += 1
         if summary.actor_restarts > config.max_actor_restarts:
             raise WorkersLostError(f"{summary.actor_restarts} workers died (max_actor_restarts="
                                    f"{config.max_actor_restarts}); last: {_error_text(err)}") from None
-        actor = pool.new_actor()
-        starting[actor.describe.remote()] = actor
+        replacement = pool.new_actor()
+        starting[replacement.describe.remote()] = replacement
 
     while queue or inflight:
         while queue and idle:
@@ -405,20 +412,19 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
             actor = starting.pop(ready[0])
             try:
                 ray.get(ready[0])
-                idle.append(actor)
+                idle.extend([actor] * slots)
             except RayActorError as err:
-                ray.kill(actor)
-                replace(err)
+                replace(actor, err)
             continue
         actor, shard = inflight.pop(ready[0])
         try:
             marker = ray.get(ready[0])
         except RayActorError as err:  # the actor died (killed, OOM, node lost): redo the shard elsewhere
-            ray.kill(actor)  # merely unreachable actors too, so no two workers label one shard
             log.warning("worker died while labelling %s (%s); retrying elsewhere", shard.url, _error_text(err))
             attempts[shard] += 1
             _retry_or_fail(shard, attempts, queue, summary, _error_text(err), config, on_result)
-            replace(err)
+            if actor not in dead:  # one replacement per dead actor, however many shards it held
+                replace(actor, err)
             continue
         except RayTaskError as err:  # the shard could not be read
             attempts[shard] += 1

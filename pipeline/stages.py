@@ -10,9 +10,15 @@ and the time every stage waits for input ("_wait_s": it is starved) or for room 
 
 ``sequential=True`` runs the same stage functions one after another on the caller's thread (no
 overlap at all), so benchmarks can compare the two on the same code.
+
+Between shards, ``ReadingTurns`` lets a worker that holds two shards start reading the next one as
+soon as the current one's last sample has been read: the next shard's decoding then overlaps this
+one's last batches, post-processing and write, so the model does not wait while a shard drains
+and the next one fills.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -64,8 +70,14 @@ class ShardStages:
                     "batch_blocked_s", "model_wait_s", "model_blocked_s", "collect_wait_s"):
             timings[key] += 0.0  # every key exists before threads update them (one writer per key)
 
-    def run(self, samples: Iterable[dict]) -> list[dict]:
-        rows = self._run_sequential(samples) if self.settings.sequential else self._run_overlapped(samples)
+    def run(self, samples: Iterable[dict], read_done: Callable[[], None] = lambda: None) -> list[dict]:
+        """``read_done`` is called once the last sample has been read, or reading stopped: the
+        worker's next shard may start reading then (``ReadingTurns``)."""
+        run = self._run_sequential if self.settings.sequential else self._run_overlapped
+        try:
+            rows = run(samples, read_done)
+        finally:
+            read_done()
         rows.sort(key=lambda row: row["_index"])
         return rows
 
@@ -96,7 +108,7 @@ class ShardStages:
         return [submit(sample, output) for sample, output in pairs]
 
     # -- no overlap ------------------------------------------------------------------------------
-    def _run_sequential(self, samples: Iterable[dict]) -> list[dict]:
+    def _run_sequential(self, samples: Iterable[dict], read_done: Callable[[], None]) -> list[dict]:
         rows, batch = [], []
         for index, raw in self._timed_samples(samples):
             sample = self._decode(index, raw)
@@ -108,12 +120,13 @@ class ShardStages:
             if len(batch) == self.settings.batch_size:
                 rows += self._wait_and_postprocess(self._model(batch), self._postprocess)
                 batch = []
+        read_done()
         if batch:
             rows += self._wait_and_postprocess(self._model(batch), self._postprocess)
         return rows
 
     # -- overlapped ------------------------------------------------------------------------------
-    def _run_overlapped(self, samples: Iterable[dict]) -> list[dict]:
+    def _run_overlapped(self, samples: Iterable[dict], read_done: Callable[[], None]) -> list[dict]:
         size = self.settings.batch_size
         self._stop = threading.Event()
         decoded: queue.Queue = queue.Queue(maxsize=self.settings.queue_batches * size)  # futures, in order
@@ -124,7 +137,7 @@ class ShardStages:
         post_pool = ThreadPoolExecutor(self.settings.postprocess_threads, thread_name_prefix="postprocess")
         threads = [threading.Thread(target=self._guard, args=(body, out), name=name, daemon=True)
                    for name, body, out in (
-                       ("read", lambda: self._read(samples, decode_pool, decoded), decoded),
+                       ("read", lambda: self._read(samples, decode_pool, decoded, read_done), decoded),
                        ("batch", lambda: self._batch(decoded, batches), batches),
                        ("model", lambda: self._run_model(batches, outputs, post_pool), outputs))]
         for thread in threads:
@@ -186,9 +199,13 @@ class ShardStages:
         self.timings[wait_key] += time.perf_counter() - start
         return item
 
-    def _read(self, samples: Iterable[dict], pool: ThreadPoolExecutor, decoded: queue.Queue) -> None:
-        for index, raw in self._timed_samples(samples):
-            self._put(decoded, pool.submit(self._decode, index, raw), "read_blocked_s")
+    def _read(self, samples: Iterable[dict], pool: ThreadPoolExecutor, decoded: queue.Queue,
+              read_done: Callable[[], None]) -> None:
+        try:
+            for index, raw in self._timed_samples(samples):
+                self._put(decoded, pool.submit(self._decode, index, raw), "read_blocked_s")
+        finally:
+            read_done()
         self._put(decoded, _END, None)
 
     def _batch(self, decoded: queue.Queue, batches: queue.Queue) -> None:
@@ -238,3 +255,29 @@ class ShardStages:
                 self._wait_and_postprocess(launched, submit)
             else:
                 pending = launched
+
+
+class ReadingTurns:
+    """A worker's shards take turns at reading: ``turn()`` waits until no other shard of this
+    worker is reading, and yields the call that ends the turn (``ShardStages.run``'s ``read_done``;
+    it ends anyway when the block is left). With two shards given to a worker at once, the second
+    starts reading the moment the first has read its last sample, never earlier: at most one shard
+    fills while another drains, so memory and threads stay near one shard's."""
+
+    def __init__(self):
+        self._turn = threading.Semaphore(1)
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[Callable[[], None]]:
+        self._turn.acquire()
+        ended, lock = [False], threading.Lock()
+
+        def end() -> None:
+            with lock:
+                if not ended[0]:
+                    ended[0] = True
+                    self._turn.release()
+        try:
+            yield end
+        finally:
+            end()

@@ -37,7 +37,7 @@ from pipeline.reader import DecodedSample, decode_sample, error_text, iter_tar_s
 from pipeline.schema import table_from_rows
 from pipeline.shards import Shard
 from pipeline.sizing import Sizing, local_sizing
-from pipeline.stages import ShardStages, StageSettings
+from pipeline.stages import ReadingTurns, ShardStages, StageSettings
 from pipeline.storage import file_identity, remove, stat_file, write_bytes_atomic
 from pipeline.text_cache import read_cached, text_cache_key, text_cache_url, write_cached
 
@@ -113,6 +113,9 @@ class ShardLabeler:
                                    self._decode)
         self.stage_settings = StageSettings(sizing.batch_size, sizing.decode_threads, sizing.postprocess_threads)
         self._timings_lock = threading.Lock()  # post-processing threads add to one shard's timings
+        # Ray may run two label_shard calls at once (shards_per_worker): they take turns at reading,
+        # and one batch at a time goes to the model.
+        self._reading_turns, self._model_lock = ReadingTurns(), threading.Lock()
 
     def describe(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
@@ -163,7 +166,7 @@ class ShardLabeler:
         batch the model fails on (e.g. out of memory) is retried one image at a time."""
         start = time.perf_counter()
         try:  # similarities stay on the model's device: label maps are built there too
-            with self.feeder.on_stream():
+            with self._model_lock, self.feeder.on_stream():
                 images, ready = self.feeder.inputs(batch)
                 logits = self.segmenter.dense_logits(images, self.vocabulary)
                 wait = self.feeder.ready()
@@ -229,15 +232,20 @@ class ShardLabeler:
 
     def label_shard(self, shard: Shard, attempt: int = 0) -> dict:
         """Label a shard and commit it; returns its stats marker. Raises ShardReadError if the
-        shard cannot be read, having written nothing."""
-        started, wall = datetime.now(timezone.utc), time.perf_counter()
+        shard cannot be read, having written nothing. Called for two shards at once, the second
+        starts reading when the first has read its last sample (``ReadingTurns``)."""
         # Recorded before reading: a shard replaced later has another identity and is relabelled.
         input_identity = file_identity(stat_file(shard.url, self.config.storage_options))
         timings: Counter = Counter()
-        stages = ShardStages(self.stage_settings, self._decode_for_stages, lambda batch: self._launch(batch, timings),
-                             lambda sample, output: self._postprocess_row(shard, sample, output, timings),
-                             lambda sample: self._row(shard, sample), timings)
-        rows = stages.run(iter_tar_samples(shard.url, self.config.storage_options))
+        waited = time.perf_counter()
+        with self._reading_turns.turn() as read_done:
+            started, wall = datetime.now(timezone.utc), time.perf_counter()
+            timings["read_turn_wait_s"] += wall - waited
+            stages = ShardStages(self.stage_settings, self._decode_for_stages,
+                                 lambda batch: self._launch(batch, timings),
+                                 lambda sample, output: self._postprocess_row(shard, sample, output, timings),
+                                 lambda sample: self._row(shard, sample), timings)
+            rows = stages.run(iter_tar_samples(shard.url, self.config.storage_options), read_done)
         errors = Counter(row.pop("_kind") for row in rows if row["status"] == "error")
         for row in rows:
             row.pop("_index")

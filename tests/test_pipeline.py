@@ -135,6 +135,26 @@ def test_actor_killed_mid_shard_is_redone_elsewhere(base_config, tmp_path):
     assert leftovers == []
 
 
+def test_a_worker_overlaps_its_shards_only_when_it_holds_two(base_config, tmp_path):
+    """shards_per_worker: 2 (default) lets one Ray worker start the next shard while the last one
+    drains (Ray runs two of its calls at once); 1 labels them strictly one after another. The
+    labels are the same."""
+    write_shards(tmp_path / "in", shards=3, per_shard=16)
+    spans, rows = {}, {}
+    for slots in (1, 2):
+        config = load_config(None, {**base_config, "input": [str(tmp_path / "in" / "*.tar")], "num_workers": 1,
+                                    "output": str(tmp_path / f"out-{slots}"), "shards_per_worker": slots,
+                                    "batch_size": 2})
+        summary = run_labeling(config)
+        assert summary.shards_done == 3 and summary.actor_restarts == 0
+        markers = sorted(read_markers(OutputLayout(config.output)).values(), key=lambda m: m["started_at"])
+        spans[slots] = [(m["started_at"], m["finished_at"]) for m in markers]
+        rows[slots] = all_rows(config.output)
+    overlaps = {slots: sum(later[0] < earlier[1] for earlier, later in zip(s, s[1:])) for slots, s in spans.items()}
+    assert overlaps[1] == 0 and overlaps[2] >= 1, spans
+    assert rows[1] == rows[2]
+
+
 def test_reruns_skip_done_shards_and_guard_the_config(base_config, tmp_path):
     write_shards(tmp_path / "in", shards=2, per_shard=4)
     settings = {**base_config, "input": [str(tmp_path / "in" / "*.tar")]}

@@ -47,3 +47,43 @@ def test_overlapped_and_sequential_stages_write_the_same_labels_and_time_every_s
     for row in results[False]:
         if row["status"] == "ok":
             check_labels(row)
+
+
+def test_two_shards_at_once_on_one_worker_write_what_one_at_a_time_writes(base_config, tmp_path):
+    """As Ray runs a worker holding two shards (max_concurrency 2): the second reads while the
+    first drains, the model takes one batch at a time, and both Parquet files equal those of
+    shards labelled one after the other."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.outputs import all_rows
+    from tests.shards import varied_samples, write_shard
+
+    urls = [str(write_shard(tmp_path / f"in/s-{i}.tar", varied_samples(9, prefix=f"s{i}-"))) for i in range(2)]
+    results = {}
+    for together in (False, True):
+        output = str(tmp_path / f"out-{together}")
+        config = load_config(None, {**base_config, "input": urls, "output": output, "batch_size": 2})
+        labeler = ShardLabeler(build_spec(config), device="cpu", torch_threads=1)
+        dense_logits, inside, most = labeler.segmenter.dense_logits, [0], [0]
+        lock = threading.Lock()
+
+        def counted(images, vocabulary, dense_logits=dense_logits):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            try:
+                return dense_logits(images, vocabulary)
+            finally:
+                with lock:
+                    inside[0] -= 1
+        labeler.segmenter.dense_logits = counted
+        shards = [Shard(url, f"s-{i}") for i, url in enumerate(urls)]
+        with ThreadPoolExecutor(2 if together else 1) as pool:
+            markers = list(pool.map(labeler.label_shard, shards))
+        assert [m["samples"] for m in markers] == [9, 9] and most[0] == 1
+        results[together] = all_rows(output)
+        if together:  # the second shard waited for the first one's reading, not for all of it
+            first, second = sorted(markers, key=lambda m: m["started_at"])
+            assert second["timings"]["read_turn_wait_s"] > 0 and second["started_at"] < first["finished_at"]
+    assert results[True] == results[False]
