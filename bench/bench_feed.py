@@ -1,20 +1,24 @@
 """Does the worker keep an accelerator fed? A stand-in model on this machine, or the real one on a GPU.
 
-    python -m bench.bench_feed --images 160 --hd-images 40 --batch 8 --threads 2
+    python -m bench.bench_feed --images 128 --hd-images 96 --shards 4 --batch 8
 
 Stand-in mode (default; no GPU needed): the model is replaced by a stand-in that takes a fixed
 time per batch while releasing the GIL (``time.sleep``, as a GPU kernel leaves the CPU free) and
 returns smooth similarities of the real shape (classes x 28 x 28 for 448 px). Everything else is
 the real worker: tar shards on disk, Pillow decode, resize, label maps at the image's own size,
-COCO RLE, Parquet. Two image sets: real VOC photos (JPEG) and generated 1920x1080 JPEGs.
+COCO RLE, Parquet. Two image sets: real VOC photos (JPEG) and generated 1920x1080 JPEGs, each
+split into ``--shards`` shards labelled by one worker, as a run of several shards is.
 
 For each set it measures
   1. the CPU cost of every stage, ms per image, in sequential mode with a zero-time model, and the
      cores a GPU labelling 2,000 images/s would need at that cost;
   2. what the CPU stages sustain with the overlapped stages and a zero-time model;
-  3. for stand-in rates below that (fractions of it), end-to-end images/s of the overlapped worker,
-     the same stages run sequentially, and today's worker (``git show REV:pipeline/worker.py``),
-     each as a fraction of the stand-in's rate, round-robin in one run.
+  3. for stand-in rates below that (fractions of it), end-to-end images/s over all the shards of
+     the overlapped worker holding two shards at once (as Ray runs it, ``shards_per_worker: 2``),
+     the same worker one shard at a time, the same stages run sequentially, and the worker before
+     issue 12 ("today" in the issue: ``--baseline-rev``, run from an export of that revision in a
+     process of its own, ``bench/feed_legacy.py``), each as a fraction of the stand-in's rate,
+     variant after variant in one run.
 
 GPU mode (``--gpu``): the real model (random weights) on CUDA, bf16; model-only images/s over a
 batch-size sweep, the fast vs the naive GEM path, and end-to-end images/s with GPU and CPU decode.
@@ -22,7 +26,6 @@ batch-size sweep, the fast vs the naive GEM path, and end-to-end images/s with G
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
@@ -30,24 +33,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.runner import build_spec  # noqa: E402
 from pipeline.shards import Shard  # noqa: E402
+from bench.feed_legacy import CLASSES, StandIn  # noqa: E402
 from tests.shards import write_shard  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO_DIRS = [ROOT / "tests/data/voc", Path("/work/shared/data/voc2012-val-crops")]
-CLASSES = ["person", "dog", "cat", "sofa", "car", "bus", "bird", "chair", "table", "plant"]
+BASELINE_REV = "bc19c8f"  # the last commit before the overlapped stages (issue 12)
 STAGES = ("read_s", "decode_s", "resize_s", "postprocess_s", "rle_s", "write_s")
 
 
@@ -75,38 +80,33 @@ def make_shard(folder: Path, name: str, images: list[bytes]) -> str:
     return str(write_shard(folder / f"{name}.tar", samples))
 
 
-class StandIn:
-    """A model that takes ``seconds`` per batch with the GIL released, returning (B, C, h, w)
-    similarities with a few smooth regions per image, like a real segmenter's."""
+class LegacyWorker:
+    """Today's worker before issue 12 (``--baseline-rev``), in a process of its own run from an
+    export of that revision (``bench/feed_legacy.py``), fed the same shards."""
 
-    def __init__(self, classes: int, grid: tuple[int, int]):
-        self.classes, self.grid, self.seconds = classes, grid, 0.0
-        self.generator = torch.Generator().manual_seed(0)
+    def __init__(self, rev: str, folder: Path, args):
+        export = folder / f"legacy-{rev}"
+        export.mkdir()
+        archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(export)], input=archive, check=True)
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench/feed_legacy.py"), str(folder / "out-legacy"),
+             str(ROOT / "tests/data/models/gemtest-micro.json"), str(args.batch), str(args.decode_threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(export)}, cwd=str(export))
+        assert json.loads(self.process.stdout.readline())["ready"]
 
-    def __call__(self, images: torch.Tensor, vocabulary=None) -> torch.Tensor:
-        if self.seconds:
-            time.sleep(self.seconds)
-        coarse = torch.rand(images.shape[0], self.classes, 4, 4, generator=self.generator)
-        return 0.15 + 0.2 * F.interpolate(coarse, size=self.grid, mode="bilinear", align_corners=False)
+    def run(self, urls: list[str], seconds: float) -> float:
+        self.process.stdin.write(json.dumps({"seconds": seconds, "urls": urls}) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())["img_s"]
 
-
-def legacy_labeler_class(rev: str):
-    """Today's worker (before the overlapped stages), loaded from git as a module."""
-    source = subprocess.run(["git", "show", f"{rev}:pipeline/worker.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    spec = importlib.util.spec_from_loader("legacy_worker", loader=None)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["legacy_worker"] = module  # dataclasses look their module up
-    exec(compile(source, f"{rev}:pipeline/worker.py", "exec"), module.__dict__)
-    return module.ShardLabeler
-
-
-def baseline_rev() -> str:
-    result = subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True)
-    return result.stdout.strip() or "main"
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
 
 
-def build_labelers(out: Path, args) -> dict:
+def build_labelers(out: Path, args):
     from pipeline.worker import ShardLabeler
     config = load_config(None, {
         "input": ["unused.tar"], "output": str(out), "vocab": CLASSES, "model": "gemtest-micro",
@@ -118,45 +118,46 @@ def build_labelers(out: Path, args) -> dict:
     overlapped = ShardLabeler(spec, device="cpu", torch_threads=1)
     sequential = ShardLabeler(spec, device="cpu", torch_threads=1)
     sequential.stage_settings = replace(sequential.stage_settings, sequential=True)
-    labelers = {"overlapped": overlapped, "sequential": sequential}
-    if not args.no_legacy:
-        labelers["today"] = legacy_labeler_class(args.baseline_rev or baseline_rev())(spec, device="cpu",
-                                                                                       torch_threads=1)
-    for labeler in labelers.values():
+    for labeler in (overlapped, sequential):
         labeler.segmenter.patch_similarities = stand_in
-    return {"labelers": labelers, "stand_in": stand_in}
+    return overlapped, sequential, stand_in
 
 
-def run_shard(labeler, url: str, name: str) -> tuple[float, dict]:
+def run_shards(labeler, urls: list[str], slots: int) -> tuple[float, list[dict]]:
+    """Images/s of labelling ``urls`` on one worker holding ``slots`` shards at once, as Ray runs
+    it (``shards_per_worker``: that many label_shard calls in flight on the actor)."""
+    shards = [Shard(url, Path(url).stem) for url in urls]
     start = time.perf_counter()
-    marker = labeler.label_shard(Shard(url, name))
-    return marker["samples"] / (time.perf_counter() - start), marker
+    with ThreadPoolExecutor(slots) as pool:
+        markers = list(pool.map(labeler.label_shard, shards))
+    return sum(m["samples"] for m in markers) / (time.perf_counter() - start), markers
 
 
-def bench_set(name: str, url: str, images: int, setup: dict, args) -> dict:
-    labelers, stand_in = setup["labelers"], setup["stand_in"]
+def bench_set(name: str, urls: list[str], images: int, setup, legacy: Optional[LegacyWorker], args) -> dict:
+    overlapped, sequential, stand_in = setup
     stand_in.seconds = 0.0
-    run_shard(labelers["overlapped"], url, name)  # warm-up: page cache, allocator, text encodes
-    _, marker = run_shard(labelers["sequential"], url, name)
-    cost_ms = {k[:-2]: 1000 * marker["timings"].get(k, 0.0) / images for k in STAGES}
-    capacity, _ = run_shard(labelers["overlapped"], url, name)
-    result = {"images": images, "cpu_ms_per_image": {k: round(v, 2) for k, v in cost_ms.items()},
+    run_shards(overlapped, urls[:1], 1)  # warm-up: page cache, allocator, text encodes
+    _, markers = run_shards(sequential, urls, 1)
+    cost_ms = {k[:-2]: 1000 * sum(m["timings"].get(k, 0.0) for m in markers) / images for k in STAGES}
+    capacity, _ = run_shards(overlapped, urls, 2)
+    result = {"images": images, "shards": len(urls), "cpu_ms_per_image": {k: round(v, 2) for k, v in cost_ms.items()},
               "cpu_ms_per_image_total": round(sum(cost_ms.values()), 2),
               "cores_per_gpu_at_2000_img_s": round(sum(cost_ms.values()) * 2000 / 1000, 1),
               "cpu_stages_img_s": round(capacity, 2), "rates": []}
+    variants = {"overlapped": lambda: run_shards(overlapped, urls, 2)[0],
+                "one_shard_at_a_time": lambda: run_shards(overlapped, urls, 1)[0],
+                "sequential": lambda: run_shards(sequential, urls, 1)[0]}
+    if legacy is not None:
+        variants["today"] = lambda: legacy.run(urls, stand_in.seconds)
     for fraction in args.fractions:
         target = fraction * capacity
         stand_in.seconds = args.batch / target
         row = {"fraction_of_cpu_capacity": fraction, "stand_in_img_s": round(target, 2)}
-        for variant, labeler in labelers.items():
-            rate, marker = run_shard(labeler, url, name)
-            row[variant] = round(rate / target, 3)
-            if variant == "overlapped":
-                row["overlapped_waits_s"] = {k: round(v, 2) for k, v in marker["timings"].items()
-                                             if k.endswith(("_wait_s", "_blocked_s"))}
-        if "today" in row:
-            row["overlapped_vs_today"] = round(row["overlapped"] / row["today"], 3)
-        row["overlapped_vs_sequential"] = round(row["overlapped"] / row["sequential"], 3)
+        for variant, run in variants.items():
+            row[variant] = round(run() / target, 3)
+        for other in ("today", "one_shard_at_a_time", "sequential"):
+            if other in row:
+                row[f"overlapped_vs_{other}"] = round(row["overlapped"] / row[other], 3)
         result["rates"].append(row)
         print(name, json.dumps(row), file=sys.stderr, flush=True)
     return result
@@ -188,25 +189,26 @@ def bench_gpu(args) -> dict:  # pragma: no cover - needs a GPU
     with tempfile.TemporaryDirectory() as tmp:
         pictures = photos()
         hd = [jpeg(hd_image(pictures[i % len(pictures)], i)) for i in range(args.gpu_images)]
-        url = make_shard(Path(tmp), "gpu-hd", hd)
+        per_shard = -(-len(hd) // args.shards)
+        urls = [make_shard(Path(tmp), f"gpu-hd-{k}", hd[k * per_shard:(k + 1) * per_shard]) for k in range(args.shards)]
         for decode in ("gpu", "cpu"):
             for batch in args.gpu_batches:
-                config = load(None, {"input": [url], "output": f"{tmp}/out-{decode}-{batch}", "vocab": CLASSES,
+                config = load(None, {"input": urls, "output": f"{tmp}/out-{decode}-{batch}", "vocab": CLASSES,
                                      "pretrained": "none", "batch_size": batch, "decode": decode,
                                      "decode_threads": args.decode_threads, "progress": False})
                 labeler = ShardLabeler(build_spec(config), device="cuda", torch_threads=2)
-                run_shard(labeler, url, "gpu-hd")
-                rate, marker = run_shard(labeler, url, "gpu-hd")
+                run_shards(labeler, urls[:1], 1)  # warm-up
+                rate, markers = run_shards(labeler, urls, 2)
                 results["end_to_end"][f"{decode}-decode-b{batch}"] = {"img_s": round(rate, 1),
-                                                                     "timings": marker["timings"]}
+                                                                     "timings": markers[-1]["timings"]}
                 print(json.dumps(results["end_to_end"]), file=sys.stderr, flush=True)
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=160, help="VOC photos in the VOC shard (cycled)")
-    parser.add_argument("--hd-images", type=int, default=40, help="1920x1080 JPEGs in the HD shard")
+    parser.add_argument("--images", type=int, default=128, help="VOC photos (cycled), split into --shards shards")
+    parser.add_argument("--hd-images", type=int, default=96, help="1920x1080 JPEGs, split into --shards shards")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (stand-in mode: 1 per thread)")
     parser.add_argument("--decode-threads", type=int, default=2)
@@ -214,7 +216,9 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.8],
                         help="stand-in rates as fractions of what the CPU stages sustain")
     parser.add_argument("--sets", nargs="+", default=["voc", "hd"])
-    parser.add_argument("--baseline-rev", default=None, help="git revision of today's worker (default: merge-base with main)")
+    parser.add_argument("--shards", type=int, default=4, help="shards each image set is split into")
+    parser.add_argument("--baseline-rev", default=BASELINE_REV,
+                        help="git revision of the worker before issue 12 ('today' in the issue)")
     parser.add_argument("--no-legacy", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="measure the real model on CUDA instead")
     parser.add_argument("--gpu-batches", type=int, nargs="+", default=[16, 32, 64, 128])
@@ -231,11 +235,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         setup = build_labelers(folder / "out", args)
+        legacy = None if args.no_legacy else LegacyWorker(args.baseline_rev, folder, args)
         data = {"voc": [jpeg(pictures[i % len(pictures)]) for i in range(args.images)],
                 "hd": [jpeg(hd_image(pictures[i % len(pictures)], i)) for i in range(args.hd_images)]}
-        for name in args.sets:
-            url = make_shard(folder, name, data[name])
-            report["sets"][name] = bench_set(name, url, len(data[name]), setup, args)
+        try:
+            for name in args.sets:
+                per_shard = -(-len(data[name]) // args.shards)
+                urls = [make_shard(folder, f"{name}-{k}", data[name][k * per_shard:(k + 1) * per_shard])
+                        for k in range(args.shards)]
+                report["sets"][name] = bench_set(name, urls, len(data[name]), setup, legacy, args)
+        finally:
+            if legacy is not None:
+                legacy.close()
     report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=1))
 
