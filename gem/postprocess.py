@@ -156,13 +156,13 @@ class RegionStats:
                           self.peak_prob[kept].double().cpu().numpy(), self.peak_index[kept].cpu().numpy(), boxes)
 
 
-def label_image(similarities: Optional[torch.Tensor], size: tuple[int, int],
-                thresholds: LabelingThresholds = LabelingThresholds(),
-                top_bands: Optional[Iterable[tuple[int, torch.Tensor, torch.Tensor]]] = None,
-                num_classes: Optional[int] = None) -> tuple[np.ndarray, list[ClassRegion]]:
-    """(C, h, w) cosine similarities -> (H, W) int16 label map (-1 background) and one region per
-    present class, ordered by class id. Probabilities, the label map, counts, peaks and boxes are
-    computed on the similarities' device; the label map is copied to the CPU for the RLE.
+def label_map(similarities: Optional[torch.Tensor], size: tuple[int, int],
+              thresholds: LabelingThresholds = LabelingThresholds(),
+              top_bands: Optional[Iterable[tuple[int, torch.Tensor, torch.Tensor]]] = None,
+              num_classes: Optional[int] = None) -> tuple[np.ndarray, ClassStats]:
+    """(C, h, w) cosine similarities -> (H, W) int16 label map (-1 background) on the CPU and each
+    class's statistics. Probabilities, the label map, counts, peaks and boxes are computed on the
+    similarities' device; the label map is copied to the CPU, for the RLE (``class_regions``).
 
     top_bands: instead of the similarities, (first row, top probability, class or -1) bands from
     another decision (``gem.dense``: synonyms, background names, PAMR), with ``num_classes``."""
@@ -179,7 +179,17 @@ def label_image(similarities: Optional[torch.Tensor], size: tuple[int, int],
         labels[start:start + top_class.shape[0]] = top_class.to(torch.int16).cpu().numpy()
     if stats is None:  # an image without rows
         stats = RegionStats(num_classes, width, torch.device("cpu"))
-    return labels, list(class_regions(labels, stats.result(), thresholds.min_area))
+    return labels, stats.result()
+
+
+def label_image(similarities: Optional[torch.Tensor], size: tuple[int, int],
+                thresholds: LabelingThresholds = LabelingThresholds(),
+                top_bands: Optional[Iterable[tuple[int, torch.Tensor, torch.Tensor]]] = None,
+                num_classes: Optional[int] = None) -> tuple[np.ndarray, list[ClassRegion]]:
+    """``label_map``, then one region per present class (at least ``thresholds.min_area``
+    pixels), ordered by class id."""
+    labels, stats = label_map(similarities, size, thresholds, top_bands, num_classes)
+    return labels, list(class_regions(labels, stats, thresholds.min_area))
 
 
 def class_regions(labels: np.ndarray, stats: ClassStats, min_area: int = 1) -> Iterator[ClassRegion]:

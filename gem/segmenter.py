@@ -4,7 +4,7 @@ class names to regions.
 Pipeline per batch: resize (square or short side, ``gem.windows``) -> the model, whole image or
 sliding windows with the crops of all images batched (``dense_logits``) -> per image, in bands at
 its own size: upsampling, optional PAMR, synonyms and background (``gem.dense``) -> regions
-(``gem.postprocess.label_image``)."""
+(``gem.postprocess.label_map``, then ``class_regions``)."""
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +20,7 @@ from gem.dense import top_class_bands
 from gem.heads import HEAD_METHODS, LastBlockTower
 from gem.loading import LoadedCLIP, load_clip
 from gem.pamr import PAMRSettings
-from gem.postprocess import ClassRegion, LabelingThresholds, label_image
+from gem.postprocess import ClassRegion, ClassStats, LabelingThresholds, class_regions, label_map
 from gem.preprocess import image_to_tensor
 from gem.settings import GEMSettings
 from gem.templates import TemplateSpec
@@ -155,15 +155,23 @@ class GEMSegmenter:
             return grouped_similarities(similarities, images, self.inference.max_batch)
         return slide_logits(similarities, images, self.inference.slide, self.inference.max_batch)
 
-    def regions(self, logits: torch.Tensor, size: tuple[int, int], vocabulary: Vocabulary,
-                thresholds: LabelingThresholds = LabelingThresholds(), image: Optional[torch.Tensor] = None
-                ) -> tuple[np.ndarray, list[ClassRegion]]:
-        """One image's ``dense_logits`` -> (label map, regions) at ``size`` (height, width), the
-        image's own. ``image``: its model input, needed for PAMR."""
+    def label_map(self, logits: torch.Tensor, size: tuple[int, int], vocabulary: Vocabulary,
+                  thresholds: LabelingThresholds = LabelingThresholds(), image: Optional[torch.Tensor] = None
+                  ) -> tuple[np.ndarray, ClassStats]:
+        """One image's ``dense_logits`` -> (label map on the CPU, each class's statistics) at
+        ``size`` (height, width), the image's own, computed on the logits' device. ``image``: its
+        model input, needed for PAMR."""
         bands = top_class_bands(logits, size, vocabulary.word_class.to(logits.device), len(vocabulary),
                                 thresholds.logit_scale, thresholds.background_threshold,
                                 self.inference.pamr, None if image is None else image.to(logits.device))
-        return label_image(None, size, thresholds, top_bands=bands, num_classes=len(vocabulary))
+        return label_map(None, size, thresholds, top_bands=bands, num_classes=len(vocabulary))
+
+    def regions(self, logits: torch.Tensor, size: tuple[int, int], vocabulary: Vocabulary,
+                thresholds: LabelingThresholds = LabelingThresholds(), image: Optional[torch.Tensor] = None
+                ) -> tuple[np.ndarray, list[ClassRegion]]:
+        """``label_map``, then one region per present class (COCO RLE cut on the CPU)."""
+        labels, stats = self.label_map(logits, size, vocabulary, thresholds, image)
+        return labels, list(class_regions(labels, stats, thresholds.min_area))
 
     def label(self, images: Sequence[Image.Image], vocabulary: Vocabulary,
               input_size: Optional[tuple[int, int]] = None,

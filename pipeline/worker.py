@@ -26,6 +26,7 @@ import torch
 
 from gem import GEMSegmenter
 from gem.loading import RANDOM_WEIGHTS
+from gem.postprocess import class_regions
 from gem.vocabulary import Vocabulary
 from pipeline.components import prompt_points
 from pipeline.config import LabelConfig
@@ -193,10 +194,11 @@ class ShardLabeler:
         start = time.perf_counter()
         labelled = start
         try:
-            _, regions = self.segmenter.regions(output, (sample.height, sample.width), self.vocabulary,
-                                                self.thresholds, sample.tensor)
-            labelled = time.perf_counter()
-            labels = [label_record(r, self.vocabulary.class_names, self._points(r)) for r in regions]
+            label_map, stats = self.segmenter.label_map(output, (sample.height, sample.width), self.vocabulary,
+                                                        self.thresholds, sample.tensor)  # on the model's device
+            labelled = time.perf_counter()  # the rest on the CPU: RLE, records
+            labels = [label_record(r, self.vocabulary.class_names, self._points(r))
+                      for r in class_regions(label_map, stats, self.thresholds.min_area)]
             row = self._row(shard, sample, labels=labels)
         except Exception as err:  # this image's failure only
             row = self._error_row(shard, sample, "label", err)
