@@ -380,14 +380,14 @@ def _error_text(err: BaseException) -> str:
 def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary: RunSummary,
                  on_result: Callable[[Shard, Optional[dict]], None]) -> None:
     """Dispatch shards to the started actors until each is done or has failed for good. Each
-    actor holds up to ``shards_per_worker`` shards (slots, dealt round-robin so a short queue is
-    spread over all actors). A replacement actor gets shards only once it has started, so when a
-    node is lost (and its replacement cannot be placed yet) the surviving actors take its shards."""
+    actor holds up to ``shards_per_worker`` shards (``_next_slot``). A replacement actor gets
+    shards only once it has started, so when a node is lost (and its replacement cannot be placed
+    yet) the surviving actors take its shards."""
     config = pool.config
     queue: deque[Shard] = deque(todo)
     attempts: Counter = Counter()
     slots = config.shards_per_worker
-    idle = [actor for _ in range(slots) for actor in reversed(actors)]  # popped from the end: actors[0] first
+    idle = [actor for _ in range(slots) for actor in reversed(actors)]  # free slots; actors[0] first
     inflight: dict = {}
     starting: dict = {}  # describe() call -> replacement actor not yet known to be up
     dead: set = set()  # actors already replaced: their other shards are only requeued
@@ -405,7 +405,10 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
 
     while queue or inflight:
         while queue and idle:
-            actor, shard = idle.pop(), queue.popleft()
+            actor = _next_slot(idle, inflight, len(queue))
+            if actor is None:
+                break
+            shard = queue.popleft()
             inflight[actor.label_shard.remote(shard, attempts[shard])] = (actor, shard)
         ready, _ = ray.wait([*inflight, *starting], num_returns=1)
         if ready[0] in starting:
@@ -437,6 +440,18 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
         summary.image_errors += marker["errors"]
         summary.labels += marker["labels"]
         on_result(shard, marker)
+
+
+def _next_slot(idle: list, inflight: dict, queued: int):
+    """The free slot to give the next shard (removed from ``idle``), or None to keep it queued:
+    an actor holding no shard first (the most recently freed); another shard for a busy actor only
+    while every actor can get one, so that at the end of a run no shard waits behind another on
+    one actor while a second actor has nothing to do."""
+    holding = Counter(actor for actor, _ in inflight.values())
+    for position in range(len(idle) - 1, -1, -1):
+        if not holding[idle[position]]:
+            return idle.pop(position)
+    return idle.pop() if queued >= len(set(idle) | set(holding)) else None
 
 
 def _retry_or_fail(shard: Shard, attempts: Counter, queue: deque, summary: RunSummary, error: str,
