@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gem.vision import GEMTokens, _merge_heads, _split_heads, check_supported, embed_patches
+from gem.vision import GEMTokens, PatchTower, _merge_heads, _split_heads
 
 Tensor = torch.Tensor
 
@@ -61,7 +61,7 @@ def neighbourhood_bias(grid: tuple[int, int], std: float) -> Tensor:
     return F.pad(patches, (1, 0, 1, 0))
 
 
-class LastBlockTower(nn.Module):
+class LastBlockTower(PatchTower):
     """An open_clip ViT whose last block runs one of ``HEAD_METHODS``.
 
     gaussian_std: the neighbourhood's standard deviation in patches (naclip only; default 5, the
@@ -69,29 +69,13 @@ class LastBlockTower(nn.Module):
     """
 
     def __init__(self, visual: nn.Module, method: str = "naclip", gaussian_std: float = 5.0):
-        super().__init__()
-        check_supported(visual)
+        super().__init__(visual, resample_positions_dino, cached_grids=17)
         if method not in HEAD_METHODS:
             raise ValueError(f"method must be one of {', '.join(HEAD_METHODS)}; got {method!r}")
         if method == "naclip" and not gaussian_std > 0:
             raise ValueError(f"gaussian_std must be positive, got {gaussian_std}")
-        self.visual, self.method, self.gaussian_std = visual, method, gaussian_std
-        self.patch_size: tuple[int, int] = tuple(visual.patch_size)
-        self._pos_cache: dict[tuple, Tensor] = {}
+        self.method, self.gaussian_std = method, gaussian_std
         self._bias_cache: dict[tuple, Tensor] = {}
-
-    def grid_for(self, height: int, width: int) -> tuple[int, int]:
-        return height // self.patch_size[0], width // self.patch_size[1]
-
-    def _positional_embedding(self, grid: tuple[int, int], dtype: torch.dtype) -> Tensor:
-        pos = self.visual.positional_embedding
-        key = (grid, pos.device, dtype, pos._version)
-        if key not in self._pos_cache:
-            if len(self._pos_cache) > 16:
-                self._pos_cache.clear()
-            resampled = resample_positions_dino(pos.detach(), tuple(self.visual.grid_size), grid)
-            self._pos_cache[key] = resampled.to(dtype)
-        return self._pos_cache[key]
 
     def _bias(self, grid: tuple[int, int], like: Tensor) -> Tensor:
         key = (grid, like.device, like.dtype)
@@ -100,9 +84,6 @@ class LastBlockTower(nn.Module):
                 self._bias_cache.clear()
             self._bias_cache[key] = neighbourhood_bias(grid, self.gaussian_std).to(like.device, like.dtype)
         return self._bias_cache[key]
-
-    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        return embed_patches(self.visual, images, self._positional_embedding)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int]) -> Tensor:
         if self.method == "vanilla":

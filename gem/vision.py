@@ -94,7 +94,45 @@ def _attention_naive(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return weights @ v
 
 
-class GEMVisionTower(nn.Module):
+Resampler = Callable[[Tensor, tuple[int, int], tuple[int, int]], Tensor]
+"""``(pos_embed, old_grid, new_grid) -> pos_embed``: the class+grid embedding on the new grid."""
+
+
+class PatchTower(nn.Module):
+    """An open_clip ViT's patch grid and positional embedding, shared by the GEM and last-block
+    towers, which differ only in how the learned grid is resampled (each as its reference does).
+
+    resample: a ``Resampler``; cached_grids: how many resampled embeddings (per grid, device, dtype
+    and parameter version) to keep before the cache is emptied.
+    """
+
+    def __init__(self, visual: nn.Module, resample: Resampler, cached_grids: int):
+        super().__init__()
+        check_supported(visual)
+        self.visual = visual
+        self.patch_size: tuple[int, int] = tuple(visual.patch_size)
+        self._resample = resample
+        self._cached_grids = cached_grids
+        self._pos_cache: dict[tuple, Tensor] = {}
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.patch_size[0], width // self.patch_size[1]
+
+    def _positional_embedding(self, grid: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        pos = self.visual.positional_embedding
+        key = (grid, pos.device, dtype, pos._version)
+        if key not in self._pos_cache:
+            if len(self._pos_cache) >= self._cached_grids:
+                self._pos_cache.clear()
+            resampled = self._resample(pos.detach(), tuple(self.visual.grid_size), grid)
+            self._pos_cache[key] = resampled.to(dtype)
+        return self._pos_cache[key]
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        return embed_patches(self.visual, images, self._positional_embedding)
+
+
+class GEMVisionTower(PatchTower):
     """Dual-path forward over an open_clip ``VisionTransformer``.
 
     depth: GEM acts on the last ``depth - 1`` blocks (paper default 7).
@@ -106,8 +144,7 @@ class GEMVisionTower(nn.Module):
 
     def __init__(self, visual: nn.Module, depth: int = 7, iters: int = 1,
                  inv_temperature: Optional[float] = None, fast: bool = True):
-        super().__init__()
-        check_supported(visual)
+        super().__init__(visual, resample_positional_embedding, cached_grids=1)
         layers = len(visual.transformer.resblocks)
         if not 1 <= depth <= layers:
             raise ValueError(f"depth must be between 1 and the number of blocks ({layers}), got {depth}")
@@ -115,28 +152,10 @@ class GEMVisionTower(nn.Module):
             raise ValueError(f"iters must be >= 0, got {iters}")
         if inv_temperature is not None and inv_temperature <= 0:
             raise ValueError(f"inv_temperature must be positive or None (adaptive), got {inv_temperature}")
-        self.visual = visual
         self.depth, self.iters, self.inv_temperature = depth, iters, inv_temperature
         self.num_gem_blocks = depth - 1
-        self.patch_size: tuple[int, int] = tuple(visual.patch_size)
         self._attention: Callable = F.scaled_dot_product_attention if fast else _attention_naive
         self._self_self: Callable = self_self_attention if fast else self_self_attention_naive
-        self._pos_cache: dict[tuple, Tensor] = {}
-
-    def grid_for(self, height: int, width: int) -> tuple[int, int]:
-        return height // self.patch_size[0], width // self.patch_size[1]
-
-    def _positional_embedding(self, grid: tuple[int, int], dtype: torch.dtype) -> Tensor:
-        pos = self.visual.positional_embedding
-        key = (grid, pos.device, dtype, pos._version)
-        if key not in self._pos_cache:
-            self._pos_cache.clear()
-            resampled = resample_positional_embedding(pos.detach(), tuple(self.visual.grid_size), grid)
-            self._pos_cache[key] = resampled.to(dtype)
-        return self._pos_cache[key]
-
-    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        return embed_patches(self.visual, images, self._positional_embedding)
 
     def _original_block(self, block: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         x = x + block.ls_1(block.attn.out_proj(_merge_heads(self._attention(q, k, v))))

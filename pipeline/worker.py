@@ -34,6 +34,7 @@ from pipeline.device_feed import DeviceFeeder, gpu_ready_jpeg, resolve_decode
 from pipeline.encode import label_record
 from pipeline.inference import segmenter_settings
 from pipeline.manifest import OutputLayout, write_json
+from pipeline.marker import shard_marker
 from pipeline.reader import DecodedSample, decode_sample, error_text, iter_tar_samples
 from pipeline.schema import table_from_rows
 from pipeline.shards import Shard
@@ -260,17 +261,9 @@ class ShardLabeler:
         write_bytes_atomic(self.layout.labels_url(shard.shard_id), parquet, self.config.storage_options)
         timings["write_s"] += time.perf_counter() - start
         total = time.perf_counter() - wall
-        marker = {
-            "shard": shard.url, "shard_id": shard.shard_id, "fingerprint": self.spec.fingerprint,
-            "parquet": f"labels/{shard.shard_id}.parquet", "parquet_bytes": len(parquet), "samples": len(rows),
-            "input": input_identity,
-            "ok": len(rows) - sum(errors.values()), "errors": sum(errors.values()),
-            "labels": sum(len(row["labels"]) for row in rows), "error_histogram": dict(errors),
-            "timings": {k: round(v, 4) for k, v in {**timings, "total_s": total}.items()},
-            "images_per_s": round(len(rows) / total, 3) if total > 0 else None,
-            "attempt": attempt, "worker": self.describe(),
-            "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
-        }
+        marker = shard_marker(shard.url, shard.shard_id, self.spec.fingerprint, rows, len(parquet), errors,
+                              started=started, total_s=total, timings=timings, input_identity=input_identity,
+                              attempt=attempt, worker=self.describe())
         write_json(self.layout.marker_url(shard.shard_id), marker, self.config.storage_options)
         remove(self.layout.failed_url(shard.shard_id), self.config.storage_options)
         return marker

@@ -9,6 +9,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import socket  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -25,6 +26,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def serve_on_loopback(make_server: Callable[[int], Any]) -> Iterator[str]:
+    """For a fixture to ``yield from``: the server ``make_server(port)`` builds on a free 127.0.0.1
+    port, started; its URL is yielded, then the server is stopped."""
+    port = free_port()
+    server = make_server(port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def micro_checkpoint(tmp_path_factory) -> str:
     return str(save_micro_checkpoint(tmp_path_factory.mktemp("model") / "gemtest-micro.pt"))
@@ -34,11 +45,7 @@ def micro_checkpoint(tmp_path_factory) -> str:
 def s3_endpoint():
     """A real S3-compatible server (moto) on loopback, as s3fs's own tests use."""
     from moto.server import ThreadedMotoServer
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    yield from serve_on_loopback(lambda port: ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.encode import encode_mask
 from pipeline.manifest import OutputLayout, write_json
+from pipeline.marker import shard_marker
 from pipeline.schema import table_from_rows
 from pipeline.shards import shard_id_for
 from pipeline.storage import join, write_bytes_atomic
@@ -73,9 +74,7 @@ def write_known_output(shard_folder: str, output: str, images: int = 3, storage_
     buffer = io.BytesIO()
     pq.write_table(table_from_rows(rows, {"vocab": CLASSES}), buffer)
     write_bytes_atomic(layout.labels_url(shard_id), buffer.getvalue(), storage_options)
-    write_json(layout.marker_url(shard_id), {"shard": shard_url, "shard_id": shard_id, "fingerprint": "known",
-                                             "samples": len(rows), "ok": images, "errors": 1,
-                                             "labels": sum(len(row["labels"]) for row in rows),
-                                             "parquet_bytes": buffer.getbuffer().nbytes,
-                                             "finished_at": datetime.now(timezone.utc).isoformat()}, storage_options)
+    marker = shard_marker(shard_url, shard_id, "known", rows, buffer.getbuffer().nbytes,
+                          {"decode:UnidentifiedImageError": 1}, started=datetime.now(timezone.utc), total_s=0.0)
+    write_json(layout.marker_url(shard_id), marker, storage_options)
     return known

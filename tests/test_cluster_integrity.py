@@ -8,7 +8,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,18 +17,16 @@ import yaml
 from pipeline.manifest import OutputLayout, read_markers
 from tests.conftest import free_port
 from tests.outputs import all_rows
+from tests.ray_heads import BIN, REPO, dashboard_up, head_command, ray_env, stop_process_group
 from tests.shards import write_shards
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 # Lost nodes are noticed within seconds rather than the default ~30 s.
 FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "1000",
                       "RAY_health_check_failure_threshold": "3"}
 
 
 def cluster_env(**extra: str) -> dict:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(REPO), **FAST_HEALTH_CHECKS, **extra}
+    env = ray_env(**{"PYTHONPATH": str(REPO), **FAST_HEALTH_CHECKS, **extra})
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -44,13 +41,7 @@ def own_ports() -> list[str]:
 
 def stop(process: subprocess.Popen) -> None:
     """End a `ray start --block` we started, and everything in its process group."""
-    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=grace)
-            return
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
+    stop_process_group(process, 10, kill_leftovers=False)
 
 
 class Head:
@@ -58,21 +49,12 @@ class Head:
         self.port, self.dashboard = free_port(), free_port()
         self.temp_dir = tempfile.mkdtemp(prefix="rgi-", dir="/tmp")
         self.process = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}", "--num-cpus=1",
-             "--disable-usage-stats", f"--temp-dir={self.temp_dir}", f"--ray-client-server-port={free_port()}",
-             *own_ports()],
+            head_command(self.port, self.dashboard, 1, self.temp_dir, f"--ray-client-server-port={free_port()}",
+                         *own_ports()),
             cwd=cwd, env=cluster_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2)
-                return
-            except OSError:
-                assert self.process.poll() is None, "ray start --head exited"
-                time.sleep(1)
-        stop(self.process)
-        pytest.fail("the Ray head did not come up")
+        if not dashboard_up(self.dashboard_url, self.process):
+            stop(self.process)
+            pytest.fail("the Ray head did not come up")
 
     @property
     def address(self) -> str:

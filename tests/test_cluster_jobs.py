@@ -4,13 +4,9 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
@@ -18,16 +14,8 @@ import yaml
 from pipeline.manifest import OutputLayout, read_markers, read_runs
 from tests.conftest import free_port
 from tests.outputs import all_rows, check_labels
+from tests.ray_heads import BIN, REPO, head_command, ray_env, stop_process_group, wait_for_dashboard
 from tests.shards import write_shards
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def job_env() -> dict:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
 
 @pytest.fixture(scope="module")
 def ray_head():
@@ -36,36 +24,20 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rgt-", dir="/tmp")
     dashboard = free_port()
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats",
-         # the job agent's default port (52365) is taken by any other Ray head on the machine
-         f"--dashboard-agent-listen-port={free_port()}",
-         f"--temp-dir={temp_dir}"],
-        env=job_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        head_command(free_port(), dashboard, 2, temp_dir,
+                     # the job agent's default port (52365) is taken by any other Ray head on the machine
+                     f"--dashboard-agent-listen-port={free_port()}"),
+        env=ray_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except OSError:
-            assert head.poll() is None, "ray start --head exited"
-            time.sleep(1)
-    else:
-        pytest.fail("the Ray head's dashboard did not come up")
+    wait_for_dashboard(address, head)
     yield address
-    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
-        try:
-            os.killpg(head.pid, sig)
-            head.wait(timeout=grace)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
+    stop_process_group(head, 5, kill_leftovers=True)
 
 
 def submit(address: str, *job_args: str) -> str:
     result = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
                              "--", "python", "-m", "jobs.label", *job_args],
-                            cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=400)
+                            cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "succeeded" in result.stdout + result.stderr
     return result.stdout
@@ -120,18 +92,6 @@ def readme_steps() -> list[list[str]]:
     section = section[:section.index("\n## ", 1)]
     return [[line.strip() for line in block.strip().splitlines()]
             for block in re.findall(r"```bash\n(.*?)```", section, re.S)]
-
-
-def wait_for_dashboard(address: str, head: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            return
-        except OSError:
-            assert head.poll() is None, "ray start --head exited"
-            time.sleep(1)
-    pytest.fail("the Ray head's dashboard did not come up")
 
 
 @pytest.mark.slow  # two Ray clusters start: 2-3 minutes on 2 cores
@@ -198,12 +158,7 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
         wait_for_dashboard(f"http://127.0.0.1:{dashboard}", head)
         log = run(submits[0].replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dashboard}"))
     finally:
-        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
-            try:
-                os.killpg(head.pid, sig)
-                head.wait(timeout=grace)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+        stop_process_group(head, 5, kill_leftovers=True)
     assert "succeeded" in log and "Connected to Ray cluster" in log
     cluster_rows = all_rows(str(project / "demo" / "labels-cluster"))  # the folder the command named
     assert sorted(r["key"] for r in cluster_rows) == sorted(r["key"] for r in rows)

@@ -9,7 +9,7 @@ from pipeline.manifest import OutputLayout, read_markers
 from pipeline.report import summarize_output
 from pipeline.runner import run_labeling
 from pipeline.schema import run_metadata_of
-from tests.conftest import free_port
+from tests.conftest import serve_on_loopback
 from tests.outputs import all_rows, check_labels, read_tables
 from tests.shards import write_shards
 
@@ -20,11 +20,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 def gcs_endpoint():
     """The emulator speaks GCS's JSON API (what gcsfs uses) over plain HTTP on 127.0.0.1."""
     from gcp_storage_emulator.server import create_server
-    port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    yield from serve_on_loopback(lambda port: create_server("127.0.0.1", port, in_memory=True))
 
 
 def test_gs_in_gs_out_end_to_end(base_config, gcs_endpoint, tmp_path):

@@ -5,6 +5,7 @@ eval's labelling equals label's, calibrate scores a grid point exactly as eval s
 with those thresholds, and the model runs once per image however large the grid."""
 import io
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from pipeline.config import load_config
 from pipeline.encode import encode_mask
 from pipeline.groundtruth import folder_ground_truth
 from pipeline.manifest import OutputLayout, prepare_output, write_json
+from pipeline.marker import shard_marker
 from pipeline.pack import pack_images
 from pipeline.reader import decode_sample
 from pipeline.runner import build_spec, run_labeling
@@ -75,10 +77,9 @@ def write_output_from_ground_truth(output: Path, drop: tuple[str, str] = ("", ""
     buffer = io.BytesIO()
     pq.write_table(table_from_rows(rows, source), buffer)
     write_bytes_atomic(layout.labels_url("gt-0"), buffer.getvalue())
-    write_json(layout.marker_url("gt-0"), {"shard": "gt.tar", "shard_id": "gt-0", "fingerprint": "from-gt",
-                                           "parquet": "labels/gt-0.parquet", "samples": len(rows),
-                                           "parquet_bytes": buffer.getbuffer().nbytes, "ok": len(rows),
-                                           "errors": 0, "labels": sum(len(row["labels"]) for row in rows)})
+    marker = shard_marker("gt.tar", "gt-0", "from-gt", rows, buffer.getbuffer().nbytes, {},
+                          started=datetime.now(timezone.utc), total_s=0.0)
+    write_json(layout.marker_url("gt-0"), marker)
 
 
 def write_class_map(tmp_path: Path) -> str:
