@@ -38,8 +38,8 @@ from pipeline.schema import table_from_rows
 from pipeline.shards import Shard
 from pipeline.sizing import Sizing, local_sizing
 from pipeline.stages import ShardStages, StageSettings
-from pipeline.storage import file_identity, remove, stat_file, write_bytes_atomic
-from pipeline.text_cache import read_cached, text_cache_key, text_cache_url, write_cached
+from pipeline.storage import file_identity
+from pipeline.text_cache import read_cached, text_cache_file, text_cache_key, write_cached
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class ShardLabeler:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.spec, self.config = spec, spec.config
-        self.layout = OutputLayout(spec.config.output)
+        self.layout = OutputLayout(spec.config.location(spec.config.output))
         # Ray hides the GPUs from actors that asked for none, so this follows the actor's resources.
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         sizing = sizing or local_sizing(self.config, self.device.type == "cuda")
@@ -129,15 +129,15 @@ class ShardLabeler:
             config = self.config
             key = text_cache_key(config.model, config.pretrained, config.model_config, self.spec.class_names,
                                  self.spec.templates, self.segmenter.dtype, config.background)
-            url = text_cache_url(config.output, key)
-            cached = read_cached(url, config.storage_options)
+            file = text_cache_file(self.layout, key)
+            cached = read_cached(file)
             if cached is not None:
                 self.set_vocabulary(cached, source="cache")
             else:
                 self.set_vocabulary(self.segmenter.vocabulary(self.spec.class_names, self.spec.templates,
                                                               config.background), source="encoded")
                 self.text_encodes += 1
-                write_cached(url, self._vocabulary, config.storage_options)
+                write_cached(file, self._vocabulary)
         return on_device(self._vocabulary, torch.device("cpu"))
 
     def set_vocabulary(self, vocabulary: Vocabulary, source: str = "shipped") -> None:
@@ -232,12 +232,13 @@ class ShardLabeler:
         shard cannot be read, having written nothing."""
         started, wall = datetime.now(timezone.utc), time.perf_counter()
         # Recorded before reading: a shard replaced later has another identity and is relabelled.
-        input_identity = file_identity(stat_file(shard.url, self.config.storage_options))
+        source = self.config.location(shard.url)
+        input_identity = file_identity(source.stat())
         timings: Counter = Counter()
         stages = ShardStages(self.stage_settings, self._decode_for_stages, lambda batch: self._launch(batch, timings),
                              lambda sample, output: self._postprocess_row(shard, sample, output, timings),
                              lambda sample: self._row(shard, sample), timings)
-        rows = stages.run(iter_tar_samples(shard.url, self.config.storage_options))
+        rows = stages.run(iter_tar_samples(source))
         errors = Counter(row.pop("_kind") for row in rows if row["status"] == "error")
         for row in rows:
             row.pop("_index")
@@ -247,7 +248,7 @@ class ShardLabeler:
         buffer = io.BytesIO()
         pq.write_table(table_from_rows(rows, self.spec.run_metadata), buffer, compression="zstd")
         parquet = buffer.getvalue()
-        write_bytes_atomic(self.layout.labels_url(shard.shard_id), parquet, self.config.storage_options)
+        self.layout.labels_file(shard.shard_id).write_bytes_atomic(parquet)
         timings["write_s"] += time.perf_counter() - start
         total = time.perf_counter() - wall
         marker = {
@@ -261,6 +262,6 @@ class ShardLabeler:
             "attempt": attempt, "worker": self.describe(),
             "started_at": started.isoformat(), "finished_at": datetime.now(timezone.utc).isoformat(),
         }
-        write_json(self.layout.marker_url(shard.shard_id), marker, self.config.storage_options)
-        remove(self.layout.failed_url(shard.shard_id), self.config.storage_options)
+        write_json(self.layout.marker_file(shard.shard_id), marker)
+        self.layout.failed_file(shard.shard_id).remove()
         return marker
