@@ -28,6 +28,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.encode import label_record  # noqa: E402
 from pipeline.manifest import OutputLayout, read_markers  # noqa: E402
 from pipeline.runner import run_labeling  # noqa: E402
+from pipeline.storage import Location  # noqa: E402
 from tests.shards import encode, photo, write_shard, PHOTOS  # noqa: E402
 
 CLASSES = ["person", "dog", "cat", "sofa", "car", "bus", "bird", "chair", "table", "plant"]
@@ -66,7 +67,7 @@ def bench_pipeline(model: str, size: int, batch: int, threads: int, shards: list
                                 "cpus_per_worker": float(threads), "num_workers": 1, "decode_threads": 2,
                                 "progress": False})
     summary = run_labeling(config)
-    markers = read_markers(OutputLayout(str(out))).values()
+    markers = read_markers(OutputLayout(Location(str(out)))).values()
     busy = sum(m["timings"]["total_s"] for m in markers)
     return {"pipeline_steady": summary.images / busy, "pipeline_wall": summary.images_per_s,
             "images": summary.images, "wall_s": summary.seconds}

@@ -81,7 +81,7 @@ def main() -> None:
         config = load_config(None, {**base, "output": str(tmp / "eval" / "labels")})
         output, _ = label_ground_truth(gt, config, str(tmp / "eval"))
         scoring_start = time.perf_counter()
-        vocab, rows = read_output_rows(output)
+        vocab, rows = read_output_rows(config.location(output))
         mapping = build_mapping(gt.class_names, vocab)
         result = score_rows(gt, rows, mapping, progress=False)
         eval_s, scoring_s = time.perf_counter() - start, time.perf_counter() - scoring_start

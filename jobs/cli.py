@@ -83,6 +83,12 @@ def _storage_options(endpoint: Optional[str]) -> dict:
     return {"s3": {"endpoint_url": endpoint}} if endpoint else {}
 
 
+def _location(url: str, endpoint: Optional[str]):
+    """A URL given on the command line, with the --s3-endpoint flag's storage options."""
+    from pipeline.storage import Location
+    return Location(url, _storage_options(endpoint))
+
+
 def _vocab_item(text: str) -> str | list[str]:
     """One class of --vocab: a name, or synonyms joined by '|' (the first is the label)."""
     names = [name.strip() for name in text.split("|")]
@@ -139,7 +145,7 @@ def _label(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pipeline.report import format_report, summarize_output
     try:
-        report = summarize_output(args.output, _storage_options(args.s3_endpoint), args.input)
+        report = summarize_output(_location(args.output, args.s3_endpoint), args.input)
     except FileNotFoundError as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -160,8 +166,8 @@ def _first_line(err: BaseException) -> str:
 def _pack(args: argparse.Namespace) -> int:
     from pipeline.pack import pack_images
     try:
-        shards = pack_images(args.folder, args.output_prefix, args.per_shard, args.pattern,
-                             _storage_options(args.s3_endpoint))
+        shards = pack_images(args.folder, _location(args.output_prefix, args.s3_endpoint), args.per_shard,
+                             args.pattern)
     except (ValueError, OSError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG

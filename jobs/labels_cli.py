@@ -57,13 +57,13 @@ def _export(args: argparse.Namespace) -> int:
     from pipeline.export.common import ExportError, ExportOptions, parse_splits
     from pipeline.export.runner import default_dest, run_export
     from pipeline.labelset import NotAnOutputError, open_labelset
-    from jobs.cli import _storage_options
-    storage_options = _storage_options(args.s3_endpoint)
+    from jobs.cli import _location
+    output = _location(args.output, args.s3_endpoint)
     try:
-        labelset = open_labelset(args.output, storage_options)
-        options = ExportOptions(args.format, args.dest or default_dest(args.output, args.format), args.instances,
-                                args.min_area, args.images, args.image_format, args.background_index,
-                                parse_splits(args.splits), args.cpus_per_task, storage_options)
+        labelset = open_labelset(output)
+        dest = output.at(args.dest) if args.dest else default_dest(output, args.format)
+        options = ExportOptions(args.format, dest, args.instances, args.min_area, args.images, args.image_format,
+                                args.background_index, parse_splits(args.splits), args.cpus_per_task)
         options.check(len(labelset.class_names))
     except (NotAnOutputError, ExportError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
@@ -77,14 +77,14 @@ def _export(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from pipeline.gallery import show_output
     from pipeline.labelset import NotAnOutputError, open_labelset
-    from jobs.cli import _storage_options
-    storage_options = _storage_options(args.s3_endpoint)
+    from jobs.cli import _location
+    output = _location(args.output, args.s3_endpoint)
     try:
         if not 0.0 <= args.alpha <= 1.0:
             raise ValueError(f"--alpha: must be in [0, 1], got {args.alpha}")
         if args.count < 1:
             raise ValueError(f"--count: must be at least 1, got {args.count}")
-        labelset = open_labelset(args.output, storage_options)
+        labelset = open_labelset(output)
         if args.class_name is not None and args.class_name not in labelset.class_names:
             raise ValueError(f"--class: {args.class_name!r} is not in the vocabulary "
                              f"({', '.join(labelset.class_names)})")
@@ -93,7 +93,7 @@ def _show(args: argparse.Namespace) -> int:
     except (NotAnOutputError, ValueError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    urls = show_output(labelset, args.dest, args.pick, args.count, args.seed, args.class_name, args.alpha,
-                       args.boxes, storage_options)
+    urls = show_output(labelset, output.at(args.dest), args.pick, args.count, args.seed, args.class_name,
+                       args.alpha, args.boxes)
     print(f"gemlabel: gallery {urls['index']}, contact sheet {urls['contact_sheet']}")
     return EXIT_OK

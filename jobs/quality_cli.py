@@ -65,6 +65,7 @@ def add_commands(commands) -> None:
 def _ground_truth(args: argparse.Namespace, storage_options: dict):
     from pipeline.groundtruth import (GroundTruthError, coco_ground_truth, folder_ground_truth,
                                       shard_ground_truth)
+    from pipeline.storage import Location
     layouts = [name for name, given in (("--coco", args.coco), ("--gt-shards", args.gt_shards),
                                         ("--gt-masks/--classes folder", args.gt_images and not args.coco))
                if given]
@@ -78,7 +79,8 @@ def _ground_truth(args: argparse.Namespace, storage_options: dict):
     if not args.classes:
         raise GroundTruthError("--classes: give the class list file (line i = mask value i)")
     if args.gt_shards:
-        return shard_ground_truth(args.gt_shards, args.classes, storage_options)
+        return shard_ground_truth([Location(url, storage_options) for url in args.gt_shards],
+                                  Location(args.classes, storage_options))
     return folder_ground_truth(args.gt_images, args.gt_masks, args.classes, args.image_suffix, args.mask_suffix)
 
 
@@ -145,6 +147,7 @@ def _eval(args: argparse.Namespace) -> int:
     from pipeline.config import class_labels
     from pipeline.quality_report import write_report
     from pipeline.runner import build_spec, check_model
+    from pipeline.storage import Location
     storage_options = _storage_options(args.s3_endpoint)
     ground_truth = _ground_truth(args, storage_options)
     progress = args.progress is not False
@@ -157,7 +160,7 @@ def _eval(args: argparse.Namespace) -> int:
         check_model(config)
         output, seconds = label_ground_truth(ground_truth, config, args.report)
         storage_options = config.storage_options
-    vocab, rows = read_output_rows(output, storage_options)
+    vocab, rows = read_output_rows(Location(output, storage_options))
     mapping = _mapping(args, ground_truth.class_names, vocab)
     start = time.perf_counter()
     result = score_rows(ground_truth, rows, mapping, progress)

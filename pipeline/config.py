@@ -20,6 +20,7 @@ from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 
 from gem.settings import METHODS, GEMSettings, LabelingThresholds
+from pipeline.storage import Location
 
 SCHEMA_VERSION = 1
 
@@ -219,6 +220,10 @@ class LabelConfig:
 
     def to_dict(self) -> dict:
         return _ADAPTER.dump_python(self)
+
+    def location(self, url: str) -> Location:
+        """A URL of this run (input, output, vocab file...) bound to its storage options."""
+        return Location(url, self.storage_options)
 
 
 def class_labels(vocab: typing.Sequence[Union[str, typing.Sequence[str]]]) -> list[str]:

@@ -12,7 +12,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -25,7 +24,7 @@ from pipeline.encode import decode_mask
 from pipeline.groundtruth import GroundTruth, GroundTruthError
 from pipeline.manifest import OutputLayout, read_markers, read_output_config
 from pipeline.metrics import SegmentationMetric
-from pipeline.storage import StorageOptions, filesystem, join
+from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +38,16 @@ class EvalResult:
     images_failed: list[str] = field(default_factory=list)    # labelled with status error
 
 
-def read_output_rows(output: str, storage_options: Optional[StorageOptions] = None) -> tuple[list[str], dict[str, dict]]:
+def read_output_rows(output: Location) -> tuple[list[str], dict[str, dict]]:
     """(class labels, key -> row) of every done shard of a gemlabel output."""
     layout = OutputLayout(output)
-    config = read_output_config(layout, storage_options)
-    markers = read_markers(layout, storage_options)
+    config = read_output_config(layout)
+    markers = read_markers(layout)
     if config is None or not markers:
         raise GroundTruthError(f"--labels {output}: not a gemlabel output with labelled shards")
     rows: dict[str, dict] = {}
     for marker in sorted(markers.values(), key=lambda m: m["shard_id"]):
-        fs, path = filesystem(join(layout.root, marker["parquet"]), storage_options)
+        fs, path = layout.root.child(marker["parquet"]).fs_path
         with fs.open(path, "rb") as handle:
             for row in pq.read_table(handle).to_pylist():
                 if row["key"] in rows:

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.palette import hex_color
 from pipeline.show import Pick
-from pipeline.storage import StorageOptions, join, write_bytes_atomic
+from pipeline.storage import Location
 
 
 @dataclass
@@ -138,23 +138,22 @@ def gallery_html(title: str, drawn: list[Drawn], class_names: list[str]) -> str:
             f'<script>{_SCRIPT}</script></body></html>')
 
 
-def write_gallery(dest: str, title: str, drawn: list[Drawn], class_names: list[str],
-                  storage_options: Optional[StorageOptions] = None) -> dict[str, str]:
+def write_gallery(dest: Location, title: str, drawn: list[Drawn], class_names: list[str]) -> dict[str, str]:
     """Overlay PNGs, contact_sheet.png, index.html and picks.json under ``dest``; returns their URLs."""
     for item in drawn:
         if item.picture is not None:
-            url = join(dest, "overlays", f"{file_stem(item.pick.row['sample_id'])}.png")
-            write_bytes_atomic(url, png_bytes(item.picture), storage_options)
-    urls = {"index": join(dest, "index.html"), "contact_sheet": join(dest, "contact_sheet.png"),
-            "picks": join(dest, "picks.json")}
-    write_bytes_atomic(urls["contact_sheet"], png_bytes(contact_sheet(drawn)), storage_options)
-    write_bytes_atomic(urls["index"], gallery_html(title, drawn, class_names).encode(), storage_options)
+            dest.child("overlays", f"{file_stem(item.pick.row['sample_id'])}.png").write_bytes_atomic(
+                png_bytes(item.picture))
+    files = {"index": dest.child("index.html"), "contact_sheet": dest.child("contact_sheet.png"),
+             "picks": dest.child("picks.json")}
+    files["contact_sheet"].write_bytes_atomic(png_bytes(contact_sheet(drawn)))
+    files["index"].write_bytes_atomic(gallery_html(title, drawn, class_names).encode())
     picks = [{"sample_id": d.pick.row["sample_id"], "pick": d.pick.reason, "score": d.pick.score,
               "status": d.pick.row["status"], "error": d.pick.row["error"],
               "overlay": None if d.picture is None else f"overlays/{file_stem(d.pick.row['sample_id'])}.png"}
              for d in drawn]
-    write_bytes_atomic(urls["picks"], json.dumps(picks, indent=1).encode(), storage_options)
-    return urls
+    files["picks"].write_bytes_atomic(json.dumps(picks, indent=1).encode())
+    return {name: file.url for name, file in files.items()}
 
 
 def gallery_link(index_url: str, sample_id: str) -> str:
@@ -162,9 +161,8 @@ def gallery_link(index_url: str, sample_id: str) -> str:
     return f"{index_url}#{quote(sample_id, safe='')}"
 
 
-def show_output(labelset, dest: str, picks: list[str], count: int = 12, seed: int = 0,
-                class_name: Optional[str] = None, alpha: float = 0.5, boxes: bool = False,
-                dest_storage_options: Optional[StorageOptions] = None) -> dict[str, str]:
+def show_output(labelset, dest: Location, picks: list[str], count: int = 12, seed: int = 0,
+                class_name: Optional[str] = None, alpha: float = 0.5, boxes: bool = False) -> dict[str, str]:
     """Pick, fetch (one pass per shard), draw and write the gallery of an output."""
     from pipeline.show import draw_overlay, fetch_picked_images, pick_samples
     chosen = pick_samples(labelset.all_rows(), picks, count, seed, class_name)
@@ -174,5 +172,5 @@ def show_output(labelset, dest: str, picks: list[str], count: int = 12, seed: in
         image = images.get(pick.row["sample_id"])
         picture = None if image is None else draw_overlay(image, pick.row["labels"], alpha, boxes)
         drawn.append(Drawn(pick, picture))
-    title = f"gemlabel: {labelset.root}" + (f" · {class_name}" if class_name else "")
-    return write_gallery(dest, title, drawn, labelset.class_names, dest_storage_options)
+    title = f"gemlabel: {labelset.root.url}" + (f" · {class_name}" if class_name else "")
+    return write_gallery(dest, title, drawn, labelset.class_names)

@@ -27,7 +27,7 @@ from pipeline.metrics import IGNORE_INDEX
 from pipeline.pack import sample_keys
 from pipeline.reader import IMAGE_EXTENSIONS, MASK_ENTRY, iter_tar_samples
 from pipeline.shards import list_shards
-from pipeline.storage import StorageOptions, read_bytes
+from pipeline.storage import Location
 
 VOC_VOID_COLOUR = (224, 224, 192)
 COCO_BACKGROUND = "background"
@@ -100,10 +100,11 @@ def decode_mask_png(data: bytes, name: str) -> np.ndarray:
     return np.array([lookup[int(c)] for c in codes], dtype=np.uint8)[inverse].reshape(packed.shape)
 
 
-def read_class_list(path: str, storage_options: Optional[StorageOptions] = None) -> list[str]:
+def read_class_list(source: Location) -> list[str]:
     """One class name a line; line i is class index i (blank lines and # comments skipped)."""
+    path = source.url
     try:
-        text = read_bytes(path, storage_options).decode("utf-8")
+        text = source.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise GroundTruthError(f"class list file not found: {path}") from None
     names = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
@@ -137,7 +138,7 @@ def folder_ground_truth(images: str, masks: Optional[str], classes_file: str, im
     image_root, mask_root = Path(images), Path(masks or images)
     if not image_root.is_dir():
         raise GroundTruthError(f"images folder not found: {images}")
-    classes = read_class_list(classes_file)
+    classes = read_class_list(Location(classes_file))
     pairs = []
     for path in sorted(p for p in image_root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS):
         stem = path.stem
@@ -231,12 +232,11 @@ def coco_ground_truth(annotations: str, images: str, panoptic_masks: Optional[st
     return GroundTruth(classes, samples, count=len(data["images"]))
 
 
-def shard_ground_truth(inputs: list[str], classes_file: str,
-                       storage_options: Optional[StorageOptions] = None) -> GroundTruth:
+def shard_ground_truth(inputs: list[Location], classes_file: Location) -> GroundTruth:
     """Shards whose samples carry ``seg.png`` beside the image."""
-    classes = read_class_list(classes_file, storage_options)
+    classes = read_class_list(classes_file)
     try:
-        shards = [s.url for s in list_shards(inputs, storage_options)]
+        shards = [s.url for s in list_shards(inputs)]
     except (ValueError, OSError) as err:
         raise GroundTruthError(f"ground-truth shards: {err}") from None
     if not shards:
@@ -244,7 +244,7 @@ def shard_ground_truth(inputs: list[str], classes_file: str,
 
     def samples() -> Iterator[GroundTruthSample]:
         for url in shards:
-            for raw in iter_tar_samples(url, storage_options):
+            for raw in iter_tar_samples(inputs[0].at(url)):  # the inputs share their options
                 key = raw["__key__"]
                 if MASK_ENTRY not in raw:
                     raise GroundTruthError(f"sample {key} of {url} has no {MASK_ENTRY}")

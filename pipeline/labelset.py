@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from pipeline.config import class_labels
 from pipeline.encode import decode_mask
 from pipeline.manifest import OutputLayout, read_markers, read_output_config
-from pipeline.storage import StorageOptions, filesystem
+from pipeline.storage import Location
 
 
 class NotAnOutputError(FileNotFoundError):
@@ -28,11 +28,10 @@ class NotAnOutputError(FileNotFoundError):
 class LabelSet:
     """A done output: where it is, its vocabulary and its done shards (shard_id -> marker)."""
 
-    root: str
+    root: Location
     class_names: list[str]
     markers: dict[str, dict]
     fingerprint: str
-    storage_options: Optional[StorageOptions] = None
 
     @property
     def layout(self) -> OutputLayout:
@@ -43,7 +42,7 @@ class LabelSet:
 
     def rows(self, shard_id: str, columns: Optional[list[str]] = None) -> list[dict]:
         """The Parquet rows of one done shard, in shard order."""
-        fs, path = filesystem(self.layout.labels_url(shard_id), self.storage_options)
+        fs, path = self.layout.labels_file(shard_id).fs_path
         with fs.open(path, "rb") as handle:
             return pq.read_table(handle, columns=columns).to_pylist()
 
@@ -52,16 +51,15 @@ class LabelSet:
             yield from self.rows(shard_id, columns)
 
 
-def open_labelset(output: str, storage_options: Optional[StorageOptions] = None) -> LabelSet:
-    layout = OutputLayout(output.rstrip("/"))
-    config = read_output_config(layout, storage_options)
+def open_labelset(output: Location) -> LabelSet:
+    layout = OutputLayout(output.at(output.url.rstrip("/")))
+    config = read_output_config(layout)
     if config is None:
         raise NotAnOutputError(f"{output} is not a gemlabel output (no _config.json)")
-    markers = read_markers(layout, storage_options)
+    markers = read_markers(layout)
     if not markers:
         raise NotAnOutputError(f"{output} has no labelled shards yet (no stats markers)")
-    return LabelSet(layout.root, class_labels(config["settings"]["vocab"]), markers, config["fingerprint"],
-                    storage_options)
+    return LabelSet(layout.root, class_labels(config["settings"]["vocab"]), markers, config["fingerprint"])
 
 
 def label_mask(label: dict) -> np.ndarray:
@@ -95,15 +93,14 @@ def sample_uid(row: dict) -> str:
     return row["sample_id"].split("/", 1)[1]
 
 
-def fetch_images(shard_url: str, uids: Iterable[str],
-                 storage_options: Optional[StorageOptions] = None) -> Iterator[tuple[str, Image.Image]]:
+def fetch_images(shard: Location, uids: Iterable[str]) -> Iterator[tuple[str, Image.Image]]:
     """(uid, image) for the wanted samples of one shard (see ``sample_uid``), read in one pass;
     stops once all are found."""
     wanted = set(uids)
     if not wanted:
         return
     from pipeline.reader import iter_tar_samples
-    for raw in iter_tar_samples(shard_url, storage_options):
+    for raw in iter_tar_samples(shard):
         uid = raw.get("__uid__")
         if uid in wanted:
             wanted.discard(uid)

@@ -22,8 +22,7 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError
-from pipeline.storage import (StorageOptions, exists, filesystem, join, list_files, read_bytes, remove,
-                              write_bytes_atomic, write_bytes_if_absent)
+from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -33,46 +32,52 @@ FAILED_SUFFIX = ".failed.json"
 
 @dataclass(frozen=True)
 class OutputLayout:
-    root: str
+    """Where each file of an output lives; every one a Location carrying the root's options."""
+
+    root: Location
 
     @property
-    def config_url(self) -> str:
-        return join(self.root, "_config.json")
+    def config_file(self) -> Location:
+        return self.root.child("_config.json")
 
     @property
-    def labels_dir(self) -> str:
-        return join(self.root, "labels")
+    def labels_dir(self) -> Location:
+        return self.root.child("labels")
 
     @property
-    def markers_dir(self) -> str:
-        return join(self.root, "_markers")
+    def markers_dir(self) -> Location:
+        return self.root.child("_markers")
 
     @property
-    def runs_dir(self) -> str:
-        return join(self.root, "_runs")
+    def runs_dir(self) -> Location:
+        return self.root.child("_runs")
 
-    def labels_url(self, shard_id: str) -> str:
-        return join(self.labels_dir, f"{shard_id}.parquet")
+    @property
+    def cache_dir(self) -> Location:
+        return self.root.child("_cache")
 
-    def marker_url(self, shard_id: str) -> str:
-        return join(self.markers_dir, shard_id + MARKER_SUFFIX)
+    def labels_file(self, shard_id: str) -> Location:
+        return self.labels_dir.child(f"{shard_id}.parquet")
 
-    def failed_url(self, shard_id: str) -> str:
-        return join(self.markers_dir, shard_id + FAILED_SUFFIX)
+    def marker_file(self, shard_id: str) -> Location:
+        return self.markers_dir.child(shard_id + MARKER_SUFFIX)
 
-    def run_url(self, run_id: str) -> str:
-        return join(self.runs_dir, f"{run_id}.json")
+    def failed_file(self, shard_id: str) -> Location:
+        return self.markers_dir.child(shard_id + FAILED_SUFFIX)
+
+    def run_file(self, run_id: str) -> Location:
+        return self.runs_dir.child(f"{run_id}.json")
 
 
 def _json_bytes(record: dict) -> bytes:
     return json.dumps(record, indent=1, sort_keys=True).encode()
 
 
-def write_json(url: str, record: dict, storage_options: Optional[StorageOptions] = None) -> None:
-    write_bytes_atomic(url, _json_bytes(record), storage_options)
+def write_json(file: Location, record: dict) -> None:
+    file.write_bytes_atomic(_json_bytes(record))
 
 
-def _parse_json(url: str, content: Optional[bytes], required: tuple[str, ...] = ()) -> Optional[dict]:
+def _parse_json(file: Location, content: Optional[bytes], required: tuple[str, ...] = ()) -> Optional[dict]:
     """The record, or None with one warning naming the file when it is not what we wrote."""
     try:
         record = json.loads(content)
@@ -83,55 +88,53 @@ def _parse_json(url: str, content: Optional[bytes], required: tuple[str, ...] = 
             raise ValueError(f"missing {', '.join(missing)}")
         return record
     except (TypeError, ValueError, UnicodeDecodeError) as err:
-        log.warning("ignoring unreadable %s: %s", url, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        log.warning("ignoring unreadable %s: %s", file, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return None
 
 
-def _read_json_files(urls: list[str], storage_options: Optional[StorageOptions],
-                     required: tuple[str, ...] = ()) -> list[dict]:
-    if not urls:
+def _read_json_files(files: list[Location], required: tuple[str, ...] = ()) -> list[dict]:
+    if not files:
         return []
-    fs, _ = filesystem(urls[0], storage_options)
-    paths = [filesystem(u, storage_options)[1] for u in urls]
+    fs, _ = files[0].fs_path
+    paths = [file.path for file in files]
     contents = fs.cat(paths, on_error="return")  # concurrent on object stores
     records = []
-    for url, path in zip(urls, paths):
+    for file, path in zip(files, paths):
         content = contents.get(path)
-        record = _parse_json(url, None if isinstance(content, BaseException) else content, required)
+        record = _parse_json(file, None if isinstance(content, BaseException) else content, required)
         if record is not None:
             records.append(record)
     return records
 
 
-def read_output_config(layout: OutputLayout, storage_options: Optional[StorageOptions] = None) -> Optional[dict]:
+def read_output_config(layout: OutputLayout) -> Optional[dict]:
     """The output's fingerprint and settings; None for an output no run has claimed yet, and
     (with a warning) for an unreadable ``_config.json``."""
-    if not exists(layout.config_url, storage_options):
+    if not layout.config_file.exists():
         return None
-    return _parse_json(layout.config_url, read_bytes(layout.config_url, storage_options), ("fingerprint",))
+    return _parse_json(layout.config_file, layout.config_file.read_bytes(), ("fingerprint",))
 
 
 MARKER_KEYS = ("shard", "shard_id", "fingerprint", "samples", "ok", "errors", "labels")
 
 
-def read_markers(layout: OutputLayout, storage_options: Optional[StorageOptions] = None) -> dict[str, dict]:
+def read_markers(layout: OutputLayout) -> dict[str, dict]:
     """shard_id -> stats marker, for every shard with a readable marker in this output."""
-    urls = [u for u in list_files(layout.markers_dir, storage_options, MARKER_SUFFIX) if not u.endswith(FAILED_SUFFIX)]
-    return {m["shard_id"]: m for m in _read_json_files(urls, storage_options, MARKER_KEYS)}
+    files = [f for f in layout.markers_dir.list_files(MARKER_SUFFIX) if not f.url.endswith(FAILED_SUFFIX)]
+    return {m["shard_id"]: m for m in _read_json_files(files, MARKER_KEYS)}
 
 
-def read_failures(layout: OutputLayout, storage_options: Optional[StorageOptions] = None) -> dict[str, dict]:
-    urls = list_files(layout.markers_dir, storage_options, FAILED_SUFFIX)
-    return {m["shard_id"]: m for m in _read_json_files(urls, storage_options, ("shard", "shard_id", "error"))}
+def read_failures(layout: OutputLayout) -> dict[str, dict]:
+    files = layout.markers_dir.list_files(FAILED_SUFFIX)
+    return {m["shard_id"]: m for m in _read_json_files(files, ("shard", "shard_id", "error"))}
 
 
-def read_runs(layout: OutputLayout, storage_options: Optional[StorageOptions] = None) -> list[dict]:
-    return _read_json_files(list_files(layout.runs_dir, storage_options, ".json"), storage_options,
-                            ("run_id", "started_at"))
+def read_runs(layout: OutputLayout) -> list[dict]:
+    return _read_json_files(layout.runs_dir.list_files(".json"), ("run_id", "started_at"))
 
 
-def _parquet_rows(url: str, storage_options: Optional[StorageOptions]) -> Optional[int]:
-    fs, path = filesystem(url, storage_options)
+def _parquet_rows(file: Location) -> Optional[int]:
+    fs, path = file.fs_path
     try:
         with fs.open(path, "rb") as handle:
             return pq.ParquetFile(handle).metadata.num_rows
@@ -139,14 +142,14 @@ def _parquet_rows(url: str, storage_options: Optional[StorageOptions]) -> Option
         return None
 
 
-def verify_markers(layout: OutputLayout, markers: dict[str, dict], storage_options: Optional[StorageOptions] = None,
+def verify_markers(layout: OutputLayout, markers: dict[str, dict],
                    read_footers: bool = True) -> tuple[dict[str, dict], dict[str, str]]:
     """Split markers into (readable, {shard_id: why not}): a shard's labels are readable when its
     Parquet file exists with the byte size the marker recorded and (``read_footers``) a footer
     that parses and counts the marker's rows. One listing of ``labels/``, footers read in parallel."""
-    fs, _ = filesystem(layout.labels_dir, storage_options)
+    fs, path = layout.labels_dir.fs_path
     try:
-        listing = fs.ls(filesystem(layout.labels_dir, storage_options)[1], detail=True, refresh=True)
+        listing = fs.ls(path, detail=True, refresh=True)
     except FileNotFoundError:
         listing = []
     sizes = {entry["name"].rsplit("/", 1)[-1]: entry["size"] for entry in listing}
@@ -161,8 +164,7 @@ def verify_markers(layout: OutputLayout, markers: dict[str, dict], storage_optio
             readable[shard_id] = marker
     if read_footers and readable:
         with ThreadPoolExecutor(max_workers=16) as pool:
-            rows = dict(zip(readable, pool.map(lambda sid: _parquet_rows(layout.labels_url(sid), storage_options),
-                                               list(readable))))
+            rows = dict(zip(readable, pool.map(lambda sid: _parquet_rows(layout.labels_file(sid)), list(readable))))
         for shard_id, count in rows.items():
             if count != readable[shard_id]["samples"]:
                 broken[shard_id] = ("Parquet file unreadable" if count is None else
@@ -182,18 +184,17 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changed
 
 
-def _has_labels(layout: OutputLayout, storage_options: Optional[StorageOptions]) -> bool:
-    return bool(list_files(layout.labels_dir, storage_options) or list_files(layout.markers_dir, storage_options))
+def _has_labels(layout: OutputLayout) -> bool:
+    return bool(layout.labels_dir.list_files() or layout.markers_dir.list_files())
 
 
-def _claim_ended(layout: OutputLayout, claim: dict, storage_options: Optional[StorageOptions]) -> bool:
+def _claim_ended(layout: OutputLayout, claim: dict) -> bool:
     """The run that claimed the output has finished (its run record exists)."""
     run_id = claim.get("run_id")
-    return bool(run_id) and exists(layout.run_url(run_id), storage_options)
+    return bool(run_id) and layout.run_file(run_id).exists()
 
 
-def prepare_output(layout: OutputLayout, fingerprint: str, source: dict, overwrite: bool,
-                   storage_options: Optional[StorageOptions] = None, run_id: str = "") -> None:
+def prepare_output(layout: OutputLayout, fingerprint: str, source: dict, overwrite: bool, run_id: str = "") -> None:
     """Claim the output for this config. The claim is a create-if-absent write of
     ``_config.json``, so of two runs started at once on a fresh output with different settings
     exactly one proceeds. Labels of another config are refused, or with ``overwrite`` removed
@@ -202,24 +203,24 @@ def prepare_output(layout: OutputLayout, fingerprint: str, source: dict, overwri
     record = _json_bytes({"fingerprint": fingerprint, "settings": source, "run_id": run_id})
     try:
         if overwrite:
-            for url in (layout.labels_dir, layout.markers_dir):
-                remove(url, storage_options, recursive=True)
-            write_bytes_atomic(layout.config_url, record, storage_options)
+            for folder in (layout.labels_dir, layout.markers_dir):
+                folder.remove(recursive=True)
+            layout.config_file.write_bytes_atomic(record)
             return
-        if write_bytes_if_absent(layout.config_url, record, storage_options):
+        if layout.config_file.write_bytes_if_absent(record):
             return
-        existing = read_output_config(layout, storage_options)
+        existing = read_output_config(layout)
         if existing is None:  # unreadable _config.json (warned): the markers say what made the labels
-            others = {m.get("fingerprint") for m in read_markers(layout, storage_options).values()} - {fingerprint}
+            others = {m.get("fingerprint") for m in read_markers(layout).values()} - {fingerprint}
             if others:
-                raise ConfigError(f"output {layout.root}: {layout.config_url} is unreadable and the output holds "
+                raise ConfigError(f"output {layout.root}: {layout.config_file} is unreadable and the output holds "
                                   "labels made with other settings; write to a new --output, or pass --overwrite")
-            write_bytes_atomic(layout.config_url, record, storage_options)
+            layout.config_file.write_bytes_atomic(record)
             return
         if existing["fingerprint"] == fingerprint:
             return
-        if not _has_labels(layout, storage_options) and _claim_ended(layout, existing, storage_options):
-            write_bytes_atomic(layout.config_url, record, storage_options)
+        if not _has_labels(layout) and _claim_ended(layout, existing):
+            layout.config_file.write_bytes_atomic(record)
             return
     except (FileNotFoundError, PermissionError) as err:
         raise ConfigError(f"output: cannot write to {layout.root}: {err}") from None

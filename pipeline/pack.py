@@ -7,7 +7,7 @@ from pathlib import Path
 import webdataset as wds
 
 from pipeline.reader import IMAGE_EXTENSIONS
-from pipeline.storage import filesystem, full_url, open_file, StorageOptions
+from pipeline.storage import Location, full_url
 
 
 def sample_keys(paths: list[Path], root: Path) -> list[str]:
@@ -29,10 +29,10 @@ def sample_keys(paths: list[Path], root: Path) -> list[str]:
     return keys
 
 
-def next_shard_number(output_prefix: str, storage_options: StorageOptions | None = None) -> int:
+def next_shard_number(output_prefix: Location) -> int:
     """1 + the highest ``{prefix}-NNNNNN.tar`` already there (0 for none): packing into an
     existing prefix adds shards and never overwrites one."""
-    fs, path = filesystem(output_prefix, storage_options)
+    fs, path = output_prefix.fs_path
     pattern = re.compile(re.escape(path.rsplit("/", 1)[-1]) + r"-(\d{6})\.tar$")
     try:
         names = [p.rsplit("/", 1)[-1] for p in fs.glob(f"{path}-*.tar")]
@@ -42,8 +42,7 @@ def next_shard_number(output_prefix: str, storage_options: StorageOptions | None
     return max(numbers) + 1 if numbers else 0
 
 
-def pack_images(folder: str, output_prefix: str, per_shard: int = 1000, pattern: str = "*",
-                storage_options: StorageOptions | None = None) -> list[str]:
+def pack_images(folder: str, output_prefix: Location, per_shard: int = 1000, pattern: str = "*") -> list[str]:
     """Write ``{output_prefix}-000000.tar, ...`` (continuing after existing shards) to a local
     path or any fsspec URL; each sample's key is the image's path relative to the folder (see
     ``sample_keys``), so labels can be traced back to their files. ``pattern`` is a glob on file
@@ -56,14 +55,14 @@ def pack_images(folder: str, output_prefix: str, per_shard: int = 1000, pattern:
     images = sorted(p for p in root.rglob(pattern) if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     if not images:
         raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images matching {pattern} under {folder}")
-    fs, prefix_path = filesystem(output_prefix, storage_options)
+    fs, prefix_path = output_prefix.fs_path
     fs.makedirs(prefix_path.rsplit("/", 1)[0] if "/" in prefix_path else ".", exist_ok=True)
-    first = next_shard_number(output_prefix, storage_options)
+    first = next_shard_number(output_prefix)
     written: list[str] = []
     keys = sample_keys(images, root)
     for number, start in enumerate(range(0, len(images), per_shard), start=first):
         url = full_url(fs, f"{prefix_path}-{number:06d}.tar")
-        with open_file(url, "wb", storage_options) as stream, wds.TarWriter(stream) as sink:
+        with output_prefix.at(url).open("wb") as stream, wds.TarWriter(stream) as sink:
             for path, key in zip(images[start:start + per_shard], keys[start:start + per_shard]):
                 sink.write({"__key__": key, path.suffix.lower().lstrip("."): path.read_bytes()})
         written.append(url)

@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageOps
 
 from gem.preprocess import image_to_tensor, to_rgb
-from pipeline.storage import StorageOptions, open_file
+from pipeline.storage import Location
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Entries that annotate the sample's image rather than being images to label: the ground-truth
@@ -139,12 +139,12 @@ def group_samples(members: Iterator[tuple[str, bytes]]) -> Iterator[dict]:
         yield from emit(current)
 
 
-def iter_tar_samples(url: str, storage_options: Optional[StorageOptions] = None) -> Iterator[dict]:
+def iter_tar_samples(source: Location) -> Iterator[dict]:
     """Raw samples ({'__key__': ..., '__uid__': ..., 'jpg': bytes, ...}) of one tar, in order."""
     try:
-        with open_file(url, "rb", storage_options) as stream:
+        with source.open("rb") as stream:
             for sample in group_samples(iter_tar_members(stream)):
-                yield {**sample, "__url__": url}
+                yield {**sample, "__url__": source.url}
     except Exception as err:  # missing file, tarfile.ReadError on truncation, storage errors
         raise ShardReadError(error_text(err)) from err
 
@@ -194,9 +194,9 @@ _END = object()
 class PrefetchingReader:
     """Iterates DecodedSamples of a shard; reading and decoding run ahead on background threads."""
 
-    def __init__(self, url: str, decode: Callable[[int, dict], DecodedSample], threads: int = 4,
-                 prefetch: int = 64, storage_options: Optional[StorageOptions] = None):
-        self.url, self._decode, self._storage_options = url, decode, storage_options
+    def __init__(self, source: Location, decode: Callable[[int, dict], DecodedSample], threads: int = 4,
+                 prefetch: int = 64):
+        self.source, self._decode = source, decode
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._futures: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
@@ -213,7 +213,7 @@ class PrefetchingReader:
 
     def _read(self) -> None:
         try:
-            for index, raw in enumerate(iter_tar_samples(self.url, self._storage_options)):
+            for index, raw in enumerate(iter_tar_samples(self.source)):
                 if not self._put(self._pool.submit(self._decode, index, raw)):
                     return
             self._put(_END)

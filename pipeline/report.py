@@ -7,35 +7,36 @@ from typing import Optional
 
 from pipeline.manifest import (OutputLayout, read_failures, read_markers, read_output_config, read_runs,
                                verify_markers)
-from pipeline.storage import StorageOptions, exists
+from pipeline.storage import Location
 
 
-def summarize_output(output: str, storage_options: Optional[StorageOptions] = None,
-                     input_patterns: Optional[list[str]] = None) -> dict:
-    """Counts from the output's markers; given the input too, also how many of its shards are
-    still to label (not done under the output's configuration)."""
+def summarize_output(output: Location, input_patterns: Optional[list[str]] = None) -> dict:
+    """Counts from the output's markers; given the input too (read with the output's storage
+    options), also how many of its shards are still to label (not done under the output's
+    configuration)."""
     layout = OutputLayout(output)
-    if not exists(layout.config_url, storage_options):
+    if not layout.config_file.exists():
         raise FileNotFoundError(f"{output} is not a gemlabel output (no _config.json)")
-    config = read_output_config(layout, storage_options) or {"fingerprint": "unreadable"}  # warned
-    all_markers = read_markers(layout, storage_options)
-    markers, broken = verify_markers(layout, all_markers, storage_options, read_footers=False)
-    failures = {k: v for k, v in read_failures(layout, storage_options).items() if k not in markers}
+    config = read_output_config(layout) or {"fingerprint": "unreadable"}  # warned
+    all_markers = read_markers(layout)
+    markers, broken = verify_markers(layout, all_markers, read_footers=False)
+    failures = {k: v for k, v in read_failures(layout).items() if k not in markers}
     missing = {all_markers[k]["shard"]: why for k, why in broken.items() if k not in failures}
     histogram: Counter = Counter()
     for marker in markers.values():
         histogram.update(marker.get("error_histogram", {}))
     busy = sum(m["timings"]["total_s"] for m in markers.values())
     images = sum(m["samples"] for m in markers.values())
-    runs = sorted(read_runs(layout, storage_options), key=lambda r: r["started_at"])
+    runs = sorted(read_runs(layout), key=lambda r: r["started_at"])
     settings = config.get("settings", {})
     pending = None
     if input_patterns:
         from pipeline.shards import list_shards
         done = {k for k, m in markers.items() if m.get("fingerprint") == config["fingerprint"]}
-        pending = sum(1 for shard in list_shards(input_patterns, storage_options) if shard.shard_id not in done)
+        inputs = [output.at(pattern) for pattern in input_patterns]
+        pending = sum(1 for shard in list_shards(inputs) if shard.shard_id not in done)
     return {
-        "output": output, "fingerprint": config["fingerprint"], "model": settings.get("model"),
+        "output": output.url, "fingerprint": config["fingerprint"], "model": settings.get("model"),
         "pretrained": settings.get("pretrained"), "classes": len(settings.get("vocab", [])),
         "shards_done": len(markers), "shards_failed": len(failures), "shards_missing": len(missing),
         "shards_pending": pending,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.config import ConfigError, LabelConfig
-from pipeline.storage import StorageOptions, file_identity, filesystem, protocol_of
+from pipeline.storage import Location, file_identity, protocol_of
 
 _HASH_CHUNK = 8 << 20
 
@@ -79,14 +79,15 @@ def _hash_local(path: Path) -> dict:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
-def content_identity(url: Optional[str], storage_options: Optional[StorageOptions] = None) -> Optional[dict]:
+def content_identity(source: Location) -> Optional[dict]:
     """Size + sha256 of a local file or folder, size + etag of an object; None for names that
     are not files (open_clip tags such as ``openai``)."""
+    url = source.url
     if not _looks_like_path(url):
         return None
     if _is_local(url):
         return _hash_local(Path(_strip_file_scheme(url)))
-    fs, path = filesystem(url, storage_options)
+    fs, path = source.fs_path
     try:
         return file_identity(fs.info(path))
     except (OSError, ValueError) as err:
@@ -95,6 +96,6 @@ def content_identity(url: Optional[str], storage_options: Optional[StorageOption
 
 def content_fingerprints(config: LabelConfig) -> dict:
     """The fingerprint's entries for the contents of the files the config names."""
-    contents = {"pretrained_content": content_identity(config.pretrained, config.storage_options),
-                "model_config_content": content_identity(config.model_config, config.storage_options)}
+    named = {"pretrained_content": config.pretrained, "model_config_content": config.model_config}
+    contents = {key: content_identity(config.location(url)) for key, url in named.items() if url}
     return {key: value for key, value in contents.items() if value is not None}

@@ -30,7 +30,7 @@ from pipeline.manifest import OutputLayout, prepare_output, read_markers, verify
 from pipeline.resolve import content_fingerprints, resolve_paths
 from pipeline.shards import Shard, list_shards
 from pipeline.sizing import sizing_for
-from pipeline.storage import file_identity, protocol_of, read_bytes, same_file_version, stat_files
+from pipeline.storage import Location, file_identity, protocol_of, same_file_version, stat_files
 from pipeline.worker import RunSpec, ShardLabeler, register_model_config
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,11 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def read_vocab_file(url: str, storage_options) -> list[str]:
+def read_vocab_file(source: Location) -> list[str]:
     """Class names from a UTF-8 file, one a line; '#' starts a comment (whole-line or inline)."""
+    url = source.url
     try:
-        data = read_bytes(url, storage_options)
+        data = source.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"vocab_file: no such file {url}") from None
     except Exception as err:  # fsspec back ends raise their own kinds (aiohttp, botocore, ...)
@@ -102,7 +103,7 @@ def resolve_vocabulary(config: LabelConfig) -> list[Union[str, list[str]]]:
     flag's commas and bars were split by the CLI); vocab files: one class a line, commas between
     synonyms. Names repeated across classes, synonyms and background names are an error."""
     if config.vocab_file:
-        lines = read_vocab_file(config.vocab_file, config.storage_options)
+        lines = read_vocab_file(config.location(config.vocab_file))
         entries = [line.split(",") for line in lines]
     else:
         entries = [[item] if isinstance(item, str) else item for item in config.vocab]
@@ -464,9 +465,9 @@ def _retry_or_fail(shard: Shard, attempts: Counter, queue: deque, summary: RunSu
     error = _shard_error(shard, error, config)
     summary.failed[shard.url] = error
     try:  # a note for `gemlabel report`; the shard is not done either way, so a rerun redoes it
-        write_json(OutputLayout(config.output).failed_url(shard.shard_id),
+        write_json(OutputLayout(config.location(config.output)).failed_file(shard.shard_id),
                    {"shard": shard.url, "shard_id": shard.shard_id, "error": error, "attempts": attempts[shard],
-                    "failed_at": datetime.now(timezone.utc).isoformat()}, config.storage_options)
+                    "failed_at": datetime.now(timezone.utc).isoformat()})
     except Exception as err:  # the output's storage is failing too (outage)
         log.warning("could not record %s as failed: %s", shard.url, _first_line(err))
     on_result(shard, None)
@@ -539,13 +540,13 @@ class RunRecordError(RuntimeError):
     """The output's storage stayed unreachable: the run record could not be written."""
 
 
-def record_run(url: str, summary: RunSummary, config: LabelConfig, out, wait_s: float = RECORD_WAIT_S) -> None:
+def record_run(file: Location, summary: RunSummary, out, wait_s: float = RECORD_WAIT_S) -> None:
     """Write the run record; while the output's storage is unreachable, wait for it (saying so)
     up to ``wait_s``, then give up with RunRecordError (the labels written so far stay done)."""
     deadline, said = time.monotonic() + wait_s, False
     while True:
         try:
-            write_json(url, summary.as_record(), config.storage_options)
+            write_json(file, summary.as_record())
             return
         except Exception as err:  # fsspec back ends raise their own kinds
             if time.monotonic() > deadline:
@@ -571,10 +572,10 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     config = with_read_timeout(resolve_paths(config))
     check_output_location(config.output)
     spec = build_spec(config)
-    layout = OutputLayout(config.output)
+    layout = OutputLayout(config.location(config.output))
     check_storage_options(config)
     try:
-        shards = list_shards(config.input, config.storage_options)
+        shards = list_shards([config.location(pattern) for pattern in config.input])
     except (ValueError, OSError) as err:
         raise ConfigError(f"input: {_first_line(err)}") from None
     except Exception as err:  # e.g. botocore's NoCredentialsError
@@ -582,11 +583,11 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     if not shards:
         raise ConfigError("input: no shards found")
     check_model(config)
-    markers, unreadable = verify_markers(layout, read_markers(layout, config.storage_options), config.storage_options)
+    markers, unreadable = verify_markers(layout, read_markers(layout))
     for shard_id, why in sorted(unreadable.items()):
         log.warning("relabelling %s: %s", shard_id, why)
     inputs = {url: file_identity(info) for url, info in
-              stat_files([s.url for s in shards], config.storage_options).items()}
+              stat_files([config.location(s.url) for s in shards]).items()}
     todo = select_shards(shards, markers, spec, inputs)
     summary = RunSummary(run_id, config.output, started.isoformat(), shards_total=len(shards),
                          shards_skipped=len(shards) - len(todo))
@@ -595,7 +596,7 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
         connect_ray(config)
         pool = WorkerPool(spec, run_id)
         ensure_schedulable(pool, out)
-    prepare_output(layout, spec.fingerprint, spec.source, config.overwrite, config.storage_options, run_id)
+    prepare_output(layout, spec.fingerprint, spec.source, config.overwrite, run_id)
     wall = time.perf_counter()
     try:
         if pool is not None:
@@ -613,7 +614,7 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
             pool.shutdown()
         summary.seconds = time.perf_counter() - wall
         summary.finished_at = datetime.now(timezone.utc).isoformat()
-        record_run(layout.run_url(run_id), summary, config, out)
+        record_run(layout.run_file(run_id), summary, out)
     print(summary.text(), file=summary_out or sys.stdout, flush=True)
     return summary
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable
 
 from braceexpand import braceexpand
 
-from pipeline.storage import StorageOptions, filesystem, full_url, join, normalize_url, protocol_of, read_bytes
+from pipeline.storage import Location, join, normalize_url, protocol_of
 
 GLOB_CHARS = "*?["
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what globs match: a folder may also hold .parquet, .json
@@ -38,35 +38,33 @@ def _relative_to(entry: str, list_url: str) -> str:
     return join(folder, entry)
 
 
-def read_shard_list(url: str, storage_options: Optional[StorageOptions] = None) -> list[str]:
+def read_shard_list(source: Location) -> list[Location]:
     """Entries of a .txt shard list: one a line; blank lines and lines starting with # (after
     stripping) are skipped; relative entries are relative to the list file's folder."""
-    text = read_bytes(url, storage_options).decode("utf-8")
+    text = source.read_bytes().decode("utf-8")
     lines = (line.strip() for line in text.splitlines())
-    return [_relative_to(line, url) for line in lines if line and not line.startswith("#")]
+    return [source.at(_relative_to(line, source.url)) for line in lines if line and not line.startswith("#")]
 
 
-def _expand_one(pattern: str, storage_options: Optional[StorageOptions]) -> list[str]:
-    if pattern.endswith(".txt"):
-        listed = read_shard_list(pattern, storage_options)
+def _expand_one(pattern: Location) -> list[str]:
+    if pattern.url.endswith(".txt"):
+        listed = read_shard_list(pattern)
         if not listed:
             raise ValueError(f"shard list {pattern} is empty")
-        return expand_shards(listed, storage_options, allow_missing=True)
-    if any(ch in pattern for ch in GLOB_CHARS):
-        fs, path = filesystem(pattern, storage_options)
-        return [full_url(fs, p) for p in sorted(fs.glob(path)) if p.endswith(TAR_SUFFIXES)]
-    return [normalize_url(pattern)]
+        return expand_shards(listed, allow_missing=True)
+    if any(ch in pattern.url for ch in GLOB_CHARS):
+        return [match.url for match in pattern.glob() if match.url.endswith(TAR_SUFFIXES)]
+    return [normalize_url(pattern.url)]
 
 
-def expand_shards(patterns: Iterable[str], storage_options: Optional[StorageOptions] = None,
-                  allow_missing: bool = True) -> list[str]:
+def expand_shards(patterns: Iterable[Location], allow_missing: bool = True) -> list[str]:
     """URLs of all shards named by the patterns, in order, without repeats. Plain URLs are kept
     even if missing (a missing shard is reported as a failed shard, not a crashed run); a glob
     that matches nothing is an error, since it most often means a wrong prefix."""
     urls: list[str] = []
     for pattern in patterns:
-        for expanded in braceexpand(pattern):
-            matches = _expand_one(expanded, storage_options)
+        for expanded in braceexpand(pattern.url):
+            matches = _expand_one(pattern.at(expanded))
             if not matches and not allow_missing:
                 raise ValueError(f"input pattern {expanded} matches no file")
             if not matches and any(ch in expanded for ch in GLOB_CHARS):
@@ -76,5 +74,7 @@ def expand_shards(patterns: Iterable[str], storage_options: Optional[StorageOpti
     return [u for u in urls if not (u in seen or seen.add(u))]
 
 
-def list_shards(patterns: Iterable[str], storage_options: Optional[StorageOptions] = None) -> list[Shard]:
-    return [Shard(url, shard_id_for(url)) for url in expand_shards(patterns, storage_options)]
+def list_shards(patterns: Iterable[Location]) -> list[Shard]:
+    """The shards the patterns (brace patterns, globs, .txt lists, URLs) name, each read with its
+    pattern's storage options."""
+    return [Shard(url, shard_id_for(url)) for url in expand_shards(patterns)]

@@ -75,7 +75,7 @@ def fetch_picked_images(picks: list[Pick], labelset: LabelSet) -> dict[str, Imag
             by_shard[pick.row["shard"]][sample_uid(pick.row)] = pick.row["sample_id"]
     images = {}
     for shard_url, uids in by_shard.items():
-        for uid, image in fetch_images(shard_url, uids, labelset.storage_options):
+        for uid, image in fetch_images(labelset.root.at(shard_url), uids):
             images[uids[uid]] = image
     return images
 

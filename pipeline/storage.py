@@ -1,14 +1,17 @@
 """Filesystem access for any fsspec URL (local paths, s3://, gs://, http(s)://).
 
-Options are given per protocol (``{"s3": {"endpoint_url": ...}}``) so one run can read from one
-store and write to another. Writes are atomic: a reader sees the whole file or none of it.
+A ``Location`` is a URL bound to the storage options it is read and written with, so the two
+travel as one value (as fsspec's ``DirFileSystem`` binds a filesystem to its root). Options are
+given per protocol (``{"s3": {"endpoint_url": ...}}``) so one run can read from one store and
+write to another. Writes are atomic: a reader sees the whole file or none of it.
 """
 from __future__ import annotations
 
 import os
 import posixpath
 import uuid
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import IO, Any, Optional
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -35,11 +38,6 @@ def _options_for(url: str, storage_options: Optional[StorageOptions]) -> dict[st
     return options
 
 
-def filesystem(url: str, storage_options: Optional[StorageOptions] = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path within it) for a URL."""
-    return url_to_fs(url, **_options_for(url, storage_options))
-
-
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return "file" in protocols or "local" in protocols
@@ -64,20 +62,6 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
 
 
-def open_file(url: str, mode: str = "rb", storage_options: Optional[StorageOptions] = None):
-    return fsspec.open(url, mode, **_options_for(url, storage_options)).open()
-
-
-def read_bytes(url: str, storage_options: Optional[StorageOptions] = None) -> bytes:
-    fs, path = filesystem(url, storage_options)
-    return fs.cat_file(path)
-
-
-def exists(url: str, storage_options: Optional[StorageOptions] = None) -> bool:
-    fs, path = filesystem(url, storage_options)
-    return fs.exists(path)
-
-
 def temp_path(path: str) -> str:
     """Where a local atomic write puts its data first: a hidden name (leading dot) in the same
     folder, which Hive-style dataset readers (pyarrow.dataset, pandas, Spark) skip."""
@@ -91,42 +75,6 @@ def _write_local_temp(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
     with fs.open(temp, "wb") as handle:
         handle.write(data)
     return temp
-
-
-def write_bytes_atomic(url: str, data: bytes, storage_options: Optional[StorageOptions] = None) -> None:
-    """Write all of ``data`` or nothing. Local files: temp file + rename. Object stores: one PUT
-    (an object appears only once its upload completes)."""
-    fs, path = filesystem(url, storage_options)
-    if is_local(fs):
-        temp = _write_local_temp(fs, path, data)
-        try:
-            fs.mv(temp, path)
-        finally:
-            if fs.exists(temp):
-                fs.rm(temp)
-    else:
-        fs.pipe_file(path, data)
-
-
-def write_bytes_if_absent(url: str, data: bytes, storage_options: Optional[StorageOptions] = None) -> bool:
-    """Create ``url`` with all of ``data`` unless it exists; True if this call created it. One
-    winner even when several processes race: a hard link (fails if the name exists) locally, a
-    conditional PUT (``If-None-Match: *``) on object stores."""
-    fs, path = filesystem(url, storage_options)
-    if is_local(fs):
-        temp = _write_local_temp(fs, path, data)
-        try:
-            os.link(temp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.remove(temp)
-    try:
-        fs.pipe_file(path, data, mode="create")
-        return True
-    except FileExistsError:
-        return False
 
 
 def file_identity(info: Optional[dict]) -> Optional[dict]:
@@ -156,52 +104,133 @@ def same_file_version(old: Optional[dict], new: Optional[dict]) -> bool:
     return True
 
 
-def stat_file(url: str, storage_options: Optional[StorageOptions] = None) -> Optional[dict]:
-    """fsspec info (size, etag/mtime) of one file, or None where unknown."""
-    fs, path = filesystem(url, storage_options)
-    try:
-        return fs.info(path)
-    except (OSError, ValueError):
-        return None
+@dataclass(frozen=True)
+class Location:
+    """A file or folder URL with the (per-protocol) storage options to reach it and whatever
+    ``at`` or ``child`` leads to from it. Holds no live filesystem, so it pickles cleanly (Ray
+    ships it to actors); fsspec's instance cache makes the filesystem once per process."""
+
+    url: str
+    storage_options: StorageOptions = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __hash__(self) -> int:  # the options dict is unhashable; equal locations share a URL
+        return hash(self.url)
+
+    def at(self, url: str) -> "Location":
+        """Another URL (a shard, a list entry, another store) with the same options."""
+        return Location(url, self.storage_options)
+
+    def child(self, *parts: str) -> "Location":
+        return self.at(join(self.url, *parts))
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "Location":
+        return self.at(self.url.rsplit("/", 1)[0])
+
+    @property
+    def fs_path(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        """(filesystem, path within it)."""
+        return url_to_fs(self.url, **_options_for(self.url, self.storage_options))
+
+    @property
+    def path(self) -> str:
+        return self.fs_path[1]
+
+    def open(self, mode: str = "rb") -> IO[bytes]:
+        return fsspec.open(self.url, mode, **_options_for(self.url, self.storage_options)).open()
+
+    def read_bytes(self) -> bytes:
+        fs, path = self.fs_path
+        return fs.cat_file(path)
+
+    def exists(self) -> bool:
+        fs, path = self.fs_path
+        return fs.exists(path)
+
+    def stat(self) -> Optional[dict]:
+        """fsspec info (size, etag/mtime) of the file, or None where unknown."""
+        fs, path = self.fs_path
+        try:
+            return fs.info(path)
+        except (OSError, ValueError):
+            return None
+
+    def write_bytes_atomic(self, data: bytes) -> None:
+        """Write all of ``data`` or nothing. Local files: temp file + rename. Object stores: one
+        PUT (an object appears only once its upload completes)."""
+        fs, path = self.fs_path
+        if is_local(fs):
+            temp = _write_local_temp(fs, path, data)
+            try:
+                fs.mv(temp, path)
+            finally:
+                if fs.exists(temp):
+                    fs.rm(temp)
+        else:
+            fs.pipe_file(path, data)
+
+    def write_bytes_if_absent(self, data: bytes) -> bool:
+        """Create the file with all of ``data`` unless it exists; True if this call created it.
+        One winner even when several processes race: a hard link (fails if the name exists)
+        locally, a conditional PUT (``If-None-Match: *``) on object stores."""
+        fs, path = self.fs_path
+        if is_local(fs):
+            temp = _write_local_temp(fs, path, data)
+            try:
+                os.link(temp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(temp)
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+
+    def remove(self, recursive: bool = False) -> None:
+        fs, path = self.fs_path
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+
+    def list_files(self, suffix: str = "") -> list["Location"]:
+        """The files directly under this prefix, by URL (none if it does not exist)."""
+        fs, path = self.fs_path
+        try:
+            entries = fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        return [self.at(url) for url in sorted(full_url(fs, e["name"]) for e in entries
+                                               if e["type"] == "file" and e["name"].endswith(suffix))]
+
+    def glob(self) -> list["Location"]:
+        """What this URL, read as a glob pattern, matches, in path order."""
+        fs, path = self.fs_path
+        return [self.at(full_url(fs, p)) for p in sorted(fs.glob(path))]
 
 
-def stat_files(urls: list[str], storage_options: Optional[StorageOptions] = None) -> dict[str, Optional[dict]]:
+def stat_files(files: list[Location]) -> dict[str, Optional[dict]]:
     """URL -> fsspec info (size, etag/mtime) or None where unknown; one listing per folder."""
     infos: dict[str, Optional[dict]] = {}
-    by_folder: dict[str, list[str]] = {}
-    for url in urls:
-        by_folder.setdefault(url.rsplit("/", 1)[0], []).append(url)
-    for folder, members in by_folder.items():
-        fs, _ = filesystem(members[0], storage_options)
+    by_folder: dict[str, list[Location]] = {}
+    for file in files:
+        by_folder.setdefault(file.parent.url, []).append(file)
+    for members in by_folder.values():
+        fs, folder = members[0].parent.fs_path
         listing: dict[str, dict] = {}
         if fs.protocol not in ("http", "https", ("http", "https")):
             try:
-                listing = {full_url(fs, e["name"]): e for e in fs.ls(filesystem(folder, storage_options)[1],
-                                                                     detail=True, refresh=True)}
+                listing = {full_url(fs, e["name"]): e for e in fs.ls(folder, detail=True, refresh=True)}
             except (OSError, ValueError):
                 listing = {}
-        for url in members:
-            info = listing.get(url)
-            if info is None:
-                try:
-                    info = fs.info(filesystem(url, storage_options)[1])
-                except (OSError, ValueError):
-                    info = None
-            infos[url] = info
+        for file in members:
+            infos[file.url] = listing.get(file.url) or file.stat()
     return infos
-
-
-def remove(url: str, storage_options: Optional[StorageOptions] = None, recursive: bool = False) -> None:
-    fs, path = filesystem(url, storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=recursive)
-
-
-def list_files(url: str, storage_options: Optional[StorageOptions] = None, suffix: str = "") -> list[str]:
-    """URLs of the files directly under a prefix (none if it does not exist)."""
-    fs, path = filesystem(url, storage_options)
-    try:
-        entries = fs.ls(path, detail=True, refresh=True)
-    except FileNotFoundError:
-        return []
-    return sorted(full_url(fs, e["name"]) for e in entries if e["type"] == "file" and e["name"].endswith(suffix))

@@ -18,9 +18,8 @@ from typing import Optional, Sequence
 import torch
 
 from gem.vocabulary import ClassEntry, Vocabulary
-from pipeline.storage import StorageOptions, exists, join, read_bytes, write_bytes_atomic
-
-CACHE_DIR = "_cache"
+from pipeline.manifest import OutputLayout
+from pipeline.storage import Location
 
 
 def file_digest(path: str, chunk: int = 1 << 22) -> str:
@@ -53,27 +52,27 @@ def text_cache_key(model: str, pretrained: Optional[str], model_config: Optional
     return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def text_cache_url(output: str, key: str) -> str:
-    return join(join(output, CACHE_DIR), f"text-{key}.pt")
+def text_cache_file(layout: OutputLayout, key: str) -> Location:
+    return layout.cache_dir.child(f"text-{key}.pt")
 
 
-def read_cached(url: str, storage_options: Optional[StorageOptions] = None) -> Optional[Vocabulary]:
+def read_cached(file: Location) -> Optional[Vocabulary]:
     """The cached vocabulary (its (words, dim) embeddings on the CPU), or None if absent or
     unreadable (then it is encoded again)."""
-    if not exists(url, storage_options):
+    if not file.exists():
         return None
     try:
-        fields = torch.load(io.BytesIO(read_bytes(url, storage_options)), weights_only=True)
+        fields = torch.load(io.BytesIO(file.read_bytes()), weights_only=True)
         return Vocabulary(tuple(fields["class_names"]), tuple(fields["templates"]), fields["embeddings"],
                           tuple(tuple(group) for group in fields["synonyms"]), tuple(fields["background"]))
     except Exception:  # a damaged or older cache file is not an error: it is rewritten
         return None
 
 
-def write_cached(url: str, vocabulary: Vocabulary, storage_options: Optional[StorageOptions] = None) -> None:
+def write_cached(file: Location, vocabulary: Vocabulary) -> None:
     buffer = io.BytesIO()
     torch.save({"class_names": list(vocabulary.class_names), "templates": list(vocabulary.templates),
                 "embeddings": vocabulary.embeddings.detach().float().cpu(),
                 "synonyms": [list(group) for group in vocabulary.synonyms],
                 "background": list(vocabulary.background)}, buffer)
-    write_bytes_atomic(url, buffer.getvalue(), storage_options)
+    file.write_bytes_atomic(buffer.getvalue())

@@ -40,8 +40,8 @@ from pipeline.schema import table_from_rows
 from pipeline.shards import Shard
 from pipeline.sizing import Sizing, local_sizing
 from pipeline.stages import ReadingTurns, ShardStages, StageSettings
-from pipeline.storage import file_identity, remove, stat_file, write_bytes_atomic
-from pipeline.text_cache import read_cached, text_cache_key, text_cache_url, write_cached
+from pipeline.storage import file_identity
+from pipeline.text_cache import read_cached, text_cache_file, text_cache_key, write_cached
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class ShardLabeler:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.spec, self.config = spec, spec.config
-        self.layout = OutputLayout(spec.config.output)
+        self.layout = OutputLayout(spec.config.location(spec.config.output))
         # Ray hides the GPUs from actors that asked for none, so this follows the actor's resources.
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         sizing = sizing or local_sizing(self.config, self.device.type == "cuda")
@@ -134,15 +134,15 @@ class ShardLabeler:
             config = self.config
             key = text_cache_key(config.model, config.pretrained, config.model_config, self.spec.class_names,
                                  self.spec.templates, self.segmenter.dtype, config.background)
-            url = text_cache_url(config.output, key)
-            cached = read_cached(url, config.storage_options)
+            file = text_cache_file(self.layout, key)
+            cached = read_cached(file)
             if cached is not None:
                 self.set_vocabulary(cached, source="cache")
             else:
                 self.set_vocabulary(self.segmenter.vocabulary(self.spec.class_names, self.spec.templates,
                                                               config.background), source="encoded")
                 self.text_encodes += 1
-                write_cached(url, self._vocabulary, config.storage_options)
+                write_cached(file, self._vocabulary)
         return on_device(self._vocabulary, torch.device("cpu"))
 
     def set_vocabulary(self, vocabulary: Vocabulary, source: str = "shipped") -> None:
@@ -238,7 +238,8 @@ class ShardLabeler:
         shard cannot be read, having written nothing. Called for two shards at once, the second
         starts reading when the first has read its last sample (``ReadingTurns``)."""
         # Recorded before reading: a shard replaced later has another identity and is relabelled.
-        input_identity = file_identity(stat_file(shard.url, self.config.storage_options))
+        source = self.config.location(shard.url)
+        input_identity = file_identity(source.stat())
         timings: Counter = Counter()
         waited = time.perf_counter()
         with self._reading_turns.turn() as read_done:
@@ -248,7 +249,7 @@ class ShardLabeler:
                                  lambda batch: self._launch(batch, timings),
                                  lambda sample, output: self._postprocess_row(shard, sample, output, timings),
                                  lambda sample: self._row(shard, sample), timings)
-            rows = stages.run(iter_tar_samples(shard.url, self.config.storage_options), read_done)
+            rows = stages.run(iter_tar_samples(source), read_done)
         errors = Counter(row.pop("_kind") for row in rows if row["status"] == "error")
         for row in rows:
             row.pop("_index")
@@ -258,12 +259,12 @@ class ShardLabeler:
         buffer = io.BytesIO()
         pq.write_table(table_from_rows(rows, self.spec.run_metadata), buffer, compression="zstd")
         parquet = buffer.getvalue()
-        write_bytes_atomic(self.layout.labels_url(shard.shard_id), parquet, self.config.storage_options)
+        self.layout.labels_file(shard.shard_id).write_bytes_atomic(parquet)
         timings["write_s"] += time.perf_counter() - start
         total = time.perf_counter() - wall
         marker = shard_marker(shard.url, shard.shard_id, self.spec.fingerprint, rows, len(parquet), errors,
                               started=started, total_s=total, timings=timings, input_identity=input_identity,
                               attempt=attempt, worker=self.describe())
-        write_json(self.layout.marker_url(shard.shard_id), marker, self.config.storage_options)
-        remove(self.layout.failed_url(shard.shard_id), self.config.storage_options)
+        write_json(self.layout.marker_file(shard.shard_id), marker)
+        self.layout.failed_file(shard.shard_id).remove()
         return marker

@@ -16,7 +16,7 @@ from pipeline.manifest import OutputLayout, write_json
 from pipeline.marker import shard_marker
 from pipeline.schema import table_from_rows
 from pipeline.shards import shard_id_for
-from pipeline.storage import join, write_bytes_atomic
+from pipeline.storage import Location, join
 from tests.shards import encode, photo, write_shard
 
 CLASSES = ["person", "dog", "sofa", "car"]
@@ -55,7 +55,7 @@ def write_known_output(shard_folder: str, output: str, images: int = 3, storage_
     shard_url = join(shard_folder, "known-0000.tar")
     if local_tmp is not None:  # build locally, then upload
         local = write_shard(local_tmp / "known-0000.tar", samples)
-        write_bytes_atomic(shard_url, local.read_bytes(), storage_options)
+        Location(shard_url, storage_options or {}).write_bytes_atomic(local.read_bytes())
     else:
         write_shard(Path(shard_url), samples)
     shard_id = shard_id_for(shard_url)
@@ -69,12 +69,12 @@ def write_known_output(shard_folder: str, output: str, images: int = 3, storage_
     rows.append({"sample_id": f"{shard_id}/broken", "key": "broken", "shard": shard_url, "width": 0, "height": 0,
                  "status": "error", "error": "decode jpg: UnidentifiedImageError: cannot identify image file",
                  "labels": []})
-    layout = OutputLayout(output)
-    write_json(layout.config_url, {"fingerprint": "known", "settings": {"vocab": CLASSES}}, storage_options)
+    layout = OutputLayout(Location(output, storage_options or {}))
+    write_json(layout.config_file, {"fingerprint": "known", "settings": {"vocab": CLASSES}})
     buffer = io.BytesIO()
     pq.write_table(table_from_rows(rows, {"vocab": CLASSES}), buffer)
-    write_bytes_atomic(layout.labels_url(shard_id), buffer.getvalue(), storage_options)
+    layout.labels_file(shard_id).write_bytes_atomic(buffer.getvalue())
     marker = shard_marker(shard_url, shard_id, "known", rows, buffer.getbuffer().nbytes,
                           {"decode:UnidentifiedImageError": 1}, started=datetime.now(timezone.utc), total_s=0.0)
-    write_json(layout.marker_url(shard_id), marker, storage_options)
+    write_json(layout.marker_file(shard_id), marker)
     return known

@@ -6,15 +6,15 @@ import pyarrow.parquet as pq
 
 from pipeline.encode import decode_mask
 from pipeline.manifest import OutputLayout
-from pipeline.storage import filesystem, list_files
+from pipeline.storage import Location
 
 
 def read_tables(output: str, storage_options=None) -> dict[str, "pq.Table"]:
     tables = {}
-    for url in list_files(OutputLayout(output).labels_dir, storage_options, ".parquet"):
-        fs, path = filesystem(url, storage_options)
+    for file in OutputLayout(Location(output, storage_options or {})).labels_dir.list_files(".parquet"):
+        fs, path = file.fs_path
         with fs.open(path, "rb") as handle:
-            tables[url.rsplit("/", 1)[-1]] = pq.read_table(handle)
+            tables[file.name] = pq.read_table(handle)
     return tables
 
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from pipeline.manifest import OutputLayout, read_markers
+from pipeline.storage import Location
 from tests.conftest import free_port
 from tests.outputs import all_rows
 from tests.ray_heads import BIN, REPO, dashboard_up, head_command, ray_env, stop_process_group
@@ -99,7 +100,7 @@ def test_relative_paths_mean_the_drivers_folder_on_an_external_head(head, base_c
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = all_rows(str(here / "labels"))
     assert len(rows) == 6 and all(row["status"] == "ok" for row in rows)
-    assert len(read_markers(OutputLayout(str(here / "labels")))) == 2
+    assert len(read_markers(OutputLayout(Location(str(here / "labels"))))) == 2
     assert not list(Path(head.temp_dir).rglob("labels/*.parquet"))
 
 
@@ -179,7 +180,7 @@ def test_losing_a_node_mid_run_gives_the_uninterrupted_output(base_config, tmp_p
         run = subprocess.Popen([sys.executable, "-m", "jobs.label", "--config", "job.yaml"], cwd=tmp_path,
                                env=cluster_env(RAY_ADDRESS=started["address"]), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        layout = OutputLayout(config["output"])
+        layout = OutputLayout(Location(config["output"]))
         deadline = time.monotonic() + 300
         while not read_markers(layout) and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from pipeline.manifest import OutputLayout, read_markers, read_runs
+from pipeline.storage import Location
 from tests.conftest import free_port
 from tests.outputs import all_rows, check_labels
 from tests.ray_heads import BIN, REPO, head_command, ray_env, stop_process_group, wait_for_dashboard
@@ -70,7 +71,7 @@ def test_scheduled_runs_label_only_new_shards(ray_head, micro_checkpoint, base_c
     config_path.write_text(yaml.safe_dump(config))
     write_shards(tmp_path / "incoming", shards=2, per_shard=3, stem="day1")
     submit(ray_head, "--config", str(config_path))
-    layout = OutputLayout(config["output"])
+    layout = OutputLayout(Location(config["output"]))
     first = read_markers(layout)
 
     write_shards(tmp_path / "incoming", shards=2, per_shard=3, stem="day2")  # the folder grows
@@ -173,6 +174,6 @@ def test_pack_turns_a_folder_into_shards_gemlabel_reads(tmp_path):
     assert main(["pack", str(REPO / "tests/data/voc"), str(tmp_path / "shards/voc"), "--per-shard", "3",
                  "--pattern", "*_image.png"]) == 0
     shards = sorted((tmp_path / "shards").glob("voc-*.tar"))
-    keys = [s["__key__"] for shard in shards for s in iter_tar_samples(str(shard))]
+    keys = [s["__key__"] for shard in shards for s in iter_tar_samples(Location(str(shard)))]
     assert len(shards) == 2 and keys == ["0_image", "114_image", "166_image", "23_image"]
     assert main(["pack", str(tmp_path / "shards"), str(tmp_path / "none")]) == 2

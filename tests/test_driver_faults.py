@@ -11,6 +11,7 @@ import yaml
 
 from jobs.cli import main
 from pipeline.manifest import OutputLayout, read_markers
+from pipeline.storage import Location
 from tests.shards import write_shards
 
 
@@ -48,7 +49,7 @@ def test_driver_sigkill_then_rerun_gives_the_uninterrupted_output(base_config, t
     write_shards(tmp_path / "in", shards=6, per_shard=10)
     config = {**base_config, "input": [str(tmp_path / "in" / "*.tar")], "output": str(tmp_path / "killed"),
               "batch_size": 2}
-    layout = OutputLayout(config["output"])
+    layout = OutputLayout(Location(config["output"]))
     driver = start_driver(config, tmp_path / "job.yaml")
     deadline = time.monotonic() + 240
     while len(read_markers(layout)) < 2 and driver.poll() is None and time.monotonic() < deadline:

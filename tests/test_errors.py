@@ -15,6 +15,7 @@ import yaml
 
 from jobs.cli import main
 from pipeline.manifest import OutputLayout, read_runs
+from pipeline.storage import Location
 from tests.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def test_worker_killed_while_loading_the_model_is_replaced(base_config, shards, 
     assert main(label_args(config)) == 0, capsys.readouterr().err
     killer.join()
     assert killed
-    (run,) = read_runs(OutputLayout(config["output"]))
+    (run,) = read_runs(OutputLayout(Location(config["output"])))
     assert run["actor_restarts"] == 1 and run["shards_done"] == 2 and run["status"] == "ok"
 
 
@@ -255,7 +256,7 @@ def test_sigint_prints_one_line_and_a_rerun_finishes(base_config, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own cluster, not one another process started here
     driver = subprocess.Popen([sys.executable, "-m", "jobs.label", "--config", str(path)], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    layout = OutputLayout(config["output"])
+    layout = OutputLayout(Location(config["output"]))
     lines: list[str] = []  # the driver's stderr: one line per shard it has counted as done
     pump = threading.Thread(target=lambda: lines.extend(driver.stderr), daemon=True)
     pump.start()
@@ -300,7 +301,7 @@ def test_model_error_in_the_workers_is_exit_2_and_recorded(base_config, shards, 
     assert main(label_args(config)) == 2
     message = one_line_error(capsys)
     assert message.startswith("gemlabel: error: workers could not start: ")
-    (run,) = read_runs(OutputLayout(config["output"]))
+    (run,) = read_runs(OutputLayout(Location(config["output"])))
     assert run["status"] == "error" and run["error"].startswith("workers could not start") and run["shards_done"] == 0
 
 
@@ -418,12 +419,12 @@ def test_object_store_outage_mid_run(base_config, s3_endpoint, tmp_path, capsys)
                       "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}}
     config = {**base_config, "input": paths, "output": "s3://outage/run", "batch_size": 2, "max_shard_retries": 0}
     args = [*label_args(config), "--storage-options", json.dumps(options), "--max-shard-retries", "0"]
-    layout = OutputLayout(config["output"])
+    layout = OutputLayout(Location(config["output"], options))
     codes = []
     driver = threading.Thread(target=lambda: codes.append(main(args)))
     driver.start()
     deadline = time.monotonic() + 240
-    while not read_markers(layout, options) and time.monotonic() < deadline:
+    while not read_markers(layout) and time.monotonic() < deadline:
         time.sleep(0.05)
     proxy.stop()  # storage goes away with shards in flight ...
     err, out = "", ""
@@ -437,12 +438,12 @@ def test_object_store_outage_mid_run(base_config, s3_endpoint, tmp_path, capsys)
     captured = capsys.readouterr()
     err, out = err + captured.err, out + captured.out
     assert codes == [1] and "Traceback" not in err, err  # exit 1, the failed shards listed, no traceback
-    (run,) = read_runs(layout, options)  # the run record was written once storage returned
+    (run,) = read_runs(layout)  # the run record was written once storage returned
     assert run["shards_done"] + run["shards_failed"] == 4 and run["status"] == "failed"
     assert run["shards_failed"] >= 1 and "FAILED" in out
     # nothing lost: a rerun labels what failed, and the result equals a clean run's
     assert main(args) == 0
-    assert len(read_markers(layout, options)) == 4
+    assert len(read_markers(layout)) == 4
     clean = {**config, "output": str(tmp_path / "clean")}
     assert main(label_args(clean)) == 0
     capsys.readouterr()

@@ -16,6 +16,7 @@ from pipeline.components import components, polygons, rasterize
 from pipeline.export.common import ExportOptions
 from pipeline.export.runner import run_export
 from pipeline.labelset import label_mask, open_labelset
+from pipeline.storage import Location
 from tests.known_output import CLASSES, write_known_output
 from tests.outputs import all_rows
 
@@ -66,22 +67,23 @@ def test_coco_export_round_trips_through_pycocotools_and_resumes(labelled_output
     assert seen == {sid for sid, row in rows.items() if row["status"] == "ok"}  # error rows left out
 
     # A rerun skips the exported shards; a lost done marker redoes that shard only.
-    labelset = open_labelset(labelled_output)
-    options = ExportOptions("coco", dest, images=True, splits={"train": "*train-*", "val": "*val-*"})
+    labelset = open_labelset(Location(labelled_output))
+    options = ExportOptions("coco", Location(dest), images=True, splits={"train": "*train-*", "val": "*val-*"})
     assert (run_export(labelset, options, progress=False).shards_skipped) == 3
     victim = sorted((Path(dest) / "_done").iterdir())[0]
     victim.unlink()
     again = run_export(labelset, options, progress=False)
     assert (again.shards_done, again.shards_skipped, again.images) == (1, 2, 12)
     # Other options (instances) redo every shard.
-    assert run_export(labelset, ExportOptions("coco", dest, instances=True, splits=options.splits),
+    assert run_export(labelset, ExportOptions("coco", Location(dest), instances=True, splits=options.splits),
                       progress=False).shards_done == 3
 
 
 def test_coco_instances_are_the_components_and_union_to_the_class_mask(known_output, tmp_path):
     output, known = known_output
     dest = str(tmp_path / "inst")
-    summary = run_export(open_labelset(output), ExportOptions("coco", dest, instances=True), progress=False)
+    summary = run_export(open_labelset(Location(output)), ExportOptions("coco", Location(dest), instances=True),
+                         progress=False)
     assert (summary.shards_done, summary.images, summary.error_rows) == (1, 3, 1)
     coco = COCO(str(Path(dest) / "annotations" / "train.json"))
     for image in coco.loadImgs(coco.getImgIds()):
@@ -95,7 +97,8 @@ def test_coco_instances_are_the_components_and_union_to_the_class_mask(known_out
             assert np.array_equal(union[class_id + 1], mask)
 
     big = str(tmp_path / "big")
-    run_export(open_labelset(output), ExportOptions("coco", big, instances=True, min_area=10), progress=False)
+    run_export(open_labelset(Location(output)), ExportOptions("coco", Location(big), instances=True, min_area=10),
+               progress=False)
     coco = COCO(str(Path(big) / "annotations" / "train.json"))
     assert min(a["area"] for a in coco.dataset["annotations"]) >= 10
     assert len(coco.getAnnIds(catIds=[4])) == 3  # the car's speck is gone, one ellipse per image
@@ -174,7 +177,7 @@ def test_export_tasks_run_on_ray_workers_and_a_failed_shard_is_redone_alone(labe
     the others are committed, and the rerun exports only that shard."""
     import os
     import shutil as sh
-    labelset = open_labelset(labelled_output)
+    labelset = open_labelset(Location(labelled_output))
     val_shard = next(m["shard"] for m in labelset.markers.values() if "val-" in m["shard"])
     moved = tmp_path / "moved.tar"
     sh.move(val_shard, moved)
@@ -186,7 +189,7 @@ def test_export_tasks_run_on_ray_workers_and_a_failed_shard_is_redone_alone(labe
         sh.move(moved, val_shard)
     done = {p.name: json.loads(p.read_text()) for p in (dest / "_done").iterdir()}
     assert len(done) == 2 and all(r["worker"]["pid"] != os.getpid() for r in done.values())
-    summary = run_export(labelset, ExportOptions("semantic", str(dest), images=True), progress=False)
+    summary = run_export(labelset, ExportOptions("semantic", Location(str(dest)), images=True), progress=False)
     assert (summary.shards_done, summary.shards_skipped, summary.shards_failed, summary.images) == (1, 2, 0, 12)
     assert len(list((dest / "img_dir" / "train").iterdir())) == 12
 
@@ -200,9 +203,9 @@ def test_coco_export_to_s3(s3_endpoint, tmp_path):
     known = write_known_output("s3://export-bucket/shards", "s3://export-bucket/labels", storage_options=options,
                                local_tmp=tmp_path)
     # Ray workers started before this test do not see its environment: credentials go in the options.
-    summary = run_export(open_labelset("s3://export-bucket/labels", options),
-                         ExportOptions("coco", "s3://export-bucket/labels/exports/coco", instances=True, images=True,
-                                       storage_options=options), progress=False)
+    summary = run_export(open_labelset(Location("s3://export-bucket/labels", options)),
+                         ExportOptions("coco", Location("s3://export-bucket/labels/exports/coco", options),
+                                       instances=True, images=True), progress=False)
     assert (summary.shards_done, summary.images) == (1, 3)
     fs.invalidate_cache()
     fs.get("export-bucket/labels/exports/coco/annotations/train.json", str(tmp_path / "train.json"))

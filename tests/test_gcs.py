@@ -9,6 +9,7 @@ from pipeline.manifest import OutputLayout, read_markers
 from pipeline.report import summarize_output
 from pipeline.runner import run_labeling
 from pipeline.schema import run_metadata_of
+from pipeline.storage import Location
 from tests.conftest import serve_on_loopback
 from tests.outputs import all_rows, check_labels, read_tables
 from tests.shards import write_shards
@@ -56,12 +57,12 @@ def test_gs_in_gs_out_end_to_end(base_config, gcs_endpoint, tmp_path):
             assert np.asarray(mask)[label["point_y"], label["point_x"]] == 1
     table = next(iter(read_tables("gs://labels/run-1", options).values()))
     assert run_metadata_of(table.schema)["vocab"] == ["person", "dog", "sofa", "car"]
-    markers = read_markers(OutputLayout("gs://labels/run-1"), options)
+    markers = read_markers(OutputLayout(Location("gs://labels/run-1", options)))
     assert sorted(m["shard"] for m in markers.values()) == urls
     assert sorted(fs.ls("labels/run-1/labels")) == sorted(f"labels/run-1/labels/{n}" for n in read_tables(
         "gs://labels/run-1", options))
 
     rerun = run_labeling(config)  # a second run over the same gs:// output finds every shard done
     assert (rerun.shards_done, rerun.shards_skipped) == (0, 3)
-    report = summarize_output("gs://labels/run-1", options)
+    report = summarize_output(Location("gs://labels/run-1", options))
     assert (report["shards_done"], report["images"], report["image_errors"]) == (3, 18, 0)

@@ -15,11 +15,12 @@ from pipeline.groundtruth import (GroundTruthError, coco_ground_truth, decode_ma
 from pipeline.metrics import IGNORE_INDEX
 from pipeline.pack import pack_images
 from pipeline.reader import iter_tar_samples
+from pipeline.storage import Location
 from tests.models import DATA
 from tests.shards import encode, write_shard
 
 VOC_VAL = DATA / "voc-val"
-CLASSES = read_class_list(str(VOC_VAL / "classes.txt"))
+CLASSES = read_class_list(Location(str(VOC_VAL / "classes.txt")))
 TARGETS = sorted(VOC_VAL.glob("*_target.png"))
 
 
@@ -58,8 +59,8 @@ def test_folder_layout_keys_match_packed_images(tmp_path):
     gt = folder_ground_truth(str(VOC_VAL), None, str(VOC_VAL / "classes.txt"), "_image", "_target")
     samples = list(gt.samples())
     assert gt.count == len(samples) == 6 and gt.class_names == CLASSES
-    shards = pack_images(str(VOC_VAL), str(tmp_path / "packed"), pattern="*_image.png")
-    packed = [raw["__key__"] for raw in iter_tar_samples(shards[0])]
+    shards = pack_images(str(VOC_VAL), Location(str(tmp_path / "packed")), pattern="*_image.png")
+    packed = [raw["__key__"] for raw in iter_tar_samples(Location(shards[0]))]
     assert [s.key for s in samples] == packed  # labels and masks meet by these keys
     for sample in samples:
         target_path = VOC_VAL / f"{sample.key.removesuffix('_image')}_target.png"
@@ -156,7 +157,7 @@ def test_shards_with_masks_beside_images(tmp_path):
         samples.append({"__key__": f"voc-{stem}", "jpg": encode(image, "JPEG"), "seg.png": palette_png(voc_indices(path))})
     write_shard(tmp_path / "gt-0.tar", samples[:3])
     write_shard(tmp_path / "gt-1.tar", samples[3:])
-    gt = shard_ground_truth([str(tmp_path / "gt-{0..1}.tar")], str(VOC_VAL / "classes.txt"))
+    gt = shard_ground_truth([Location(str(tmp_path / "gt-{0..1}.tar"))], Location(str(VOC_VAL / "classes.txt")))
     assert gt.shards == [str(tmp_path / "gt-0.tar"), str(tmp_path / "gt-1.tar")]
     read = list(gt.samples())
     assert [s.key for s in read] == [s["__key__"] for s in samples]
@@ -164,7 +165,8 @@ def test_shards_with_masks_beside_images(tmp_path):
         assert sample.image_ext == "jpg" and np.array_equal(sample.target, voc_indices(path))
     write_shard(tmp_path / "nomask.tar", [{"__key__": "a", "jpg": samples[0]["jpg"]}])
     with pytest.raises(GroundTruthError, match="has no seg.png"):
-        list(shard_ground_truth([str(tmp_path / "nomask.tar")], str(VOC_VAL / "classes.txt")).samples())
+        list(shard_ground_truth([Location(str(tmp_path / "nomask.tar"))],
+                                Location(str(VOC_VAL / "classes.txt"))).samples())
 
 
 def test_class_mapping_many_names_to_one_class_and_unmapped_classes():

@@ -23,7 +23,7 @@ def test_done_means_readable_and_changed_shards_are_relabelled(base_config, tmp_
     shards = write_shards(tmp_path / "in", shards=3, per_shard=4)
     config = load_config(None, {**base_config, "input": [str(tmp_path / "in" / "*.tar")]})
     assert run_labeling(config).shards_done == 3
-    layout = OutputLayout(config.output)
+    layout = OutputLayout(config.location(config.output))
     ids = [shard_id_for(str(s)) for s in shards]
     marker = read_markers(layout)[ids[0]]
     assert marker["parquet_bytes"] > 0 and marker["input"]["size"] == shards[0].stat().st_size

@@ -13,6 +13,7 @@ from pipeline.report import summarize_output
 from pipeline.runner import NAMESPACE, WORKER_PREFIX, run_labeling
 from pipeline.schema import run_metadata_of
 from pipeline.shards import shard_id_for
+from pipeline.storage import Location
 from tests.conftest import S3_CREDENTIALS
 from tests.outputs import all_rows, check_labels, read_tables
 from tests.shards import encode, photo, truncate, varied_samples, write_shard, write_shards
@@ -54,10 +55,10 @@ def test_s3_in_s3_out_end_to_end(base_config, s3_endpoint, tmp_path):
     metadata = run_metadata_of(table.schema)
     assert metadata["vocab"] == ["person", "dog", "sofa", "car"] and metadata["gem"]["depth"] == 3
     assert metadata["schema_version"] == 1 and metadata["templates"] == ["a photo of a {}."]
-    markers = read_markers(OutputLayout("s3://labels/run-1"), options)
+    markers = read_markers(OutputLayout(Location("s3://labels/run-1", options)))
     assert sorted(m["shard"] for m in markers.values()) == urls
     assert all(m["timings"]["model_s"] > 0 for m in markers.values())
-    report = summarize_output("s3://labels/run-1", options)
+    report = summarize_output(Location("s3://labels/run-1", options))
     assert (report["shards_done"], report["images"], report["image_errors"]) == (3, 24, 0)
     assert all(m["input"]["etag"] and m["parquet_bytes"] > 0 for m in markers.values())
     assert run_labeling(config).shards_skipped == 3  # etags and Parquet sizes match: nothing to redo
@@ -89,7 +90,7 @@ def test_bad_images_become_error_rows_and_bad_shards_fail_alone(base_config, tmp
     assert [rows[k]["status"] for k in ("ok-1", "truncated", "garbage", "caption-only", "ok-2")] == \
         ["ok", "error", "error", "error", "ok"]
     assert "no image" in rows["caption-only"]["error"] and rows["garbage"]["labels"] == []
-    layout = OutputLayout(config.output)
+    layout = OutputLayout(config.location(config.output))
     marker = read_markers(layout)[shard_id_for(str(mixed))]
     assert marker["errors"] == 3 and marker["error_histogram"]["no_image"] == 1
     failures = read_failures(layout)
@@ -113,7 +114,7 @@ def test_bad_images_become_error_rows_and_bad_shards_fail_alone(base_config, tmp
 def test_actor_killed_mid_shard_is_redone_elsewhere(base_config, tmp_path):
     shards = write_shards(tmp_path / "in", shards=6, per_shard=24)  # shards left to kill the worker on
     config = load_config(None, {**base_config, "input": [str(tmp_path / "in" / "*.tar")], "batch_size": 2})
-    layout = OutputLayout(config.output)
+    layout = OutputLayout(config.location(config.output))
     result = {}
     driver = threading.Thread(target=lambda: result.setdefault("summary", run_labeling(config)))
     driver.start()
@@ -147,7 +148,8 @@ def test_a_worker_overlaps_its_shards_only_when_it_holds_two(base_config, tmp_pa
                                     "batch_size": 2})
         summary = run_labeling(config)
         assert summary.shards_done == 3 and summary.actor_restarts == 0
-        markers = sorted(read_markers(OutputLayout(config.output)).values(), key=lambda m: m["started_at"])
+        markers = sorted(read_markers(OutputLayout(config.location(config.output))).values(),
+                         key=lambda m: m["started_at"])
         spans[slots] = [(m["started_at"], m["finished_at"]) for m in markers]
         rows[slots] = all_rows(config.output)
     overlaps = {slots: sum(later[0] < earlier[1] for earlier, later in zip(s, s[1:])) for slots, s in spans.items()}
@@ -176,7 +178,7 @@ def test_reruns_skip_done_shards_and_guard_the_config(base_config, tmp_path):
     after = all_rows(settings["output"])
     assert {r["sample_id"] for r in after} == {r["sample_id"] for r in before}
     assert {label["name"] for r in after for label in r["labels"]} <= {"cat", "dog"}
-    assert len(summarize_output(settings["output"])["runs"]) == 4  # refused runs leave no record
+    assert len(summarize_output(Location(settings["output"]))["runs"]) == 4  # refused runs leave no record
 
 
 def test_http_input(base_config, tmp_path):

@@ -14,6 +14,7 @@ from pipeline.export.common import ExportOptions
 from pipeline.export.runner import run_export
 from pipeline.labelset import label_mask, open_labelset
 from pipeline.runner import run_labeling
+from pipeline.storage import Location
 from tests.outputs import all_rows, check_labels
 from tests.shards import write_shards
 
@@ -58,7 +59,7 @@ def test_per_component_points_in_parquet_and_coco(base_config, tmp_path):
         load_config(None, {**settings, "points": "everywhere"})
 
     dest = str(tmp_path / "coco")
-    run_export(open_labelset(settings["output"]), ExportOptions("coco", dest), progress=False)
+    run_export(open_labelset(Location(settings["output"])), ExportOptions("coco", Location(dest)), progress=False)
     coco = COCO(str(Path(dest) / "annotations" / "train.json"))
     by_sample = {image["sample_id"]: image["id"] for image in coco.dataset["images"]}
     for row in rows:

@@ -28,7 +28,7 @@ from pipeline.pack import pack_images
 from pipeline.reader import decode_sample
 from pipeline.runner import build_spec, run_labeling
 from pipeline.schema import table_from_rows
-from pipeline.storage import write_bytes_atomic
+from pipeline.storage import Location
 from pipeline.worker import load_segmenter
 from tests.models import DATA
 from tests.outputs import all_rows
@@ -56,7 +56,7 @@ def write_output_from_ground_truth(output: Path, drop: tuple[str, str] = ("", ""
     gt = ground_truth()
     names = gt.class_names
     source = {"vocab": VOCAB}
-    layout = OutputLayout(str(output))
+    layout = OutputLayout(Location(str(output)))
     prepare_output(layout, "from-gt", source, overwrite=False)
     rows = []
     for sample in gt.samples():
@@ -76,10 +76,10 @@ def write_output_from_ground_truth(output: Path, drop: tuple[str, str] = ("", ""
                      "height": height, "status": "ok", "error": None, "labels": labels})
     buffer = io.BytesIO()
     pq.write_table(table_from_rows(rows, source), buffer)
-    write_bytes_atomic(layout.labels_url("gt-0"), buffer.getvalue())
+    layout.labels_file("gt-0").write_bytes_atomic(buffer.getvalue())
     marker = shard_marker("gt.tar", "gt-0", "from-gt", rows, buffer.getbuffer().nbytes, {},
                           started=datetime.now(timezone.utc), total_s=0.0)
-    write_json(layout.marker_url("gt-0"), marker)
+    write_json(layout.marker_file("gt-0"), marker)
 
 
 def write_class_map(tmp_path: Path) -> str:
@@ -171,7 +171,7 @@ def torchmetrics_miou(rows: list[dict], class_map: dict) -> float:
 def test_pack_label_eval_calibrate(base_config, tmp_path):
     class_map = write_class_map(tmp_path)
     # pack + label, as a user would, then eval the output
-    shards = pack_images(str(VOC_VAL), str(tmp_path / "shards" / "voc"), pattern="*_image.png")
+    shards = pack_images(str(VOC_VAL), Location(str(tmp_path / "shards" / "voc")), pattern="*_image.png")
     config = load_config(None, {**label_config(base_config, tmp_path), "input": shards})
     assert run_labeling(config).images == 6
     assert main(["eval", *GT_FLAGS, "--labels", config.output, "--class-map", class_map,

@@ -6,6 +6,7 @@ from PIL import Image
 
 from gem.preprocess import to_rgb
 from pipeline.reader import PrefetchingReader, ShardReadError, decode_sample, iter_tar_samples
+from pipeline.storage import Location
 from tests.shards import encode, photo, truncate, varied_samples, write_shard
 
 SIZE = (64, 64)
@@ -58,11 +59,12 @@ def test_broken_samples_become_errors_not_exceptions():
 
 def test_reader_keeps_order_and_reports_broken_shards(tmp_path):
     shard = write_shard(tmp_path / "s.tar", varied_samples(30))
-    keys = [s.key for s in PrefetchingReader(str(shard), lambda i, raw: decode(raw, i), threads=3, prefetch=4)]
+    reader = PrefetchingReader(Location(str(shard)), lambda i, raw: decode(raw, i), threads=3, prefetch=4)
+    keys = [s.key for s in reader]
     assert keys == [f"img{i:05d}" for i in range(30)]
-    assert [r["__key__"] for r in iter_tar_samples(str(shard))] == keys
+    assert [r["__key__"] for r in iter_tar_samples(Location(str(shard)))] == keys
     truncate(shard, 0.5)
     with pytest.raises(ShardReadError, match="ReadError"):
-        list(PrefetchingReader(str(shard), lambda i, raw: decode(raw, i), threads=2))
+        list(PrefetchingReader(Location(str(shard)), lambda i, raw: decode(raw, i), threads=2))
     with pytest.raises(ShardReadError, match="missing.tar"):
-        list(iter_tar_samples(str(tmp_path / "missing.tar")))
+        list(iter_tar_samples(Location(str(tmp_path / "missing.tar"))))

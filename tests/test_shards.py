@@ -2,21 +2,23 @@
 import pytest
 
 from pipeline.shards import list_shards, shard_id_for
+from pipeline.storage import Location
 from tests.conftest import S3_CREDENTIALS
 
 
 def test_braces_globs_and_list_files(tmp_path):
     for name in ["a-000.tar", "a-001.tar", "a-002.tar", "b-000.tar"]:
         (tmp_path / name).write_bytes(b"x")
-    braces = list_shards([str(tmp_path / "a-{000..001}.tar")])
+    braces = list_shards([Location(str(tmp_path / "a-{000..001}.tar"))])
     assert [s.url for s in braces] == [str(tmp_path / "a-000.tar"), str(tmp_path / "a-001.tar")]
-    globbed = list_shards([str(tmp_path / "*-000.tar"), "file://" + str(tmp_path / "a-000.tar")])
+    globbed = list_shards([Location(str(tmp_path / "*-000.tar")), Location("file://" + str(tmp_path / "a-000.tar"))])
     assert [s.url for s in globbed] == [str(tmp_path / "a-000.tar"), str(tmp_path / "b-000.tar")]
     listing = tmp_path / "shards.txt"
     listing.write_text(f"# two shards\n{tmp_path / 'a-002.tar'}\n\n{tmp_path / 'b-*.tar'}\n")
-    assert [s.url for s in list_shards([str(listing)])] == [str(tmp_path / "a-002.tar"), str(tmp_path / "b-000.tar")]
+    assert [s.url for s in list_shards([Location(str(listing))])] == [str(tmp_path / "a-002.tar"),
+                                                                      str(tmp_path / "b-000.tar")]
     with pytest.raises(ValueError, match="matches no file"):
-        list_shards([str(tmp_path / "c-*.tar")])
+        list_shards([Location(str(tmp_path / "c-*.tar"))])
 
 
 def test_shard_ids_are_stable_and_unique_across_folders():
@@ -33,8 +35,8 @@ def test_s3_globs_and_braces(s3_endpoint):
         fs.pipe(f"listing/{name}", b"x")
     fs.pipe("listing/list.txt", b"s3://listing/q-0.tar\n")
     options = {"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}}
-    assert [s.url for s in list_shards(["s3://listing/p-*.tar"], options)] == ["s3://listing/p-0.tar",
+    assert [s.url for s in list_shards([Location("s3://listing/p-*.tar", options)])] == ["s3://listing/p-0.tar",
                                                                                "s3://listing/p-1.tar"]
-    assert [s.url for s in list_shards(["s3://listing/{p,q}-0.tar"], options)] == ["s3://listing/p-0.tar",
+    assert [s.url for s in list_shards([Location("s3://listing/{p,q}-0.tar", options)])] == ["s3://listing/p-0.tar",
                                                                                    "s3://listing/q-0.tar"]
-    assert [s.url for s in list_shards(["s3://listing/list.txt"], options)] == ["s3://listing/q-0.tar"]
+    assert [s.url for s in list_shards([Location("s3://listing/list.txt", options)])] == ["s3://listing/q-0.tar"]

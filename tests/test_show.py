@@ -17,6 +17,7 @@ from pipeline.gallery import gallery_link
 from pipeline.labelset import fetch_images, open_labelset
 from pipeline.palette import class_color
 from pipeline.show import image_score, pick_samples
+from pipeline.storage import Location
 from tests.conftest import S3_CREDENTIALS
 from tests.known_output import write_known_output
 from tests.outputs import all_rows
@@ -63,7 +64,8 @@ def test_gallery_in_a_browser_shows_the_class_colours(known_output, tmp_path):
     assert np.abs(shown - overlay).max() <= 2  # the enlarged picture is on screen, pixel for pixel
 
     shard, key = sample_id.split("/")
-    photo = np.asarray(dict(fetch_images(next(Path(output).parent.glob("shards/*.tar")).as_posix(), [key]))[key],
+    shard_file = Location(next(Path(output).parent.glob("shards/*.tar")).as_posix())
+    photo = np.asarray(dict(fetch_images(shard_file, [key]))[key],
                        dtype=np.float64)
     labels = {l["class_id"]: l for r in all_rows(output) if r["sample_id"] == sample_id for l in r["labels"]}
     ys, xs = np.mgrid[:photo.shape[0], :photo.shape[1]]
@@ -115,7 +117,7 @@ def test_show_reads_an_output_on_s3(s3_endpoint, tmp_path, monkeypatch):
     options = {"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}}
     known = write_known_output("s3://show-bucket/shards", "s3://show-bucket/labels", storage_options=options,
                                local_tmp=tmp_path)
-    assert open_labelset("s3://show-bucket/labels", options).shard_ids()
+    assert open_labelset(Location("s3://show-bucket/labels", options)).shard_ids()
     dest = tmp_path / "show"
     assert main(["show", "s3://show-bucket/labels", "--s3-endpoint", s3_endpoint, "--dest", str(dest),
                  "--count", "5"]) == 0

@@ -3,6 +3,7 @@ from pipeline.config import load_config
 from pipeline.manifest import OutputLayout, read_markers
 from pipeline.runner import run_labeling
 from pipeline.sizing import derive_sizing
+from pipeline.storage import Location
 from tests.shards import varied_samples, write_shard
 
 
@@ -30,7 +31,7 @@ def test_a_run_without_sizing_keys_uses_the_derived_ones(ray_session, base_confi
     url = str(write_shard(tmp_path / "in/s-0.tar", varied_samples(5)))
     summary = run_labeling(load_config(None, {**config, "input": [url]}))
     assert summary.shards_done == 1
-    worker = next(iter(read_markers(OutputLayout(config["output"])).values()))["worker"]
+    worker = next(iter(read_markers(OutputLayout(Location(config["output"]))).values()))["worker"]
     # ray_session: 2 CPUs, no GPU, one worker
     assert (worker["torch_threads"], worker["decode_threads"], worker["postprocess_threads"],
             worker["batch_size"]) == (2, 2, 1, 16)

@@ -15,7 +15,7 @@ from pipeline.manifest import OutputLayout, prepare_output
 from pipeline.config import ConfigError
 from pipeline.reader import iter_tar_samples
 from pipeline.shards import list_shards
-from pipeline.storage import temp_path, write_bytes_atomic, write_bytes_if_absent
+from pipeline.storage import Location, temp_path
 from tests.conftest import S3_CREDENTIALS
 from tests.shards import encode, photo
 
@@ -35,7 +35,7 @@ def parquet_bytes(rows: int) -> bytes:
 
 def test_dataset_readers_skip_a_write_in_progress(tmp_path):
     labels = tmp_path / "labels"
-    write_bytes_atomic(str(labels / "a.parquet"), parquet_bytes(3))
+    Location(str(labels / "a.parquet")).write_bytes_atomic(parquet_bytes(3))
     in_progress = temp_path(str(labels / "b.parquet"))  # where a worker's write is while it runs
     with open(in_progress, "wb") as handle:
         handle.write(parquet_bytes(5)[:20])
@@ -55,7 +55,7 @@ def test_create_if_absent_has_exactly_one_winner(where, tmp_path, s3):
 
     def claim(i):
         barrier.wait()
-        if write_bytes_if_absent(url, f"claim {i}".encode(), options):
+        if Location(url, options).write_bytes_if_absent(f"claim {i}".encode()):
             wins.append(i)
 
     threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
@@ -71,13 +71,13 @@ def test_create_if_absent_has_exactly_one_winner(where, tmp_path, s3):
 def test_racing_claims_on_s3_refuse_the_other_config(s3):
     fs, options = s3
     fs.mkdir("race")
-    layout = OutputLayout("s3://race/labels")
+    layout = OutputLayout(Location("s3://race/labels", options))
     barrier, outcomes = threading.Barrier(2), {}
 
     def claim(fingerprint):
         barrier.wait()
         try:
-            prepare_output(layout, fingerprint, {"vocab": [fingerprint]}, False, options, run_id=fingerprint)
+            prepare_output(layout, fingerprint, {"vocab": [fingerprint]}, False, run_id=fingerprint)
             outcomes[fingerprint] = "claimed"
         except ConfigError as err:
             outcomes[fingerprint] = str(err)
@@ -95,16 +95,16 @@ def test_globs_match_only_tars_and_lists_resolve_relative_entries(tmp_path, s3):
     (tmp_path / "sub").mkdir()
     for name in ["00000.tar", "00000.parquet", "00000_stats.json", "sub/a.tar", "sub/b.tar"]:
         (tmp_path / name).write_bytes(b"x")
-    assert [s.url for s in list_shards([str(tmp_path / "*")])] == [str(tmp_path / "00000.tar")]
+    assert [s.url for s in list_shards([Location(str(tmp_path / "*"))])] == [str(tmp_path / "00000.tar")]
     listing = tmp_path / "sub" / "list.txt"
     listing.write_text("  # indented comment\n a.tar \nb.tar\n../00000.tar\n")
-    assert [s.url for s in list_shards([str(listing)])] == [
+    assert [s.url for s in list_shards([Location(str(listing))])] == [
         str(tmp_path / "sub" / "a.tar"), str(tmp_path / "sub" / "b.tar"), str(tmp_path / "00000.tar")]
     fs, options = s3
     fs.mkdir("lists")
     fs.pipe("lists/shards/p-0.tar", b"x")
     fs.pipe("lists/shards/all.txt", b"# shards next to me\np-0.tar\n  s3://lists/other.tar\n")
-    assert [s.url for s in list_shards(["s3://lists/shards/all.txt"], options)] == [
+    assert [s.url for s in list_shards([Location("s3://lists/shards/all.txt", options)])] == [
         "s3://lists/shards/p-0.tar", "s3://lists/other.tar"]
 
 
@@ -126,7 +126,7 @@ def test_pack_keeps_every_file_and_never_overwrites(tmp_path, capsys):
     assert main(["pack", str(tmp_path / "images"), prefix, "--per-shard", "4"]) == 0  # more shards, none replaced
     shards = sorted((tmp_path / "shards").glob("p-*.tar"))
     assert [s.name for s in shards] == [f"p-{i:06d}.tar" for i in range(4)]
-    samples = [s for shard in shards[:2] for s in iter_tar_samples(str(shard))]
+    samples = [s for shard in shards[:2] for s in iter_tar_samples(Location(str(shard)))]
     keys = [s["__uid__"] for s in samples]
     assert len(samples) == len(names) and len(set(keys)) == len(names), keys
     assert all("#" not in key and "." not in key for key in keys)
@@ -142,5 +142,5 @@ def test_pack_to_an_object_store(tmp_path, s3, s3_endpoint, monkeypatch):
     assert main(args) == 0 and main(args) == 0
     assert sorted(fs.ls("packed/shards")) == [f"packed/shards/p-{i:06d}.tar" for i in range(4)]
     options = {"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}}
-    samples = [s for i in range(2) for s in iter_tar_samples(f"s3://packed/shards/p-{i:06d}.tar", options)]
+    samples = [s for i in range(2) for s in iter_tar_samples(Location(f"s3://packed/shards/p-{i:06d}.tar", options))]
     assert len(samples) == len(names)

@@ -5,6 +5,7 @@ import tarfile
 import pytest
 
 from pipeline.reader import ShardReadError, decode_sample, iter_tar_samples
+from pipeline.storage import Location
 from tests.shards import encode, photo, varied_samples, write_shard
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -36,7 +37,7 @@ def awkward_members() -> list[tuple[str, bytes]]:
 
 def test_every_image_gets_one_row_with_a_unique_id(tmp_path):
     shard = write_members(tmp_path / "awkward.tar", awkward_members())
-    samples = list(iter_tar_samples(str(shard)))
+    samples = list(iter_tar_samples(Location(str(shard))))
     assert [s["__uid__"] for s in samples] == ["a", "b", "a#2", "x", "x#2", "img", "img#2", "dup", "dup#2",
                                               "sub/c", "cap"]
     assert [s["__key__"] for s in samples][:4] == ["a", "b", "a", "x"]
@@ -56,21 +57,21 @@ def member_ends(path) -> list[int]:
 
 def test_a_tar_cut_at_a_member_boundary_is_truncated(tmp_path):
     shard = write_shard(tmp_path / "s.tar", varied_samples(6))
-    assert len(list(iter_tar_samples(str(shard)))) == 6
+    assert len(list(iter_tar_samples(Location(str(shard))))) == 6
     cut = member_ends(shard)[5]  # after the 3rd sample's two members, no end-of-archive blocks
     shard.write_bytes(shard.read_bytes()[:cut])
     with pytest.raises(ShardReadError, match="truncated"):
-        list(iter_tar_samples(str(shard)))
+        list(iter_tar_samples(Location(str(shard))))
     empty = tmp_path / "empty.tar"
     empty.write_bytes(b"")
     with pytest.raises(ShardReadError):
-        list(iter_tar_samples(str(empty)))
+        list(iter_tar_samples(Location(str(empty))))
 
 
 def test_a_ground_truth_mask_rides_with_its_image_and_gets_no_row(tmp_path):
     """``key.seg.png`` is the image's mask (eval shards), not a second image to label."""
     jpg, mask = encode(photo(0, (40, 30)), "JPEG"), encode(photo(1, (40, 30)).convert("L"), "PNG")
     shard = write_members(tmp_path / "eval.tar", [("p.jpg", jpg), ("p.seg.png", mask), ("q.png", jpg)])
-    samples = list(iter_tar_samples(str(shard)))
+    samples = list(iter_tar_samples(Location(str(shard))))
     assert [s["__uid__"] for s in samples] == ["p", "q"]
     assert samples[0]["seg.png"] == mask and samples[0]["jpg"] == jpg

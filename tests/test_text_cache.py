@@ -6,7 +6,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.manifest import OutputLayout, read_markers
 from pipeline.runner import run_labeling
-from pipeline.storage import list_files
+from pipeline.storage import Location
 from pipeline.text_cache import read_cached, text_cache_key
 from tests.outputs import all_rows, check_labels
 from tests.shards import varied_samples, write_shard
@@ -17,15 +17,15 @@ def test_two_workers_encode_once_and_a_rerun_reads_the_cache(ray_session, base_c
     config = {**base_config, "num_workers": 2, "cpus_per_worker": 0.5}
     summary = run_labeling(load_config(None, {**config, "input": first}))
     assert (summary.shards_done, summary.text_encodes) == (3, 1)
-    cached = list_files(f"{config['output']}/_cache", None, ".pt")
+    cached = Location(f"{config['output']}/_cache").list_files(".pt")
     assert len(cached) == 1 and read_cached(cached[0]).embeddings.shape == (4, 32)
-    sources = {m["worker"]["text_source"] for m in read_markers(OutputLayout(config["output"])).values()}
+    sources = {m["worker"]["text_source"] for m in read_markers(OutputLayout(Location(config["output"]))).values()}
     assert sources <= {"encoded", "shipped"}
 
     second = [str(write_shard(tmp_path / f"in/b-{s}.tar", varied_samples(4, prefix=f"s{s}-"))) for s in range(2)]
     summary = run_labeling(load_config(None, {**config, "input": first + second}))
     assert (summary.shards_done, summary.shards_skipped, summary.text_encodes) == (2, 3, 0)
-    new = [m for m in read_markers(OutputLayout(config["output"])).values() if "/b-" in m["shard"]]
+    new = [m for m in read_markers(OutputLayout(Location(config["output"]))).values() if "/b-" in m["shard"]]
     assert {m["worker"]["text_source"] for m in new} <= {"cache", "shipped"} and len(new) == 2
     rows = all_rows(config["output"])
     assert len(rows) == 20 and all(row["status"] == "ok" for row in rows)
@@ -56,9 +56,9 @@ def test_cached_vocabulary_keeps_synonyms_and_background(tmp_path):
     from pipeline.text_cache import write_cached
     vocabulary = Vocabulary(("person", "dog"), ("a {}.",), torch.randn(5, 8), (("person", "man"), ("dog",)),
                             ("sky", "wall"))
-    url = str(tmp_path / "text.pt")
-    write_cached(url, vocabulary)
-    back = read_cached(url)
+    file = Location(str(tmp_path / "text.pt"))
+    write_cached(file, vocabulary)
+    back = read_cached(file)
     assert (back.class_names, back.templates, back.synonyms, back.background) == (
         vocabulary.class_names, vocabulary.templates, vocabulary.synonyms, vocabulary.background)
     assert torch.equal(back.embeddings, vocabulary.embeddings) and back.word_class.tolist() == [0, 0, 1, 2, 2]

@@ -16,7 +16,6 @@ from pipeline.components import components
 from pipeline.encode import encode_mask
 from pipeline.export.common import ShardContext, image_file
 from pipeline.labelset import LabelSet, label_mask, label_points
-from pipeline.storage import exists, join, read_bytes, write_bytes_atomic
 
 
 def category_id(class_id: int) -> int:
@@ -48,7 +47,7 @@ def export_shard(ctx: ShardContext, rows: list[dict]) -> dict:
             for annotation in annotations_for(label, ctx.options.instances, ctx.options.min_area):
                 annotations.append({**annotation, "image_index": len(images) - 1})
     part = {"split": ctx.split, "images": images, "annotations": annotations}
-    write_bytes_atomic(ctx.out("_parts", f"{ctx.shard_id}.json"), json.dumps(part).encode(), ctx.options.storage_options)
+    ctx.out("_parts", f"{ctx.shard_id}.json").write_bytes_atomic(json.dumps(part).encode())
     return {"annotations": len(annotations)}
 
 
@@ -62,11 +61,11 @@ def finish(labelset: LabelSet, shard_ids: list[str], options, splits: set[str] =
                   for i, name in enumerate(labelset.class_names)]
     by_split: dict[str, dict] = {}
     for shard_id in shard_ids:
-        url = join(options.dest, "_parts", f"{shard_id}.json")
-        if not exists(url, options.storage_options):
+        file = options.dest.child("_parts", f"{shard_id}.json")
+        if not file.exists():
             continue
-        part = json.loads(read_bytes(url, options.storage_options))
-        coco = by_split.setdefault(part["split"], {"info": {"description": f"gemlabel {labelset.root}",
+        part = json.loads(file.read_bytes())
+        coco = by_split.setdefault(part["split"], {"info": {"description": f"gemlabel {labelset.root.url}",
                                                             "labels_fingerprint": labelset.fingerprint},
                                                    "images": [], "annotations": [], "categories": categories})
         first_id = len(coco["images"]) + 1
@@ -78,7 +77,7 @@ def finish(labelset: LabelSet, shard_ids: list[str], options, splits: set[str] =
                                         "image_id": first_id + image_index})
     written = []
     for split, coco in sorted(by_split.items()):
-        url = join(options.dest, "annotations", f"{split}.json")
-        write_bytes_atomic(url, json.dumps(coco).encode(), options.storage_options)
-        written.append(url)
+        file = options.dest.child("annotations", f"{split}.json")
+        file.write_bytes_atomic(json.dumps(coco).encode())
+        written.append(file.url)
     return written

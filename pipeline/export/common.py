@@ -18,7 +18,7 @@ from typing import Optional
 from PIL import Image
 
 from pipeline.labelset import LabelSet
-from pipeline.storage import StorageOptions, join, write_bytes_atomic
+from pipeline.storage import Location
 
 FORMATS = ("coco", "semantic", "yolo-seg")
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG"}
@@ -31,7 +31,7 @@ class ExportError(ValueError):
 @dataclass(frozen=True)
 class ExportOptions:
     format: str
-    dest: str
+    dest: Location                       # the export's folder, with the options to write it
     instances: bool = False              # coco: one annotation per connected component
     min_area: int = 1                    # instances smaller than this are dropped
     images: bool = False                 # copy the images out of the shards
@@ -39,7 +39,6 @@ class ExportOptions:
     background_index: int = 255          # semantic: label map value of background / ignored pixels
     splits: dict[str, str] = field(default_factory=dict)  # split name -> glob on the shard URL
     cpus_per_task: float = 0.5
-    storage_options: Optional[StorageOptions] = None
 
     def check(self, num_classes: int) -> None:
         if self.format not in FORMATS:
@@ -62,7 +61,7 @@ class ExportOptions:
     def key(self) -> dict:
         """The options that change what is written (a done shard with other options is redone)."""
         data = asdict(self)
-        for name in ("dest", "cpus_per_task", "storage_options"):
+        for name in ("dest", "cpus_per_task"):
             data.pop(name)
         return data
 
@@ -100,15 +99,15 @@ def image_file(sample_id: str, options: ExportOptions) -> str:
     return f"{image_stem(sample_id)}.{options.image_format}"
 
 
-def write_image(url: str, image: Image.Image, options: ExportOptions) -> None:
+def write_image(file: Location, image: Image.Image, options: ExportOptions) -> None:
     buffer = io.BytesIO()
     kwargs = {"quality": 95} if options.image_format == "jpg" else {}
     image.save(buffer, format=IMAGE_FORMATS[options.image_format], **kwargs)
-    write_bytes_atomic(url, buffer.getvalue(), options.storage_options)
+    file.write_bytes_atomic(buffer.getvalue())
 
 
-def done_url(dest: str, shard_id: str) -> str:
-    return join(dest, "_done", f"{shard_id}.json")
+def done_file(dest: Location, shard_id: str) -> Location:
+    return dest.child("_done", f"{shard_id}.json")
 
 
 @dataclass
@@ -120,5 +119,5 @@ class ShardContext:
     split: str
     options: ExportOptions
 
-    def out(self, *parts: str) -> str:
-        return join(self.options.dest, *parts)
+    def out(self, *parts: str) -> Location:
+        return self.options.dest.child(*parts)

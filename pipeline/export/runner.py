@@ -18,10 +18,10 @@ import ray
 from tqdm import tqdm
 
 from pipeline.export import coco, semantic, yolo
-from pipeline.export.common import ExportOptions, ShardContext, done_url, image_file, split_of, write_image
+from pipeline.export.common import ExportOptions, ShardContext, done_file, image_file, split_of, write_image
 from pipeline.labelset import LabelSet, fetch_images, sample_uid
 from pipeline.manifest import write_json
-from pipeline.storage import join, list_files, read_bytes
+from pipeline.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,15 @@ def export_shard(labelset: LabelSet, shard_id: str, options: ExportOptions) -> d
         folder = writer.image_folder(split)
         by_uid = {sample_uid(row): row for row in ok_rows}
         found = 0
-        for uid, image in fetch_images(ok_rows[0]["shard"], by_uid, labelset.storage_options):
-            write_image(join(options.dest, *folder, image_file(by_uid[uid]["sample_id"], options)), image, options)
+        for uid, image in fetch_images(labelset.root.at(ok_rows[0]["shard"]), by_uid):
+            write_image(options.dest.child(*folder, image_file(by_uid[uid]["sample_id"], options)), image, options)
             found += 1
         if found != len(ok_rows):
             raise RuntimeError(f"{ok_rows[0]['shard']}: {len(ok_rows) - found} labelled images not found in the shard")
     record = {**_done_record(labelset, shard_id, options), **counts, "split": split, "images": len(ok_rows),
               "error_rows": len(rows) - len(ok_rows), "worker": {"host": socket.gethostname(), "pid": os.getpid()},
               "finished_at": datetime.now(timezone.utc).isoformat()}
-    write_json(done_url(options.dest, shard_id), record, options.storage_options)
+    write_json(done_file(options.dest, shard_id), record)
     return record
 
 
@@ -88,8 +88,8 @@ def _export_task(labelset: LabelSet, shard_id: str, options: ExportOptions) -> d
 def read_done(labelset: LabelSet, options: ExportOptions) -> dict[str, dict]:
     """shard_id -> done marker, for the shards already exported with these options and labels."""
     done = {}
-    for url in list_files(join(options.dest, "_done"), options.storage_options, ".json"):
-        record = json.loads(read_bytes(url, options.storage_options))
+    for file in options.dest.child("_done").list_files(".json"):
+        record = json.loads(file.read_bytes())
         shard_id = record["shard_id"]
         if shard_id in labelset.markers and record == {**record, **_done_record(labelset, shard_id, options)}:
             done[shard_id] = record
@@ -100,10 +100,9 @@ def run_export(labelset: LabelSet, options: ExportOptions, progress: bool = True
     """Export every done labels shard not yet exported, in parallel on the current Ray cluster."""
     options.check(len(labelset.class_names))
     start = time.perf_counter()
-    summary = ExportSummary(options.dest)
-    write_json(join(options.dest, "_export.json"), {"options": options.key(), "labels": labelset.root,
-                                                    "labels_fingerprint": labelset.fingerprint},
-               options.storage_options)
+    summary = ExportSummary(options.dest.url)
+    write_json(options.dest.child("_export.json"), {"options": options.key(), "labels": labelset.root.url,
+                                                    "labels_fingerprint": labelset.fingerprint})
     done = read_done(labelset, options)
     todo = [s for s in labelset.shard_ids() if s not in done]
     summary.shards_skipped = len(done)
@@ -133,5 +132,5 @@ def run_export(labelset: LabelSet, options: ExportOptions, progress: bool = True
     return summary
 
 
-def default_dest(output: str, fmt: str) -> str:
-    return join(output.rstrip("/"), "exports", fmt)
+def default_dest(output: Location, fmt: str) -> Location:
+    return output.at(output.url.rstrip("/")).child("exports", fmt)

@@ -19,7 +19,6 @@ from PIL import Image
 from pipeline.export.common import ShardContext, image_stem
 from pipeline.labelset import LabelSet, label_mask
 from pipeline.palette import BACKGROUND_COLOR, class_color
-from pipeline.storage import join, write_bytes_atomic
 
 
 def class_offset(options) -> int:
@@ -48,8 +47,7 @@ def export_shard(ctx: ShardContext, rows: list[dict]) -> dict:
         image.putpalette(colors)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        url = ctx.out("ann_dir", ctx.split, f"{image_stem(row['sample_id'])}.png")
-        write_bytes_atomic(url, buffer.getvalue(), ctx.options.storage_options)
+        ctx.out("ann_dir", ctx.split, f"{image_stem(row['sample_id'])}.png").write_bytes_atomic(buffer.getvalue())
     return {"annotations": len(rows)}
 
 
@@ -62,7 +60,7 @@ def finish(labelset: LabelSet, shard_ids: list[str], options, splits: set[str] =
     classes = {"classes": labelset.class_names, "class_index": {n: i + offset for i, n in enumerate(labelset.class_names)},
                "background_index": options.background_index,
                "palette": [list(class_color(i)) for i in range(len(labelset.class_names))]}
-    urls = [join(options.dest, "classes.json"), join(options.dest, "classes.txt")]
-    write_bytes_atomic(urls[0], json.dumps(classes, indent=1).encode(), options.storage_options)
-    write_bytes_atomic(urls[1], "".join(f"{n}\n" for n in labelset.class_names).encode(), options.storage_options)
-    return urls
+    files = [options.dest.child("classes.json"), options.dest.child("classes.txt")]
+    files[0].write_bytes_atomic(json.dumps(classes, indent=1).encode())
+    files[1].write_bytes_atomic("".join(f"{n}\n" for n in labelset.class_names).encode())
+    return [file.url for file in files]

@@ -11,7 +11,7 @@ import yaml
 from pipeline.components import components, polygons
 from pipeline.export.common import ShardContext, image_stem
 from pipeline.labelset import LabelSet, label_mask
-from pipeline.storage import join, normalize_url, write_bytes_atomic
+from pipeline.storage import normalize_url
 
 
 def label_lines(row: dict, min_area: int) -> list[str]:
@@ -30,8 +30,8 @@ def export_shard(ctx: ShardContext, rows: list[dict]) -> dict:
     for row in rows:
         lines = label_lines(row, ctx.options.min_area)
         count += len(lines)
-        url = ctx.out("labels", ctx.split, f"{image_stem(row['sample_id'])}.txt")
-        write_bytes_atomic(url, "".join(f"{line}\n" for line in lines).encode(), ctx.options.storage_options)
+        file = ctx.out("labels", ctx.split, f"{image_stem(row['sample_id'])}.txt")
+        file.write_bytes_atomic("".join(f"{line}\n" for line in lines).encode())
     return {"annotations": count}
 
 
@@ -41,9 +41,9 @@ def image_folder(split: str) -> tuple[str, ...]:
 
 def finish(labelset: LabelSet, shard_ids: list[str], options, splits: set[str] = frozenset()) -> list[str]:
     names = sorted(splits) or ["train"]
-    data = {"path": normalize_url(options.dest), "train": f"images/{'train' if 'train' in names else names[0]}",
+    data = {"path": normalize_url(options.dest.url), "train": f"images/{'train' if 'train' in names else names[0]}",
             "val": f"images/{'val' if 'val' in names else ('train' if 'train' in names else names[0])}",
             "names": dict(enumerate(labelset.class_names))}
-    url = join(options.dest, "data.yaml")
-    write_bytes_atomic(url, yaml.safe_dump(data, sort_keys=False).encode(), options.storage_options)
-    return [url]
+    file = options.dest.child("data.yaml")
+    file.write_bytes_atomic(yaml.safe_dump(data, sort_keys=False).encode())
+    return [file.url]
