@@ -27,9 +27,11 @@ FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_tim
 
 
 def cluster_env(**extra: str) -> dict:
-    env = ray_env(**{"PYTHONPATH": str(REPO), **FAST_HEALTH_CHECKS, **extra})
+    """The environment of a test's Ray processes: an outer RAY_ADDRESS is dropped, the one given
+    in ``extra`` (the test's own cluster) kept."""
+    env = ray_env(**{"PYTHONPATH": str(REPO), **FAST_HEALTH_CHECKS})
     env.pop("RAY_ADDRESS", None)
-    return env
+    return {**env, **extra}
 
 
 def own_ports() -> list[str]:
@@ -184,7 +186,7 @@ def test_losing_a_node_mid_run_gives_the_uninterrupted_output(base_config, tmp_p
         deadline = time.monotonic() + 300
         while not read_markers(layout) and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        # One worker per node, each holding one of the 6 shards: the second node is lost mid-shard,
+        # One worker per node, each holding up to two of the 6 shards: the second node is lost mid-shard,
         # its raylet and the worker processes under it at once, as when a machine goes away (a
         # worker whose raylet alone died could still finish its shard and answer the driver).
         for pid in process_tree(started["raylet"]):
