@@ -48,16 +48,25 @@ def stop(process: subprocess.Popen) -> None:
 
 
 class Head:
-    def __init__(self, cwd: Path):
-        self.port, self.dashboard = free_port(), free_port()
-        self.temp_dir = tempfile.mkdtemp(prefix="rgi-", dir="/tmp")
-        self.process = subprocess.Popen(
-            head_command(self.port, self.dashboard, 1, self.temp_dir, f"--ray-client-server-port={free_port()}",
-                         *own_ports()),
-            cwd=cwd, env=cluster_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not dashboard_up(self.dashboard_url, self.process):
+    def __init__(self, cwd: Path, attempts: int = 2):
+        """A head that exits at start (e.g. a port picked free was taken meanwhile) is started
+        again on other ports; its own output says why it failed."""
+        for _ in range(attempts):
+            self.port, self.dashboard = free_port(), free_port()
+            self.temp_dir = tempfile.mkdtemp(prefix="rgi-", dir="/tmp")
+            log = Path(self.temp_dir) / "head.log"
+            with log.open("wb") as out:
+                self.process = subprocess.Popen(
+                    head_command(self.port, self.dashboard, 1, self.temp_dir,
+                                 f"--ray-client-server-port={free_port()}", *own_ports()),
+                    cwd=cwd, env=cluster_env(), start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                if dashboard_up(self.dashboard_url, self.process):
+                    return
+            except AssertionError:  # the head exited
+                pass
             stop(self.process)
-            pytest.fail("the Ray head did not come up")
+        pytest.fail(f"the Ray head did not come up: {log.read_text(errors='replace')[-2000:]}")
 
     @property
     def address(self) -> str:
