@@ -172,26 +172,33 @@ def bench_set(name: str, urls: list[str], images: int, setup, legacy: Optional[L
     return result
 
 
-def bench_gpu(args) -> dict:  # pragma: no cover - needs a GPU
-    """Model-only and end-to-end images/s of ViT-B-16 at 448 on CUDA, bf16, random weights."""
+def bench_gpu(args) -> dict:  # the CUDA numbers need a GPU; --device cpu runs the same code small
+    """Model-only and end-to-end images/s of the real model (random weights) on ``--device``:
+    bf16 on CUDA. End to end: generated 1920x1080 JPEGs in ``--shards`` shards on one worker
+    holding two at once, with GPU (CUDA only) and CPU JPEG decode; each as a share of model-only."""
     from gem import GEMSegmenter, GEMSettings, load_clip
     from pipeline.config import load_config as load
     from pipeline.worker import ShardLabeler
-    results: dict = {"card": torch.cuda.get_device_name(), "model_only": {}, "end_to_end": {}}
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    size = args.input_size
+    results: dict = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
+                     "model": args.model, "input_size": size, "model_only": {}, "end_to_end": {}}
     torch.manual_seed(0)
-    clip = load_clip("ViT-B-16", None, "cuda")
+    clip = load_clip(args.model, None, device)
     for fast in (True, False):
-        segmenter = GEMSegmenter(clip, GEMSettings(), device="cuda", precision="bf16", fast=fast)
+        segmenter = GEMSegmenter(clip, GEMSettings(depth=args.depth), device=device, precision="auto", fast=fast)
         vocab = segmenter.vocabulary(CLASSES)
         for batch in args.gpu_batches:
-            images = torch.randn(batch, 3, 448, 448, device="cuda")
+            images = torch.randn(batch, 3, size, size, device=device)
             for _ in range(3):
                 segmenter.patch_similarities(images, vocab)
-            torch.cuda.synchronize()
+            sync()
             start, rounds = time.perf_counter(), 10
             for _ in range(rounds):
                 segmenter.patch_similarities(images, vocab)
-            torch.cuda.synchronize()
+            sync()
             results["model_only"][f"{'fast' if fast else 'naive'}-b{batch}"] = round(
                 rounds * batch / (time.perf_counter() - start), 1)
         print(json.dumps(results), file=sys.stderr, flush=True)
@@ -200,16 +207,18 @@ def bench_gpu(args) -> dict:  # pragma: no cover - needs a GPU
         hd = [jpeg(hd_image(pictures[i % len(pictures)], i)) for i in range(args.gpu_images)]
         per_shard = -(-len(hd) // args.shards)
         urls = [make_shard(Path(tmp), f"gpu-hd-{k}", hd[k * per_shard:(k + 1) * per_shard]) for k in range(args.shards)]
-        for decode in ("gpu", "cpu"):
+        for decode in ("gpu", "cpu") if cuda else ("cpu",):
             for batch in args.gpu_batches:
                 config = load(None, {"input": urls, "output": f"{tmp}/out-{decode}-{batch}", "vocab": CLASSES,
-                                     "pretrained": "none", "batch_size": batch, "decode": decode,
+                                     "model": args.model, "pretrained": "none", "gem": {"depth": args.depth},
+                                     "input_size": [size, size], "batch_size": batch, "decode": decode,
                                      "decode_threads": args.decode_threads, "progress": False})
-                labeler = ShardLabeler(build_spec(config), device="cuda", torch_threads=2)
+                labeler = ShardLabeler(build_spec(config), device=str(device), torch_threads=args.threads)
                 run_shards(labeler, urls[:1], 1)  # warm-up
                 rate, markers = run_shards(labeler, urls, 2)
-                results["end_to_end"][f"{decode}-decode-b{batch}"] = {"img_s": round(rate, 1),
-                                                                     "timings": markers[-1]["timings"]}
+                results["end_to_end"][f"{decode}-decode-b{batch}"] = {
+                    "img_s": round(rate, 1), "of_model_only": round(rate / results["model_only"][f"fast-b{batch}"], 3),
+                    "timings": markers[-1]["timings"]}
                 print(json.dumps(results["end_to_end"]), file=sys.stderr, flush=True)
     return results
 
@@ -229,16 +238,20 @@ def main() -> None:
     parser.add_argument("--baseline-rev", default=BASELINE_REV,
                         help="git revision of the worker before issue 12 ('today' in the issue)")
     parser.add_argument("--no-legacy", action="store_true")
-    parser.add_argument("--gpu", action="store_true", help="measure the real model on CUDA instead")
+    parser.add_argument("--gpu", action="store_true", help="measure the real model (on --device) instead")
+    parser.add_argument("--device", default="cuda", help="with --gpu: cuda, or cpu to run the same code small")
+    parser.add_argument("--model", default="ViT-B-16", help="with --gpu: the open_clip model (random weights)")
+    parser.add_argument("--depth", type=int, default=7, help="with --gpu: gem.depth")
+    parser.add_argument("--input-size", type=int, default=448, help="with --gpu: the model input's side")
     parser.add_argument("--gpu-batches", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--gpu-images", type=int, default=2048)
     args = parser.parse_args()
     torch.set_num_threads(1 if not args.gpu else args.threads)
+    from tests.models import register_test_models
+    register_test_models()
     if args.gpu:
         print(json.dumps(bench_gpu(args), indent=1))
         return
-    from tests.models import register_test_models
-    register_test_models()
     report = {"args": vars(args), "torch": torch.__version__, "uptime": os.getloadavg(), "sets": {}}
     pictures = photos()
     with tempfile.TemporaryDirectory() as tmp:
