@@ -1,7 +1,8 @@
 """Getting batches onto the model's device: which decoder, pinned copies, a CUDA stream, GPU JPEG decode.
 
 On a GPU the model thread launches work on its own CUDA stream from pinned host memory with
-non-blocking copies, so the copy of batch N+1 overlaps the compute of batch N. With
+non-blocking copies, so the copy of batch N+1 overlaps the compute of batch N; images decoded on
+the CPU travel as uint8 pixels and are normalised on the GPU (a quarter of the bytes). With
 ``decode: gpu`` (or ``auto`` on a GPU) plain JPEGs are decoded in batches by nvJPEG
 (``torchvision.io.decode_jpeg(..., device="cuda")``) and resized there, each to the model input
 size of its own image size (``resize: short_side`` keeps aspect ratios); everything else (PNG,
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from gem.preprocess import normalize
 from pipeline.config import DecodeMode
 from pipeline.reader import DecodedSample, image_entry
 
@@ -79,10 +81,8 @@ def gpu_decode_resize(encoded: Sequence[bytes], sizes: Sequence[tuple[int, int]]
     data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in encoded]
     images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     resized = [F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True,
-                             align_corners=False).clamp_(0, 255) for image, size in zip(images, sizes)]
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-    return [((image - mean_t) / std_t)[0] for image in resized]
+                             align_corners=False).clamp_(0, 255)[0] for image, size in zip(images, sizes)]
+    return [normalize(image, mean, std) for image in resized]
 
 
 class DeviceFeeder:
@@ -109,8 +109,9 @@ class DeviceFeeder:
         ready = [s for s in batch if s.tensor is not None]
         if self.cuda:  # pragma: no cover - needs a GPU
             for sample in ready:
-                if not sample.tensor.is_cuda:
-                    sample.tensor = sample.tensor.pin_memory().to(self.device, non_blocking=True)
+                if not sample.tensor.is_cuda:  # decoded on the CPU: uint8 pixels, normalised here
+                    sample.tensor = normalize(sample.tensor.pin_memory().to(self.device, non_blocking=True),
+                                              self.mean, self.std)
         return [s.tensor for s in ready], ready
 
     def _decode_on_gpu(self, batch, on_gpu):  # pragma: no cover - needs a GPU

@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from PIL import Image, ImageOps
 
-from gem.preprocess import image_to_tensor, to_rgb
+from gem.preprocess import image_to_tensor, resized_pixels, to_rgb
 from pipeline.storage import Location
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -160,10 +160,12 @@ def image_entry(sample: dict) -> Optional[str]:
 
 
 def decode_sample(index: int, raw: dict, input_size: Union[tuple[int, int], Callable[[int, int], tuple[int, int]]],
-                  mean, std) -> DecodedSample:
+                  mean, std, normalized: bool = True) -> DecodedSample:
     """Bytes -> the model's input tensor and the image's size (EXIF orientation applied); never
     raises. Images over Pillow's decompression-bomb limit are errors too. ``input_size``: the
-    model input's (height, width), or a function of the image's (height, width) giving it."""
+    model input's (height, width), or a function of the image's (height, width) giving it.
+    ``normalized=False``: the resized uint8 pixels, for ``gem.preprocess.normalize`` on the
+    model's device."""
     key = raw.get("__key__", f"#{index}")
     uid = raw.get("__uid__", key)
     entry = image_entry(raw)
@@ -180,7 +182,7 @@ def decode_sample(index: int, raw: dict, input_size: Union[tuple[int, int], Call
         image = to_rgb(ImageOps.exif_transpose(image))
         decoded = time.perf_counter()
         size = input_size(image.height, image.width) if callable(input_size) else input_size
-        tensor = image_to_tensor(image, size, mean, std)
+        tensor = image_to_tensor(image, size, mean, std) if normalized else resized_pixels(image, size)
     except Exception as err:  # any decoder failure is this sample's, not the shard's
         return DecodedSample(index, key, error=f"decode {entry}: {error_text(err)}", uid=uid,
                              error_kind=f"decode:{type(err).__name__}", decode_s=time.perf_counter() - start)

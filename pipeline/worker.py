@@ -157,7 +157,9 @@ class ShardLabeler:
         return self._vocabulary
 
     def _decode(self, index: int, raw: dict) -> DecodedSample:
-        return decode_sample(index, raw, self.segmenter.model_size, self.segmenter.mean, self.segmenter.std)
+        """On the CPU: the normalised input; for a GPU, uint8 pixels, normalised there (DeviceFeeder)."""
+        return decode_sample(index, raw, self.segmenter.model_size, self.segmenter.mean, self.segmenter.std,
+                             normalized=self.device.type != "cuda")
 
     def _decode_for_stages(self, index: int, raw: dict) -> DecodedSample:
         """With GPU decode, plain JPEGs go to the model thread undecoded; the rest decode here."""

@@ -2,9 +2,10 @@
 import io
 
 import pytest
+import torch
 from PIL import Image
 
-from gem.preprocess import to_rgb
+from gem.preprocess import normalize, to_rgb
 from pipeline.reader import PrefetchingReader, ShardReadError, decode_sample, iter_tar_samples
 from pipeline.storage import Location
 from tests.shards import encode, photo, truncate, varied_samples, write_shard
@@ -15,6 +16,17 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 def decode(raw: dict, index: int = 0):
     return decode_sample(index, raw, SIZE, MEAN, STD)
+
+
+def test_pixels_for_the_gpu_normalise_to_the_cpu_input_exactly():
+    """A GPU worker decodes to uint8 pixels and normalises on the GPU: the same input, a quarter
+    of the bytes to copy."""
+    for i, sample in enumerate(varied_samples(6)):
+        normalised = decode_sample(i, sample, SIZE, MEAN, STD)
+        pixels = decode_sample(i, sample, SIZE, MEAN, STD, normalized=False)
+        assert pixels.tensor.dtype == torch.uint8 and pixels.tensor.shape == (3, 64, 64)
+        assert torch.equal(normalize(pixels.tensor, MEAN, STD), normalised.tensor)
+        assert (pixels.width, pixels.height, pixels.error) == (normalised.width, normalised.height, None)
 
 
 def test_every_format_and_mode_decodes_to_rgb():
