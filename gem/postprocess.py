@@ -127,19 +127,30 @@ class RegionStats:
         self.high = torch.full((2, bins), -1, dtype=torch.int64, device=device)    # last row, last column
 
     def add(self, start: int, top_prob: torch.Tensor, top_class: torch.Tensor) -> None:
-        """One band: rows ``start...`` of the top probability and class (or BACKGROUND)."""
+        """One band: rows ``start...`` of the top probability and class (or BACKGROUND), taken
+        ``CHUNK_PIXELS`` at a time so the per-pixel index buffers (~64 bytes a pixel) stay small
+        whatever the band's size."""
+        rows = max(1, self.CHUNK_PIXELS // self.width)
+        for offset in range(0, top_class.shape[0], rows):
+            self._add_rows(start + offset, top_prob[offset:offset + rows], top_class[offset:offset + rows])
+
+    CHUNK_PIXELS = 1 << 20
+
+    def _add_rows(self, start: int, top_prob: torch.Tensor, top_class: torch.Tensor) -> None:
         classes = top_class.reshape(-1).long()
         bins = torch.where(classes >= 0, classes, self.num_classes)
         probs = top_prob.reshape(-1).float()
         self.counts += torch.bincount(bins, minlength=self.num_classes + 1)
         self.prob_sums.index_add_(0, bins, probs.double())
         flat = torch.arange(bins.numel(), device=bins.device) + start * self.width
-        # the peak: the highest probability, the first pixel in raster order among equals
-        band_peak = torch.full_like(self.peak_prob, -1.0).scatter_reduce_(0, bins, probs, "amax")
-        at_peak = torch.where(probs == band_peak[bins], flat, torch.iinfo(torch.int64).max)
+        # the peak: the highest probability, the first pixel in raster order among equals; a NaN
+        # probability (an overflowing model) is never a peak
+        ranked = torch.where(probs.isnan(), float("-inf"), probs)
+        band_peak = torch.full_like(self.peak_prob, -1.0).scatter_reduce_(0, bins, ranked, "amax")
+        at_peak = torch.where(ranked == band_peak[bins], flat, torch.iinfo(torch.int64).max)
         band_index = torch.full_like(self.peak_index, torch.iinfo(torch.int64).max).scatter_reduce_(
             0, bins, at_peak, "amin")
-        better = band_peak > self.peak_prob  # an earlier band keeps its peak on a tie
+        better = band_peak > self.peak_prob  # earlier rows keep their peak on a tie
         self.peak_prob = torch.where(better, band_peak, self.peak_prob)
         self.peak_index = torch.where(better, band_index, self.peak_index)
         position = torch.stack((flat // self.width, flat % self.width))

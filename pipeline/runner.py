@@ -392,6 +392,7 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
     inflight: dict = {}
     starting: dict = {}  # describe() call -> replacement actor not yet known to be up
     dead: set = set()  # actors already replaced: their other shards are only requeued
+    suspects: set = set()  # shards whose actor died holding another one too: each is redone alone
 
     def replace(actor, err: BaseException) -> None:
         ray.kill(actor)  # merely unreachable actors too, so no two workers label one shard
@@ -406,7 +407,7 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
 
     while queue or inflight:
         while queue and idle:
-            actor = _next_slot(idle, inflight, len(queue))
+            actor = _next_slot(idle, inflight, len(queue), suspects, alone=queue[0] in suspects)
             if actor is None:
                 break
             shard = queue.popleft()
@@ -424,18 +425,29 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
         try:
             marker = ray.get(ready[0])
         except RayActorError as err:  # the actor died (killed, OOM, node lost): redo the shard elsewhere
-            log.warning("worker died while labelling %s (%s); retrying elsewhere", shard.url, _error_text(err))
-            attempts[shard] += 1
-            _retry_or_fail(shard, attempts, queue, summary, _error_text(err), config, on_result)
+            if actor in dead or any(holder is actor for holder, _ in inflight.values()):
+                # It held another shard too, and either may have killed it: neither is charged an
+                # attempt; each is redone alone, so a shard that kills workers is found out alone.
+                log.warning("worker died while labelling %s and another shard (%s); redoing each alone",
+                            shard.url, _error_text(err))
+                suspects.add(shard)
+                summary.shard_retries += 1
+                queue.append(shard)
+            else:
+                log.warning("worker died while labelling %s (%s); retrying elsewhere", shard.url, _error_text(err))
+                attempts[shard] += 1
+                _retry_or_fail(shard, attempts, queue, summary, _error_text(err), config, on_result)
             if actor not in dead:  # one replacement per dead actor, however many shards it held
                 replace(actor, err)
             continue
         except RayTaskError as err:  # the shard could not be read
             attempts[shard] += 1
             _retry_or_fail(shard, attempts, queue, summary, _error_text(err), config, on_result)
-            idle.append(actor)
+            if actor not in dead:
+                idle.append(actor)
             continue
-        idle.append(actor)
+        if actor not in dead:  # a shard can finish on an actor that has died (and been replaced) since
+            idle.append(actor)
         summary.shards_done += 1
         summary.images += marker["samples"]
         summary.image_errors += marker["errors"]
@@ -443,16 +455,25 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
         on_result(shard, marker)
 
 
-def _next_slot(idle: list, inflight: dict, queued: int):
-    """The free slot to give the next shard (removed from ``idle``), or None to keep it queued:
-    an actor holding no shard first (the most recently freed); another shard for a busy actor only
+def _next_slot(idle: list, inflight: dict, queued: int, suspects: frozenset = frozenset(),
+               alone: bool = False):
+    """The free slot to give the next shard (removed from ``idle``), or None to keep it queued;
+    ``queued`` shards wait, ``alone``: the next one is a suspect (its actor died holding another
+    shard too, and either may have killed it).
+
+    An actor holding no shard first (the most recently freed). Another shard for a busy actor only
     while every actor can get one, so that at the end of a run no shard waits behind another on
-    one actor while a second actor has nothing to do."""
+    one actor while a second actor has nothing to do; never for an actor running a suspect, and a
+    suspect only to an actor holding nothing: a shard that kills its worker is found out alone."""
     holding = Counter(actor for actor, _ in inflight.values())
     for position in range(len(idle) - 1, -1, -1):
         if not holding[idle[position]]:
             return idle.pop(position)
-    return idle.pop() if queued >= len(set(idle) | set(holding)) else None
+    guarded = {actor for actor, shard in inflight.values() if shard in suspects}
+    shared = [position for position, actor in enumerate(idle) if actor not in guarded]
+    if alone or not shared or queued < len(set(idle) | set(holding)):
+        return None
+    return idle.pop(shared[-1])
 
 
 def _retry_or_fail(shard: Shard, attempts: Counter, queue: deque, summary: RunSummary, error: str,
