@@ -116,6 +116,8 @@ class RegionStats:
     (sums < 2^22, probabilities >= 2^-6, float32 each) they are exact, so the order in which a
     device adds them does not change the scores."""
 
+    CHUNK_PIXELS = 1 << 20  # pixels whose per-pixel index buffers exist at once (see ``add``)
+
     def __init__(self, num_classes: int, width: int, device: torch.device):
         self.num_classes, self.width = num_classes, width
         bins, big = num_classes + 1, torch.iinfo(torch.int64).max
@@ -133,8 +135,6 @@ class RegionStats:
         rows = max(1, self.CHUNK_PIXELS // self.width)
         for offset in range(0, top_class.shape[0], rows):
             self._add_rows(start + offset, top_prob[offset:offset + rows], top_class[offset:offset + rows])
-
-    CHUNK_PIXELS = 1 << 20
 
     def _add_rows(self, start: int, top_prob: torch.Tensor, top_class: torch.Tensor) -> None:
         classes = top_class.reshape(-1).long()

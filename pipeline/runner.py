@@ -394,6 +394,11 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
     dead: set = set()  # actors already replaced: their other shards are only requeued
     suspects: set = set()  # shards whose actor died holding another one too: each is redone alone
 
+    def free(actor) -> None:
+        """A slot of the actor is free again, unless the actor has died (and been replaced) since."""
+        if actor not in dead:
+            idle.append(actor)
+
     def replace(actor, err: BaseException) -> None:
         ray.kill(actor)  # merely unreachable actors too, so no two workers label one shard
         dead.add(actor)
@@ -443,11 +448,9 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
         except RayTaskError as err:  # the shard could not be read
             attempts[shard] += 1
             _retry_or_fail(shard, attempts, queue, summary, _error_text(err), config, on_result)
-            if actor not in dead:
-                idle.append(actor)
+            free(actor)
             continue
-        if actor not in dead:  # a shard can finish on an actor that has died (and been replaced) since
-            idle.append(actor)
+        free(actor)  # a shard can finish on an actor that has died (and been replaced) since
         summary.shards_done += 1
         summary.images += marker["samples"]
         summary.image_errors += marker["errors"]
