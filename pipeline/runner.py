@@ -489,7 +489,10 @@ def _retry_or_fail(shard: Shard, attempts: Counter, queue: deque, summary: RunSu
     error = _shard_error(shard, error, config)
     summary.failed[shard.url] = error
     try:  # a note for `gemlabel report`; the shard is not done either way, so a rerun redoes it
-        write_json(OutputLayout(config.location(config.output)).failed_file(shard.shard_id),
+        layout = OutputLayout(config.location(config.output))
+        for file in (layout.labels_file(shard.shard_id), layout.marker_file(shard.shard_id)):
+            file.remove_temp_leftovers()  # of a worker killed while committing it
+        write_json(layout.failed_file(shard.shard_id),
                    {"shard": shard.url, "shard_id": shard.shard_id, "error": error, "attempts": attempts[shard],
                     "failed_at": datetime.now(timezone.utc).isoformat()})
     except Exception as err:  # the output's storage is failing too (outage)

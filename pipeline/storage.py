@@ -62,11 +62,16 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
 
 
-def temp_path(path: str) -> str:
-    """Where a local atomic write puts its data first: a hidden name (leading dot) in the same
+def temp_prefix(path: str) -> str:
+    """What every temp file of ``path`` starts with: a hidden name (leading dot) in the same
     folder, which Hive-style dataset readers (pyarrow.dataset, pandas, Spark) skip."""
     folder, name = posixpath.split(path)
-    return posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    return posixpath.join(folder, f".{name}.tmp-")
+
+
+def temp_path(path: str) -> str:
+    """Where a local atomic write puts its data first."""
+    return temp_prefix(path) + uuid.uuid4().hex
 
 
 def _write_local_temp(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> str:
@@ -195,6 +200,24 @@ class Location:
             return True
         except FileExistsError:
             return False
+
+    def remove_temp_leftovers(self) -> int:
+        """Remove the temp files that writers of this file killed mid-write (an actor killed, a
+        node lost) left behind; how many. Only for a file one writer at a time writes (a shard's
+        labels or marker): another writer's temp file would be taken from under it. Object
+        stores write in one PUT and leave none."""
+        fs, path = self.fs_path
+        if not is_local(fs):
+            return 0
+        prefix = temp_prefix(path)
+        try:
+            names = fs.ls(posixpath.dirname(path), detail=False)
+        except FileNotFoundError:
+            return 0
+        leftovers = [name for name in names if name.startswith(prefix)]
+        for name in leftovers:
+            fs.rm(name)
+        return len(leftovers)
 
     def remove(self, recursive: bool = False) -> None:
         fs, path = self.fs_path

@@ -261,12 +261,15 @@ class ShardLabeler:
         buffer = io.BytesIO()
         pq.write_table(table_from_rows(rows, self.spec.run_metadata), buffer, compression="zstd")
         parquet = buffer.getvalue()
-        self.layout.labels_file(shard.shard_id).write_bytes_atomic(parquet)
+        committing = (self.layout.labels_file(shard.shard_id), self.layout.marker_file(shard.shard_id))
+        for file in committing:  # a worker killed while committing this shard left its temp files
+            file.remove_temp_leftovers()
+        committing[0].write_bytes_atomic(parquet)
         timings["write_s"] += time.perf_counter() - start
         total = time.perf_counter() - wall
         marker = shard_marker(shard.url, shard.shard_id, self.spec.fingerprint, rows, len(parquet), errors,
                               started=started, total_s=total, timings=timings, input_identity=input_identity,
                               attempt=attempt, worker=self.describe())
-        write_json(self.layout.marker_file(shard.shard_id), marker)
+        write_json(committing[1], marker)
         self.layout.failed_file(shard.shard_id).remove()
         return marker

@@ -140,3 +140,21 @@ def test_a_shard_finishing_on_a_replaced_actor_does_not_bring_it_back(monkeypatc
     fake = _FakeRay(poison={"s0"}, order=deaths_first, done_early={"s1"})
     summary, results = label(monkeypatch, tmp_path, 1, 6, fake, retries=0)
     assert results["s1"] and sorted(summary.failed) == ["u0"] and summary.shards_done == 5
+
+
+def test_a_shard_failed_for_good_leaves_no_temp_files_of_its_killed_workers(monkeypatch, tmp_path):
+    """Its workers died committing it (temp files written, never renamed); once it has failed for
+    good no worker will redo it and remove them, so the driver does."""
+    from pathlib import Path
+
+    from pipeline.manifest import OutputLayout
+    from pipeline.storage import Location, temp_path
+
+    layout = OutputLayout(Location(str(tmp_path / "out")))
+    temps = [Path(temp_path(file.path)) for file in (layout.labels_file("s1"), layout.marker_file("s1"))]
+    for temp in temps:
+        temp.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_bytes(b"half a file")
+    summary, results = label(monkeypatch, tmp_path, 1, 3, _FakeRay(poison={"s1"}), retries=0)
+    assert sorted(summary.failed) == ["u1"] and not results["s1"]
+    assert [temp for temp in temps if temp.exists()] == [] and layout.failed_file("s1").exists()

@@ -1,5 +1,6 @@
 """The shard worker outside Ray: one failing image never takes its batch or shard with it."""
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -87,3 +88,25 @@ def test_two_shards_at_once_on_one_worker_write_what_one_at_a_time_writes(base_c
             first, second = sorted(markers, key=lambda m: m["started_at"])
             assert second["timings"]["read_turn_wait_s"] > 0 and second["started_at"] < first["finished_at"]
     assert results[True] == results[False]
+
+
+def test_committing_a_shard_removes_what_a_worker_killed_while_committing_it_left(base_config, tmp_path):
+    """An actor killed between writing a shard's temp file and renaming it leaves the temp file;
+    the worker that redoes the shard removes it (another shard's are not its to touch)."""
+    from pipeline.manifest import OutputLayout
+    from pipeline.storage import temp_path
+    from tests.shards import varied_samples, write_shard
+
+    url = str(write_shard(tmp_path / "in/s-0.tar", varied_samples(3)))
+    config = load_config(None, {**base_config, "input": [url], "output": str(tmp_path / "out")})
+    layout = OutputLayout(config.location(config.output))
+    left = {}
+    for shard_id in ("s-0", "s-1"):
+        for file in (layout.labels_file(shard_id), layout.marker_file(shard_id)):
+            temp = Path(temp_path(file.path))
+            temp.parent.mkdir(parents=True, exist_ok=True)
+            temp.write_bytes(b"half a file")
+            left[temp] = shard_id
+    ShardLabeler(build_spec(config), device="cpu", torch_threads=1).label_shard(Shard(url, "s-0"))
+    assert {temp: temp.exists() for temp in left} == {temp: shard_id == "s-1" for temp, shard_id in left.items()}
+    assert layout.labels_file("s-0").exists() and layout.marker_file("s-0").exists()
