@@ -87,8 +87,9 @@ class _Runs:
         return {"size": [self.height, self.width], "counts": rle["counts"].decode("ascii")}
 
 
-def _softmax_top_bands(similarities: torch.Tensor, size: tuple[int, int], thresholds: LabelingThresholds
-                       ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def softmax_top_bands(similarities: torch.Tensor, size: tuple[int, int], thresholds: LabelingThresholds
+                      ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(first row, top probability, top class or BACKGROUND) per band of the upsampled softmax."""
     for start, band in upsampled_bands(similarities * thresholds.logit_scale, size):
         top_prob, top_class = torch.softmax(band, dim=0).max(dim=0)
         top_class[top_prob < thresholds.background_threshold] = BACKGROUND
@@ -181,7 +182,7 @@ def label_map(similarities: Optional[torch.Tensor], size: tuple[int, int],
     height, width = size
     labels = np.empty((height, width), dtype=np.int16, order="F")  # column-major, as COCO RLE runs
     if top_bands is None:
-        top_bands = _softmax_top_bands(similarities, size, thresholds)
+        top_bands = softmax_top_bands(similarities, size, thresholds)
     stats: Optional[RegionStats] = None
     for start, top_prob, top_class in top_bands:
         top_prob, top_class = torch.as_tensor(top_prob), torch.as_tensor(top_class)

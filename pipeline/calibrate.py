@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from gem import GEMSegmenter, LabelingThresholds
-from gem.postprocess import upsampled_bands
+from gem.postprocess import RegionStats, softmax_top_bands
 from gem.vocabulary import Vocabulary
 from pipeline.classmap import ClassMapping
 from pipeline.config import error_message
@@ -133,19 +133,19 @@ class ClassScores:
 
 
 def class_scores(similarities: torch.Tensor, size: tuple[int, int], logit_scale: float) -> ClassScores:
-    """The same bands, softmax and max as gem.postprocess.label_image (tested equal to it)."""
+    """label_image's bands, softmax and max (no pixel sent to the background yet) and its peaks,
+    kept as full maps for every threshold of the grid (tested equal to label_image)."""
     height, width = size
     top_prob = np.empty((height, width), dtype=np.float32)
     top_class = np.empty((height, width), dtype=np.int64)
-    for start, band in upsampled_bands(similarities * logit_scale, size):
-        prob, cls = torch.softmax(band, dim=0).max(dim=0)
-        top_prob[start:start + band.shape[1]] = prob.cpu().numpy()
-        top_class[start:start + band.shape[1]] = cls.cpu().numpy()
-    flat_prob, flat_class = top_prob.reshape(-1), top_class.reshape(-1)
-    peak_index = np.full(similarities.shape[0], -1, dtype=np.int64)
-    for class_id in np.unique(flat_class):
-        peak_index[class_id] = int(np.argmax(np.where(flat_class == class_id, flat_prob, -1.0)))
-    return ClassScores(top_prob, top_class, peak_index)
+    peaks = RegionStats(similarities.shape[0], width, similarities.device)
+    every_pixel = LabelingThresholds(logit_scale=float(logit_scale), background_threshold=0.0)
+    for start, prob, cls in softmax_top_bands(similarities, size, every_pixel):
+        peaks.add(start, prob, cls)
+        top_prob[start:start + cls.shape[0]] = prob.cpu().numpy()
+        top_class[start:start + cls.shape[0]] = cls.cpu().numpy()
+    stats = peaks.result()
+    return ClassScores(top_prob, top_class, np.where(stats.counts > 0, stats.peak_index, -1))
 
 
 def reported_labels(scores: ClassScores, thresholds: LabelingThresholds) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
