@@ -212,7 +212,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     progress = args.progress is not False
     start = time.perf_counter()
     cached = compute_similarities(ground_truth, segmenter, vocabularies, mapping, tuple(config.input_size),
-                                  batch_size, progress)
+                                  batch_size, progress, config.jpeg_draft)
     model_seconds = time.perf_counter() - start
     calibrations = [sweep(cached, mapping, grid, model_seconds, progress, name) for name in vocabularies]
     record = write_calibration(calibrations, args.report, {"mapping": mapping.as_dict()}, specs)

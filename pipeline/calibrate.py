@@ -85,7 +85,7 @@ class Calibration:
 
 def compute_similarities(ground_truth: GroundTruth, segmenter: GEMSegmenter, vocabularies: dict[str, Vocabulary],
                          mapping: ClassMapping, input_size: tuple[int, int], batch_size: int = 16,
-                         progress: bool = True) -> list[CachedImage]:
+                         progress: bool = True, jpeg_draft: bool = False) -> list[CachedImage]:
     """One model pass per image, batched, decoding exactly as labelling decodes; the similarities
     to every template set's vocabulary (one text encoding each) come from that one pass: their
     embeddings are stacked into one vocabulary for ``patch_similarities``."""
@@ -105,7 +105,8 @@ def compute_similarities(ground_truth: GroundTruth, segmenter: GEMSegmenter, voc
 
     for index, sample in enumerate(tqdm(ground_truth.samples(), total=ground_truth.count, unit="image",
                                         desc="model", disable=not progress, file=sys.stderr)):
-        decoded = decode_sample(index, sample.raw(), input_size, segmenter.mean, segmenter.std)
+        decoded = decode_sample(index, sample.raw(), input_size, segmenter.mean, segmenter.std,
+                                jpeg_draft=jpeg_draft)
         if decoded.error:
             raise GroundTruthError(f"{sample.key}: {decoded.error}")
         if (decoded.height, decoded.width) != sample.target.shape:

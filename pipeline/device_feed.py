@@ -22,10 +22,9 @@ from PIL import Image
 
 from gem.preprocess import normalize
 from pipeline.config import DecodeMode
-from pipeline.reader import DecodedSample, image_entry
+from pipeline.reader import EXIF_ORIENTATION, DecodedSample, image_entry
 
 DECODE_CHOICES = typing.get_args(DecodeMode)
-EXIF_ORIENTATION = 0x0112
 
 
 def gpu_decoder_available(device: torch.device) -> bool:

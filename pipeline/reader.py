@@ -159,13 +159,35 @@ def image_entry(sample: dict) -> Optional[str]:
     return None
 
 
+EXIF_ORIENTATION = 0x0112
+_SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened (not yet decoded) image once its EXIF orientation is applied."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(EXIF_ORIENTATION, 1) in _SIDEWAYS else (width, height)
+
+
+def draft_for(image: Image.Image, model_size: tuple[int, int]) -> None:
+    """Have Pillow decode a JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling: the decoder skips the
+    detail it would throw away) where the result still covers the model input's (height, width)
+    on both sides; other formats, and images no larger than the input, decode as they are."""
+    if image.format != "JPEG":
+        return
+    height, width = model_size
+    sideways = image.getexif().get(EXIF_ORIENTATION, 1) in _SIDEWAYS
+    image.draft(image.mode, (height, width) if sideways else (width, height))
+
+
 def decode_sample(index: int, raw: dict, input_size: Union[tuple[int, int], Callable[[int, int], tuple[int, int]]],
-                  mean, std, normalized: bool = True) -> DecodedSample:
+                  mean, std, normalized: bool = True, jpeg_draft: bool = False) -> DecodedSample:
     """Bytes -> the model's input tensor and the image's size (EXIF orientation applied); never
     raises. Images over Pillow's decompression-bomb limit are errors too. ``input_size``: the
     model input's (height, width), or a function of the image's (height, width) giving it.
     ``normalized=False``: the resized uint8 pixels, for ``gem.preprocess.normalize`` on the
-    model's device."""
+    model's device. ``jpeg_draft``: large JPEGs decode at a reduced scale (``draft_for``); the
+    size reported is still the image's own, which labels are written at."""
     key = raw.get("__key__", f"#{index}")
     uid = raw.get("__uid__", key)
     entry = image_entry(raw)
@@ -178,15 +200,18 @@ def decode_sample(index: int, raw: dict, input_size: Union[tuple[int, int], Call
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw[entry]))
+            width, height = displayed_size(image)
+            size = input_size(height, width) if callable(input_size) else input_size
+            if jpeg_draft:
+                draft_for(image, size)
             image.load()
         image = to_rgb(ImageOps.exif_transpose(image))
         decoded = time.perf_counter()
-        size = input_size(image.height, image.width) if callable(input_size) else input_size
         tensor = image_to_tensor(image, size, mean, std) if normalized else resized_pixels(image, size)
     except Exception as err:  # any decoder failure is this sample's, not the shard's
         return DecodedSample(index, key, error=f"decode {entry}: {error_text(err)}", uid=uid,
                              error_kind=f"decode:{type(err).__name__}", decode_s=time.perf_counter() - start)
-    return DecodedSample(index, key, image.width, image.height, tensor, uid=uid,
+    return DecodedSample(index, key, width, height, tensor, uid=uid,
                          decode_s=decoded - start, resize_s=time.perf_counter() - decoded)
 
 

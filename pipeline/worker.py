@@ -159,7 +159,7 @@ class ShardLabeler:
     def _decode(self, index: int, raw: dict) -> DecodedSample:
         """On the CPU: the normalised input; for a GPU, uint8 pixels, normalised there (DeviceFeeder)."""
         return decode_sample(index, raw, self.segmenter.model_size, self.segmenter.mean, self.segmenter.std,
-                             normalized=self.device.type != "cuda")
+                             normalized=self.device.type != "cuda", jpeg_draft=self.config.jpeg_draft)
 
     def _decode_for_stages(self, index: int, raw: dict) -> DecodedSample:
         """With GPU decode, plain JPEGs go to the model thread undecoded; the rest decode here."""

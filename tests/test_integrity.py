@@ -100,6 +100,8 @@ def test_fingerprint_covers_precision_and_file_contents(base_config, tmp_path):
     assert run_labeling(load_config(None, settings)).shards_done == 1
     with pytest.raises(ConfigError, match="changed: precision"):
         run_labeling(load_config(None, {**settings, "precision": "bf16"}))
+    with pytest.raises(ConfigError, match="changed: jpeg_draft"):  # other input pixels
+        run_labeling(load_config(None, {**settings, "jpeg_draft": True}))
     save_micro_checkpoint(checkpoint, seed=1)  # same path, other weights
     with pytest.raises(ConfigError, match="changed: pretrained_content.sha256"):
         run_labeling(load_config(None, settings))

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from gem.preprocess import normalize, to_rgb
-from pipeline.reader import PrefetchingReader, ShardReadError, decode_sample, iter_tar_samples
+from pipeline.reader import PrefetchingReader, ShardReadError, decode_sample, draft_for, iter_tar_samples
 from pipeline.storage import Location
 from tests.shards import encode, photo, truncate, varied_samples, write_shard
 
@@ -51,6 +51,45 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     decoded = decode({"__key__": "rot", "jpg": encode(image, "JPEG", exif=exif.tobytes())})
     assert (decoded.width, decoded.height) == (80, 120)
+
+
+def _opened(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_jpeg_draft_decodes_large_jpegs_smaller_and_reports_their_own_size(orientation):
+    """A 1600x1200 photo (shown 1200x1600 when EXIF-rotated) for a 448x336 model input decodes at
+    1/2 scale: still covering the input on both sides, the same size reported, nearly the same
+    input pixels."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(photo(2, (1600, 1200)), "JPEG", quality=90, exif=exif.tobytes())
+    shown = (1600, 1200) if orientation == 1 else (1200, 1600)
+    size = (336, 448) if orientation == 1 else (448, 336)  # (height, width) of the model input
+    full, drafted = (decode_sample(0, {"__key__": "k", "jpg": data}, lambda h, w: size, MEAN, STD,
+                                   normalized=False, jpeg_draft=draft) for draft in (False, True))
+    assert (full.width, full.height) == (drafted.width, drafted.height) == shown
+    assert full.tensor.shape == drafted.tensor.shape == (3, *size)
+    difference = (full.tensor.float() - drafted.tensor.float()).abs()
+    assert 0 < difference.mean() < 3, difference.mean()  # of 255: another decode, the same picture
+    image = _opened(data)
+    draft_for(image, size)
+    image.load()
+    assert image.size == (800, 600)  # stored orientation; shown 600x800 when rotated, >= 336x448
+
+
+def test_jpeg_draft_leaves_small_jpegs_and_other_formats_as_they_are():
+    small = encode(photo(3, (500, 375)), "JPEG")  # short side under the input's 448
+    png = encode(photo(3, (1600, 1200)), "PNG")
+    for raw in ({"__key__": "small", "jpg": small}, {"__key__": "png", "png": png}):
+        full, drafted = (decode_sample(0, raw, (448, 448), MEAN, STD, normalized=False, jpeg_draft=draft)
+                         for draft in (False, True))
+        assert torch.equal(full.tensor, drafted.tensor) and (full.width, full.height) == (drafted.width, drafted.height)
+    image = _opened(small)
+    draft_for(image, (448, 448))
+    image.load()
+    assert image.size == (500, 375)
 
 
 def test_broken_samples_become_errors_not_exceptions():

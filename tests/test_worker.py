@@ -110,3 +110,23 @@ def test_committing_a_shard_removes_what_a_worker_killed_while_committing_it_lef
     ShardLabeler(build_spec(config), device="cpu", torch_threads=1).label_shard(Shard(url, "s-0"))
     assert {temp: temp.exists() for temp in left} == {temp: shard_id == "s-1" for temp, shard_id in left.items()}
     assert layout.labels_file("s-0").exists() and layout.marker_file("s-0").exists()
+
+
+def test_jpeg_draft_labels_large_photos_at_their_own_size(base_config, tmp_path):
+    """With ``jpeg_draft`` a 1600x1200 JPEG decodes at 1/2 scale, yet its row, masks and boxes are
+    at 1600x1200; the setting is part of the fingerprint only when on (older outputs keep theirs)."""
+    from tests.outputs import all_rows, check_labels
+    from tests.shards import encode, photo, write_shard
+
+    samples = [{"__key__": f"big{i}", "jpg": encode(photo(i, (1600, 1200)), "JPEG", quality=90)} for i in range(2)]
+    url = str(write_shard(tmp_path / "in/s-0.tar", samples))
+    config = load_config(None, {**base_config, "input": [url], "output": str(tmp_path / "out"), "jpeg_draft": True})
+    ShardLabeler(build_spec(config), device="cpu", torch_threads=1).label_shard(Shard(url, "s-0"))
+    rows = all_rows(config.output)
+    assert [(row["width"], row["height"], row["status"]) for row in rows] == [(1600, 1200, "ok")] * 2
+    for row in rows:
+        check_labels(row)  # every mask decodes at the row's 1600x1200
+        assert row["labels"]
+    plain = load_config(None, {**base_config, "input": [url], "output": str(tmp_path / "out")})
+    assert "jpeg_draft" not in build_spec(plain).source and build_spec(config).source["jpeg_draft"] is True
+    assert build_spec(plain).fingerprint != build_spec(config).fingerprint
