@@ -68,6 +68,12 @@ class OutputLayout:
     def run_file(self, run_id: str) -> Location:
         return self.runs_dir.child(f"{run_id}.json")
 
+    def remove_stale_temps(self, modified_before: float) -> int:
+        """Temp files of atomic writes in every folder of the output, left by writers killed
+        mid-write before ``modified_before`` (see ``Location.remove_stale_temps``); how many."""
+        folders = (self.root, self.labels_dir, self.markers_dir, self.runs_dir, self.cache_dir)
+        return sum(folder.remove_stale_temps(modified_before) for folder in folders)
+
 
 def _json_bytes(record: dict) -> bytes:
     return json.dumps(record, indent=1, sort_keys=True).encode()

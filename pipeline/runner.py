@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "gemlabel"
 RECORD_WAIT_S = 120.0  # how long the end of a run waits for unreachable storage to write its record
+STALE_TEMP_S = 3600.0  # a temp file untouched this long belongs to no live writer (another run may share the output)
 WORKER_PREFIX = "gemlabel-worker"
 
 
@@ -393,6 +394,7 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
     starting: dict = {}  # describe() call -> replacement actor not yet known to be up
     dead: set = set()  # actors already replaced: their other shards are only requeued
     suspects: set = set()  # shards whose actor died holding another one too: each is redone alone
+    given: set = set()  # shards a worker has had: another worker redoing one clears up after it
 
     def free(actor) -> None:
         """A slot of the actor is free again, unless the actor has died (and been replaced) since."""
@@ -416,7 +418,8 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
             if actor is None:
                 break
             shard = queue.popleft()
-            inflight[actor.label_shard.remote(shard, attempts[shard])] = (actor, shard)
+            inflight[actor.label_shard.remote(shard, attempts[shard], shard in given)] = (actor, shard)
+            given.add(shard)
         ready, _ = ray.wait([*inflight, *starting], num_returns=1)
         if ready[0] in starting:
             actor = starting.pop(ready[0])
@@ -489,10 +492,7 @@ def _retry_or_fail(shard: Shard, attempts: Counter, queue: deque, summary: RunSu
     error = _shard_error(shard, error, config)
     summary.failed[shard.url] = error
     try:  # a note for `gemlabel report`; the shard is not done either way, so a rerun redoes it
-        layout = OutputLayout(config.location(config.output))
-        for file in (layout.labels_file(shard.shard_id), layout.marker_file(shard.shard_id)):
-            file.remove_temp_leftovers()  # of a worker killed while committing it
-        write_json(layout.failed_file(shard.shard_id),
+        write_json(OutputLayout(config.location(config.output)).failed_file(shard.shard_id),
                    {"shard": shard.url, "shard_id": shard.shard_id, "error": error, "attempts": attempts[shard],
                     "failed_at": datetime.now(timezone.utc).isoformat()})
     except Exception as err:  # the output's storage is failing too (outage)
@@ -624,6 +624,9 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
         pool = WorkerPool(spec, run_id)
         ensure_schedulable(pool, out)
     prepare_output(layout, spec.fingerprint, spec.source, config.overwrite, run_id)
+    stale = layout.remove_stale_temps(time.time() - STALE_TEMP_S)
+    if stale:
+        log.info("removed %d temp file(s) that writers killed mid-write left over an hour ago", stale)
     wall = time.perf_counter()
     try:
         if pool is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import IO, Any, Optional
@@ -62,16 +63,14 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
 
 
-def temp_prefix(path: str) -> str:
-    """What every temp file of ``path`` starts with: a hidden name (leading dot) in the same
-    folder, which Hive-style dataset readers (pyarrow.dataset, pandas, Spark) skip."""
-    folder, name = posixpath.split(path)
-    return posixpath.join(folder, f".{name}.tmp-")
+TEMP_NAME = re.compile(r"^\.(?P<of>.+)\.tmp-[0-9a-f]{32}$")  # the name temp_path gives, and whose it is
 
 
 def temp_path(path: str) -> str:
-    """Where a local atomic write puts its data first."""
-    return temp_prefix(path) + uuid.uuid4().hex
+    """Where a local atomic write puts its data first: a hidden name (leading dot) in the same
+    folder, which Hive-style dataset readers (pyarrow.dataset, pandas, Spark) skip."""
+    folder, name = posixpath.split(path)
+    return posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
 
 
 def _write_local_temp(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> str:
@@ -201,23 +200,31 @@ class Location:
         except FileExistsError:
             return False
 
-    def remove_temp_leftovers(self) -> int:
-        """Remove the temp files that writers of this file killed mid-write (an actor killed, a
-        node lost) left behind; how many. Only for a file one writer at a time writes (a shard's
-        labels or marker): another writer's temp file would be taken from under it. Object
-        stores write in one PUT and leave none."""
-        fs, path = self.fs_path
+    def remove_stale_temps(self, modified_before: float, of: Optional[str] = None) -> int:
+        """In this folder, remove the temp files of atomic writes (``temp_path``) last modified
+        before ``modified_before`` (seconds since the epoch), only those of the file named ``of``
+        when given; how many. A writer killed mid-write (an actor killed, a node lost) leaves its
+        temp file behind, while a live writer's is being written or renamed, and so is newer.
+        Local folders only: object stores write in one request and leave none."""
+        fs, folder = self.fs_path
         if not is_local(fs):
             return 0
-        prefix = temp_prefix(path)
         try:
-            names = fs.ls(posixpath.dirname(path), detail=False)
+            entries = fs.ls(folder, detail=True)
         except FileNotFoundError:
             return 0
-        leftovers = [name for name in names if name.startswith(prefix)]
-        for name in leftovers:
-            fs.rm(name)
-        return len(leftovers)
+        removed = 0
+        for entry in entries:
+            match = TEMP_NAME.match(posixpath.basename(entry["name"]))
+            if (entry["type"] != "file" or not match or (of is not None and match["of"] != of)
+                    or entry.get("mtime", modified_before) >= modified_before):
+                continue
+            try:
+                fs.rm(entry["name"])
+                removed += 1
+            except FileNotFoundError:  # another cleaner was first
+                pass
+        return removed
 
     def remove(self, recursive: bool = False) -> None:
         fs, path = self.fs_path

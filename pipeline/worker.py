@@ -235,10 +235,12 @@ class ShardLabeler:
                 "width": sample.width, "height": sample.height, "status": "error" if sample.error else "ok",
                 "error": sample.error, "labels": labels or [], "_index": sample.index, "_kind": sample.error_kind}
 
-    def label_shard(self, shard: Shard, attempt: int = 0) -> dict:
+    def label_shard(self, shard: Shard, attempt: int = 0, redo: bool = False) -> dict:
         """Label a shard and commit it; returns its stats marker. Raises ShardReadError if the
         shard cannot be read, having written nothing. Called for two shards at once, the second
-        starts reading when the first has read its last sample (``ReadingTurns``)."""
+        starts reading when the first has read its last sample (``ReadingTurns``). ``redo``: a
+        worker had the shard before in this run (and may have died writing it)."""
+        attempt_started = time.time()
         # Recorded before reading: a shard replaced later has another identity and is relabelled.
         source = self.config.location(shard.url)
         input_identity = file_identity(source.stat())
@@ -262,8 +264,9 @@ class ShardLabeler:
         pq.write_table(table_from_rows(rows, self.spec.run_metadata), buffer, compression="zstd")
         parquet = buffer.getvalue()
         committing = (self.layout.labels_file(shard.shard_id), self.layout.marker_file(shard.shard_id))
-        for file in committing:  # a worker killed while committing this shard left its temp files
-            file.remove_temp_leftovers()
+        if redo:  # a worker killed while committing this shard left temp files, older than this attempt
+            for file in committing:
+                file.parent.remove_stale_temps(attempt_started, of=file.name)
         committing[0].write_bytes_atomic(parquet)
         timings["write_s"] += time.perf_counter() - start
         total = time.perf_counter() - wall

@@ -56,7 +56,7 @@ class _Ref:
 class _Actor:
     def __init__(self, world, name):
         self.world, self.name, self.dead, self.holding = world, name, False, set()
-        self.label_shard = SimpleNamespace(remote=lambda shard, attempt: world.submit(self, shard))
+        self.label_shard = SimpleNamespace(remote=lambda shard, attempt, redo: world.submit(self, shard, redo))
         self.describe = SimpleNamespace(remote=lambda: _Ref(self))
 
     def __repr__(self):
@@ -71,14 +71,16 @@ class _FakeRay:
     def __init__(self, poison=(), order=None, done_early=()):
         self.poison, self.order, self.done_early = set(poison), order, set(done_early)
         self.log, self.actors = [], 0  # (actor, shard, shards the actor held already)
+        self.redos = []  # per entry of the log: whether it was given out as a redo
 
     def new_actor(self):
         self.actors += 1
         return _Actor(self, f"actor{self.actors}")
 
-    def submit(self, actor, shard):
+    def submit(self, actor, shard, redo=False):
         assert not actor.dead, f"{shard.shard_id} sent to {actor}, which was replaced"
         self.log.append((actor.name, shard.shard_id, sorted(actor.holding)))
+        self.redos.append(redo)
         actor.holding.add(shard.shard_id)
         return _Ref(actor, shard, ok=shard.shard_id in self.done_early)
 
@@ -142,19 +144,14 @@ def test_a_shard_finishing_on_a_replaced_actor_does_not_bring_it_back(monkeypatc
     assert results["s1"] and sorted(summary.failed) == ["u0"] and summary.shards_done == 5
 
 
-def test_a_shard_failed_for_good_leaves_no_temp_files_of_its_killed_workers(monkeypatch, tmp_path):
-    """Its workers died committing it (temp files written, never renamed); once it has failed for
-    good no worker will redo it and remove them, so the driver does."""
-    from pathlib import Path
-
-    from pipeline.manifest import OutputLayout
-    from pipeline.storage import Location, temp_path
-
-    layout = OutputLayout(Location(str(tmp_path / "out")))
-    temps = [Path(temp_path(file.path)) for file in (layout.labels_file("s1"), layout.marker_file("s1"))]
-    for temp in temps:
-        temp.parent.mkdir(parents=True, exist_ok=True)
-        temp.write_bytes(b"half a file")
-    summary, results = label(monkeypatch, tmp_path, 1, 3, _FakeRay(poison={"s1"}), retries=0)
-    assert sorted(summary.failed) == ["u1"] and not results["s1"]
-    assert [temp for temp in temps if temp.exists()] == [] and layout.failed_file("s1").exists()
+def test_a_shard_given_out_again_is_marked_as_redone(monkeypatch, tmp_path):
+    """A worker redoing a shard clears up what the last one (killed while committing it) left, so
+    the driver tells it: every dispatch after a shard's first says redo, whether the shard was
+    charged an attempt or not (its actor died holding another one too)."""
+    fake = _FakeRay(poison={"s0"})
+    label(monkeypatch, tmp_path, 1, 4, fake)
+    redos = {}
+    for (_, shard, _), redo in zip(fake.log, fake.redos):
+        redos.setdefault(shard, []).append(redo)
+    assert redos["s0"] == [False, True, True, True] and redos["s1"] == [False, True]  # s1 held beside s0
+    assert redos["s2"] == redos["s3"] == [False]

@@ -151,3 +151,34 @@ def test_identical_runs_write_equal_tables(base_config, tmp_path):
     errors = [e for e in tables[0].column("error").to_pylist() if e]
     assert len(errors) == 2 and not any("0x" in e for e in errors), errors
     assert tables[0].equals(tables[1]) and tables[0].schema.metadata == tables[1].schema.metadata
+
+
+def test_a_run_removes_temp_files_that_writers_killed_long_ago_left(base_config, tmp_path):
+    """Writers killed mid-write (a node lost, the driver killed) leave hidden temp files in any
+    folder of the output; the next run removes those untouched for over an hour, and leaves
+    younger ones (another run on the same output may be writing them) and other files."""
+    import os
+    import time
+    from pathlib import Path
+
+    from pipeline.storage import temp_path
+
+    write_shards(tmp_path / "in", shards=1, per_shard=2)
+    config = load_config(None, {**base_config, "input": [str(tmp_path / "in" / "*.tar")]})
+    layout = OutputLayout(config.location(config.output))
+    files = [layout.config_file, layout.labels_file("x-1"), layout.marker_file("x-1"), layout.run_file("r"),
+             layout.cache_dir.child("text-k.pt")]
+    kept = {}
+    for file in files:
+        for age in (2 * 3600, 60):
+            temp = Path(temp_path(file.path))
+            temp.parent.mkdir(parents=True, exist_ok=True)
+            temp.write_bytes(b"half a file")
+            os.utime(temp, (time.time() - age,) * 2)
+            kept[temp] = age == 60
+    other = Path(layout.labels_dir.path) / ".notes.tmp-mine"  # not a name temp_path gives
+    other.write_text("mine")
+    os.utime(other, (time.time() - 2 * 3600,) * 2)
+    kept[other] = True
+    assert run_labeling(config).shards_done == 1
+    assert {temp: temp.exists() for temp in kept} == kept

@@ -144,3 +144,26 @@ def test_pack_to_an_object_store(tmp_path, s3, s3_endpoint, monkeypatch):
     options = {"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}}
     samples = [s for i in range(2) for s in iter_tar_samples(Location(f"s3://packed/shards/p-{i:06d}.tar", options))]
     assert len(samples) == len(names)
+
+
+def test_removing_stale_temps_survives_another_cleaner(tmp_path, monkeypatch):
+    """Two workers (or a worker and a run) clearing one folder: a temp file the other removed
+    first, between this one's listing and its removal, is not an error."""
+    import os
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    folder = Location(str(tmp_path))
+    temps = [temp_path(str(tmp_path / "s-1.parquet")) for _ in range(3)]
+    for temp in temps:
+        open(temp, "wb").close()
+        os.utime(temp, (1000.0, 1000.0))
+    listing = LocalFileSystem.ls
+
+    def listed_then_taken(self, path, detail=True, **kwargs):
+        entries = listing(self, path, detail=detail, **kwargs)
+        os.remove(temps[0])  # the other cleaner
+        return entries
+    monkeypatch.setattr(LocalFileSystem, "ls", listed_then_taken)
+    assert folder.remove_stale_temps(2000.0, of="s-1.parquet") == 2
+    assert not any(os.path.exists(temp) for temp in temps)

@@ -90,9 +90,13 @@ def test_two_shards_at_once_on_one_worker_write_what_one_at_a_time_writes(base_c
     assert results[True] == results[False]
 
 
-def test_committing_a_shard_removes_what_a_worker_killed_while_committing_it_left(base_config, tmp_path):
+def test_redoing_a_shard_removes_what_a_worker_killed_while_committing_it_left(base_config, tmp_path):
     """An actor killed between writing a shard's temp file and renaming it leaves the temp file;
-    the worker that redoes the shard removes it (another shard's are not its to touch)."""
+    the worker that redoes the shard removes it. Not another shard's, nor one written since the
+    attempt began (a live writer's: another run on the same output)."""
+    import os
+    import time
+
     from pipeline.manifest import OutputLayout
     from pipeline.storage import temp_path
     from tests.shards import varied_samples, write_shard
@@ -100,15 +104,20 @@ def test_committing_a_shard_removes_what_a_worker_killed_while_committing_it_lef
     url = str(write_shard(tmp_path / "in/s-0.tar", varied_samples(3)))
     config = load_config(None, {**base_config, "input": [url], "output": str(tmp_path / "out")})
     layout = OutputLayout(config.location(config.output))
-    left = {}
-    for shard_id in ("s-0", "s-1"):
+    expected = {}
+    for shard_id in ("s-0", "s-1", "s-00"):
         for file in (layout.labels_file(shard_id), layout.marker_file(shard_id)):
-            temp = Path(temp_path(file.path))
-            temp.parent.mkdir(parents=True, exist_ok=True)
-            temp.write_bytes(b"half a file")
-            left[temp] = shard_id
-    ShardLabeler(build_spec(config), device="cpu", torch_threads=1).label_shard(Shard(url, "s-0"))
-    assert {temp: temp.exists() for temp in left} == {temp: shard_id == "s-1" for temp, shard_id in left.items()}
+            for age in (3600, -60):  # modified an hour before the attempt (a dead writer's), or during it (a live one's)
+                temp = Path(temp_path(file.path))
+                temp.parent.mkdir(parents=True, exist_ok=True)
+                temp.write_bytes(b"half a file")
+                os.utime(temp, (time.time() - age,) * 2)
+                expected[temp] = not (shard_id == "s-0" and age == 3600)
+    labeler = ShardLabeler(build_spec(config), device="cpu", torch_threads=1)
+    labeler.label_shard(Shard(url, "s-0"))  # a first attempt leaves others' files alone
+    assert all(temp.exists() for temp in expected)
+    labeler.label_shard(Shard(url, "s-0"), redo=True)
+    assert {temp: temp.exists() for temp in expected} == expected
     assert layout.labels_file("s-0").exists() and layout.marker_file("s-0").exists()
 
 
