@@ -135,7 +135,9 @@ class ClassScores:
 
 def class_scores(similarities: torch.Tensor, size: tuple[int, int], logit_scale: float) -> ClassScores:
     """label_image's bands, softmax and max (no pixel sent to the background yet) and its peaks,
-    kept as full maps for every threshold of the grid (tested equal to label_image)."""
+    kept as full maps for every threshold of the grid (tested equal to label_image). One case
+    differs: NaN probabilities (an overflowing model) count at every threshold, so a class whose
+    pixels over the threshold are all NaN gets another point than label_image gives it."""
     height, width = size
     top_prob = np.empty((height, width), dtype=np.float32)
     top_class = np.empty((height, width), dtype=np.int64)

@@ -156,7 +156,8 @@ class LabelConfig:
         False, description="JPEGs decoded on the CPU at 1/2, 1/4 or 1/8 scale (Pillow's draft mode) where that "
                            "still covers the model input: 1080p decodes in about half the CPU time; the model "
                            "input's pixels differ slightly, so the labels may too (fingerprinted). Labels stay "
-                           "at the image's own size")
+                           "at the image's own size. GPU workers with `decode: auto` send plain JPEGs to "
+                           "nvJPEG at full size; `decode: cpu` drafts them all")
     max_shard_retries: StrictInt = Field(2, ge=0, description="attempts after the first, per shard")
     max_actor_restarts: StrictInt = Field(8, ge=0, description="replacement actors before the run gives up")
     schedule_timeout_s: StrictFloat = Field(

@@ -172,8 +172,9 @@ def displayed_size(image: Image.Image) -> tuple[int, int]:
 def draft_for(image: Image.Image, model_size: tuple[int, int]) -> None:
     """Have Pillow decode a JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling: the decoder skips the
     detail it would throw away) where the result still covers the model input's (height, width)
-    on both sides; other formats, and images no larger than the input, decode as they are."""
-    if image.format != "JPEG":
+    on both sides (the first picture of an MPO, as cameras write, alike); other formats, and
+    images under twice the input's size, decode as they are."""
+    if image.format not in ("JPEG", "MPO"):
         return
     height, width = model_size
     sideways = image.getexif().get(EXIF_ORIENTATION, 1) in _SIDEWAYS

@@ -79,6 +79,15 @@ def test_jpeg_draft_decodes_large_jpegs_smaller_and_reports_their_own_size(orien
     assert image.size == (800, 600)  # stored orientation; shown 600x800 when rotated, >= 336x448
 
 
+def test_jpeg_draft_takes_a_cameras_mpo_as_a_jpeg():
+    buffer = io.BytesIO()
+    photo(0, (1600, 1200)).save(buffer, "MPO", save_all=True, append_images=[photo(1, (1600, 1200))])
+    image = _opened(buffer.getvalue())
+    draft_for(image, (448, 448))
+    image.load()
+    assert (image.format, image.size) == ("MPO", (800, 600))
+
+
 def test_jpeg_draft_leaves_small_jpegs_and_other_formats_as_they_are():
     small = encode(photo(3, (500, 375)), "JPEG")  # short side under the input's 448
     png = encode(photo(3, (1600, 1200)), "PNG")

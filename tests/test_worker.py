@@ -122,8 +122,9 @@ def test_redoing_a_shard_removes_what_a_worker_killed_while_committing_it_left(b
 
 
 def test_jpeg_draft_labels_large_photos_at_their_own_size(base_config, tmp_path):
-    """With ``jpeg_draft`` a 1600x1200 JPEG decodes at 1/2 scale, yet its row, masks and boxes are
-    at 1600x1200; the setting is part of the fingerprint only when on (older outputs keep theirs)."""
+    """With ``jpeg_draft`` the worker decodes a 1600x1200 JPEG at a reduced scale (1/8 for this
+    128x128 input), yet its row, masks and boxes are at 1600x1200; the setting is part of the
+    fingerprint only when on (older outputs keep theirs)."""
     from tests.outputs import all_rows, check_labels
     from tests.shards import encode, photo, write_shard
 
@@ -137,5 +138,9 @@ def test_jpeg_draft_labels_large_photos_at_their_own_size(base_config, tmp_path)
         check_labels(row)  # every mask decodes at the row's 1600x1200
         assert row["labels"]
     plain = load_config(None, {**base_config, "input": [url], "output": str(tmp_path / "out")})
+    drafted, full = (ShardLabeler(build_spec(c), device="cpu", torch_threads=1)._decode(0, samples[0])
+                     for c in (config, plain))
+    assert (drafted.width, drafted.height) == (full.width, full.height) == (1600, 1200)
+    assert drafted.tensor.shape == full.tensor.shape and not torch.equal(drafted.tensor, full.tensor)
     assert "jpeg_draft" not in build_spec(plain).source and build_spec(config).source["jpeg_draft"] is True
     assert build_spec(plain).fingerprint != build_spec(config).fingerprint
