@@ -118,6 +118,7 @@ class RegionStats:
     device adds them does not change the scores."""
 
     CHUNK_PIXELS = 1 << 20  # pixels whose per-pixel index buffers exist at once (see ``add``)
+    NAN_RANK = -0.5  # a NaN probability's rank: under every probability, over "no pixel yet" (-1)
 
     def __init__(self, num_classes: int, width: int, device: torch.device):
         self.num_classes, self.width = num_classes, width
@@ -145,8 +146,9 @@ class RegionStats:
         self.prob_sums.index_add_(0, bins, probs.double())
         flat = torch.arange(bins.numel(), device=bins.device) + start * self.width
         # the peak: the highest probability, the first pixel in raster order among equals; a NaN
-        # probability (an overflowing model) is never a peak
-        ranked = torch.where(probs.isnan(), float("-inf"), probs)
+        # probability (an overflowing model) ranks below every real one, so it is a class's peak
+        # only when the class has no other (its point still in its mask; its peak score NaN)
+        ranked = torch.where(probs.isnan(), self.NAN_RANK, probs)
         band_peak = torch.full_like(self.peak_prob, -1.0).scatter_reduce_(0, bins, ranked, "amax")
         at_peak = torch.where(ranked == band_peak[bins], flat, torch.iinfo(torch.int64).max)
         band_index = torch.full_like(self.peak_index, torch.iinfo(torch.int64).max).scatter_reduce_(
@@ -164,8 +166,10 @@ class RegionStats:
         kept = slice(0, self.num_classes)
         low, high = self.low[:, kept].cpu().numpy(), self.high[:, kept].cpu().numpy()
         boxes = np.stack((low[1], low[0], high[1] - low[1] + 1, high[0] - low[0] + 1), axis=1)
+        peak_prob = self.peak_prob[kept].double()
+        peak_prob = torch.where(peak_prob == self.NAN_RANK, float("nan"), peak_prob)
         return ClassStats(self.counts[kept].cpu().numpy(), self.prob_sums[kept].cpu().numpy(),
-                          self.peak_prob[kept].double().cpu().numpy(), self.peak_index[kept].cpu().numpy(), boxes)
+                          peak_prob.cpu().numpy(), self.peak_index[kept].cpu().numpy(), boxes)
 
 
 def label_map(similarities: Optional[torch.Tensor], size: tuple[int, int],

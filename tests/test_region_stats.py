@@ -65,6 +65,24 @@ def test_a_nan_probability_is_never_a_peak():
         assert tuple(result.boxes[1]) == (1, 0, 2, 2)
 
 
+def test_a_class_of_only_nan_probabilities_has_its_point_in_its_mask():
+    """Its peak is its first pixel in raster order (a point inside its own mask, not (0, 0)) and
+    its peak score is NaN, not a made-up number; a class with a real probability is unchanged."""
+    labels = np.array([[0, 0, 1], [1, 1, 0]])
+    probs = np.array([[0.6, 0.8, np.nan], [np.nan, np.nan, 0.7]], dtype=np.float32)
+    for chunk in (1 << 20, 3, 1):  # whole band; a row at a time; the NaN class's first pixel alone
+        stats = RegionStats(2, 3, torch.device("cpu"))
+        stats.CHUNK_PIXELS = chunk
+        stats.add(0, torch.from_numpy(probs), torch.from_numpy(labels))
+        result = stats.result()
+        assert result.peak_index.tolist() == [1, 2] and np.isnan(result.peak_prob[1])
+        assert result.peak_prob[0] == pytest.approx(0.8)
+    stats = RegionStats(2, 3, torch.device("cpu"))  # two bands: the first band's NaN pixel stays the peak
+    stats.add(0, torch.from_numpy(probs[:1]), torch.from_numpy(labels[:1]))
+    stats.add(1, torch.from_numpy(probs[1:]), torch.from_numpy(labels[1:]))
+    assert stats.result().peak_index.tolist() == [1, 2]
+
+
 def test_label_image_regions_equal_full_mask_statistics():
     torch.manual_seed(5)
     sims = torch.randn(5, 7, 9) * 0.05
