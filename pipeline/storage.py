@@ -7,6 +7,7 @@ write to another. Writes are atomic: a reader sees the whole file or none of it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import re
@@ -16,6 +17,8 @@ from typing import IO, Any, Optional
 
 import fsspec
 from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
 
 StorageOptions = dict[str, dict[str, Any]]
 
@@ -205,25 +208,29 @@ class Location:
         before ``modified_before`` (seconds since the epoch), only those of the file named ``of``
         when given; how many. A writer killed mid-write (an actor killed, a node lost) leaves its
         temp file behind, while a live writer's is being written or renamed, and so is newer.
-        Local folders only: object stores write in one request and leave none."""
+        Best effort (a file it cannot remove is logged, not raised), and only names are listed:
+        only temp files are looked at. Local folders only: object stores write in one request."""
         fs, folder = self.fs_path
         if not is_local(fs):
             return 0
         try:
-            entries = fs.ls(folder, detail=True)
-        except FileNotFoundError:
+            names = fs.ls(folder, detail=False)
+        except OSError:  # no such folder yet, or unreadable: nothing this can clear
             return 0
         removed = 0
-        for entry in entries:
-            match = TEMP_NAME.match(posixpath.basename(entry["name"]))
-            if (entry["type"] != "file" or not match or (of is not None and match["of"] != of)
-                    or entry.get("mtime", modified_before) >= modified_before):
+        for name in names:
+            match = TEMP_NAME.match(posixpath.basename(name))
+            if not match or (of is not None and match["of"] != of):
                 continue
             try:
-                fs.rm(entry["name"])
-                removed += 1
+                info = fs.info(name)
+                if info["type"] == "file" and info.get("mtime", modified_before) < modified_before:
+                    fs.rm(name)
+                    removed += 1
             except FileNotFoundError:  # another cleaner was first
                 pass
+            except OSError as err:  # not ours to remove (permissions), a stale NFS handle...
+                log.warning("could not remove the leftover temp file %s: %s", name, err)
         return removed
 
     def remove(self, recursive: bool = False) -> None:

@@ -167,3 +167,26 @@ def test_removing_stale_temps_survives_another_cleaner(tmp_path, monkeypatch):
     monkeypatch.setattr(LocalFileSystem, "ls", listed_then_taken)
     assert folder.remove_stale_temps(2000.0, of="s-1.parquet") == 2
     assert not any(os.path.exists(temp) for temp in temps)
+
+
+def test_a_temp_file_that_cannot_be_removed_is_logged_not_raised(tmp_path, monkeypatch, caplog):
+    """Clearing up is best effort: a file it may not remove (another user's, a read-only mount)
+    must not fail the shard or the run that was clearing up."""
+    import os
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    temps = [temp_path(str(tmp_path / "s-1.parquet")) for _ in range(2)]
+    for temp in temps:
+        open(temp, "wb").close()
+        os.utime(temp, (1000.0, 1000.0))
+    removing = LocalFileSystem.rm
+
+    def refused(self, path, *args, **kwargs):
+        if path.endswith(temps[0].rsplit("/", 1)[1]):
+            raise PermissionError(13, "Permission denied", path)
+        return removing(self, path, *args, **kwargs)
+    monkeypatch.setattr(LocalFileSystem, "rm", refused)
+    assert Location(str(tmp_path)).remove_stale_temps(2000.0) == 1
+    assert os.path.exists(temps[0]) and not os.path.exists(temps[1])
+    assert "could not remove the leftover temp file" in caplog.text

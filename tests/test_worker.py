@@ -90,12 +90,15 @@ def test_two_shards_at_once_on_one_worker_write_what_one_at_a_time_writes(base_c
     assert results[True] == results[False]
 
 
-def test_redoing_a_shard_removes_what_a_worker_killed_while_committing_it_left(base_config, tmp_path):
+def test_redoing_a_shard_removes_what_a_worker_killed_while_committing_it_left(base_config, tmp_path,
+                                                                              monkeypatch):
     """An actor killed between writing a shard's temp file and renaming it leaves the temp file;
-    the worker that redoes the shard removes it. Not another shard's, nor one written since the
-    attempt began (a live writer's: another run on the same output)."""
+    the worker that redoes the shard removes it. Not another shard's, nor one written while the
+    attempt ran (a live writer's: another run on the same output)."""
     import os
     import time
+
+    import pyarrow.parquet as pq
 
     from pipeline.manifest import OutputLayout
     from pipeline.storage import temp_path
@@ -105,17 +108,30 @@ def test_redoing_a_shard_removes_what_a_worker_killed_while_committing_it_left(b
     config = load_config(None, {**base_config, "input": [url], "output": str(tmp_path / "out")})
     layout = OutputLayout(config.location(config.output))
     expected = {}
+
+    def leave_temp(file, when: float, stays: bool) -> None:
+        temp = Path(temp_path(file.path))
+        temp.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_bytes(b"half a file")
+        os.utime(temp, (when,) * 2)
+        expected[temp] = stays
+
     for shard_id in ("s-0", "s-1", "s-00"):
         for file in (layout.labels_file(shard_id), layout.marker_file(shard_id)):
-            for age in (3600, -60):  # modified an hour before the attempt (a dead writer's), or during it (a live one's)
-                temp = Path(temp_path(file.path))
-                temp.parent.mkdir(parents=True, exist_ok=True)
-                temp.write_bytes(b"half a file")
-                os.utime(temp, (time.time() - age,) * 2)
-                expected[temp] = not (shard_id == "s-0" and age == 3600)
+            leave_temp(file, time.time() - 3600, stays=shard_id != "s-0")  # a dead writer's
     labeler = ShardLabeler(build_spec(config), device="cpu", torch_threads=1)
     labeler.label_shard(Shard(url, "s-0"))  # a first attempt leaves others' files alone
     assert all(temp.exists() for temp in expected)
+
+    writing = pq.write_table
+
+    def while_labelling(*args, **kwargs):  # another writer of this shard, during the attempt
+        time.sleep(0.05)
+        for file in (layout.labels_file("s-0"), layout.marker_file("s-0")):
+            leave_temp(file, time.time(), stays=True)
+        time.sleep(0.05)
+        return writing(*args, **kwargs)
+    monkeypatch.setattr(pq, "write_table", while_labelling)
     labeler.label_shard(Shard(url, "s-0"), redo=True)
     assert {temp: temp.exists() for temp in expected} == expected
     assert layout.labels_file("s-0").exists() and layout.marker_file("s-0").exists()
