@@ -6,6 +6,7 @@ boxes, and a legend strip below the image (so image pixels keep their coordinate
 """
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,10 +28,12 @@ class Pick:
 
 
 def image_score(row: dict, class_name: Optional[str] = None) -> Optional[float]:
-    """The class's score, or the labels' scores averaged over their pixels; None without labels."""
+    """The class's score, or the labels' scores averaged over their pixels; None without labels,
+    or with a NaN score (an overflowing model), which no ranking can place."""
     labels = [l for l in row["labels"] if class_name is None or l["name"] == class_name]
     area = sum(l["area"] for l in labels)
-    return sum(l["score"] * l["area"] for l in labels) / area if area else None
+    score = sum(l["score"] * l["area"] for l in labels) / area if area else None
+    return score if score is not None and math.isfinite(score) else None
 
 
 def pick_samples(rows: Iterable[dict], picks: list[str], count: int, seed: int = 0,

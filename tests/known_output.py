@@ -48,8 +48,9 @@ def label_for(class_id: int, mask: np.ndarray) -> dict:
 
 
 def write_known_output(shard_folder: str, output: str, images: int = 3, storage_options: Optional[dict] = None,
-                       local_tmp: Optional[Path] = None) -> dict[str, dict[int, np.ndarray]]:
-    """One shard of ``images`` photos plus an error sample; returns sample_id -> known masks."""
+                       local_tmp: Optional[Path] = None, nan_scores: bool = False) -> dict[str, dict[int, np.ndarray]]:
+    """One shard of ``images`` photos plus an error sample; returns sample_id -> known masks.
+    ``nan_scores``: the first image's labels score NaN, as an overflowing model's do."""
     samples = [{"__key__": f"k{i}", "jpg": encode(photo(i, SIZE), "JPEG", quality=95)} for i in range(images)]
     samples.append({"__key__": "broken", "jpg": b"\xff\xd8 not an image"})
     shard_url = join(shard_folder, "known-0000.tar")
@@ -64,8 +65,11 @@ def write_known_output(shard_folder: str, output: str, images: int = 3, storage_
         masks = blob_masks(i)
         sample_id = f"{shard_id}/k{i}"
         known[sample_id] = masks
+        labels = [label_for(c, m) for c, m in sorted(masks.items())]
+        if nan_scores and i == 0:
+            labels = [{**label, "score": float("nan"), "peak_score": float("nan")} for label in labels]
         rows.append({"sample_id": sample_id, "key": f"k{i}", "shard": shard_url, "width": SIZE[0], "height": SIZE[1],
-                     "status": "ok", "error": None, "labels": [label_for(c, m) for c, m in sorted(masks.items())]})
+                     "status": "ok", "error": None, "labels": labels})
     rows.append({"sample_id": f"{shard_id}/broken", "key": "broken", "shard": shard_url, "width": 0, "height": 0,
                  "status": "error", "error": "decode jpg: UnidentifiedImageError: cannot identify image file",
                  "labels": []})

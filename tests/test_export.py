@@ -215,3 +215,18 @@ def test_coco_export_to_s3(s3_endpoint, tmp_path):
         assert fs.exists(f"export-bucket/labels/exports/coco/images/train/{image['file_name']}")
         union = coco_masks(coco, image["id"])
         assert all(np.array_equal(union[c + 1], m) for c, m in known[image["sample_id"]].items())
+
+
+def test_coco_export_is_strict_json_when_scores_are_nan(tmp_path):
+    """An overflowing model's NaN scores become null: `NaN` is not JSON, and strict parsers (a
+    browser's, jq, Go's, Java's) refuse the whole file."""
+    (tmp_path / "shards").mkdir()
+    write_known_output(str(tmp_path / "shards"), str(tmp_path / "out"), nan_scores=True)
+    run_export(open_labelset(Location(str(tmp_path / "out"))), ExportOptions("coco", Location(str(tmp_path / "coco"))),
+               progress=False)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    coco = json.loads((tmp_path / "coco" / "annotations" / "train.json").read_text(), parse_constant=refuse)
+    scores = [a["score"] for a in coco["annotations"]]
+    assert scores.count(None) == 3 and all(isinstance(s, float) for s in scores if s is not None)

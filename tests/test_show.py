@@ -145,3 +145,23 @@ def test_gallery_filters_by_class_and_sorts_by_score(labelled_output, tmp_path):
     assert scores == sorted(scores)
     descending = [score for _, _, score in figures("?sort=desc")]
     assert descending == sorted(descending, reverse=True)
+
+
+def test_a_nan_score_is_no_score_for_picks_and_gallery(tmp_path):
+    """An overflowing model's NaN scores: the image is left out of the score rankings (NaN would
+    scramble the sort) and its score is null in picks.json (NaN is not JSON)."""
+    import json as json_module
+
+    (tmp_path / "shards").mkdir()
+    write_known_output(str(tmp_path / "shards"), str(tmp_path / "out"), nan_scores=True)
+    rows = all_rows(str(tmp_path / "out"))
+    nan_row = next(r for r in rows if r["key"] == "k0")
+    assert image_score(nan_row) is None
+    lowest = pick_samples(rows, ["lowest"], 10)
+    assert [p.row["key"] for p in lowest] == ["k1", "k2"]
+    assert main(["show", str(tmp_path / "out"), "--dest", str(tmp_path / "g"), "--pick", "random", "--count", "5"]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    picks = json_module.loads((tmp_path / "g" / "picks.json").read_text(), parse_constant=refuse)
+    assert {p["sample_id"].rsplit("/", 1)[1]: p["score"] for p in picks}["k0"] is None

@@ -11,6 +11,7 @@ Annotations: ``segmentation`` {size, counts} (COCO compressed RLE), ``area`` (ma
 from __future__ import annotations
 
 import json
+import math
 
 from pipeline.components import components
 from pipeline.encode import encode_mask
@@ -24,7 +25,9 @@ def category_id(class_id: int) -> int:
 
 def annotations_for(label: dict, instances: bool, min_area: int) -> list[dict]:
     """A Parquet label -> COCO annotations (no ids yet): the class region, or its components."""
-    common = {"category_id": category_id(label["class_id"]), "score": float(label["score"]), "iscrowd": 0}
+    score = float(label["score"])  # NaN (an overflowing model) is not JSON: null
+    common = {"category_id": category_id(label["class_id"]), "score": score if math.isfinite(score) else None,
+              "iscrowd": 0}
     if not instances:
         return [{**common, "segmentation": {"size": list(label["rle_size"]), "counts": label["rle_counts"]},
                  "area": int(label["area"]), "bbox": [float(v) for v in label["bbox"]],
@@ -47,7 +50,7 @@ def export_shard(ctx: ShardContext, rows: list[dict]) -> dict:
             for annotation in annotations_for(label, ctx.options.instances, ctx.options.min_area):
                 annotations.append({**annotation, "image_index": len(images) - 1})
     part = {"split": ctx.split, "images": images, "annotations": annotations}
-    ctx.out("_parts", f"{ctx.shard_id}.json").write_bytes_atomic(json.dumps(part).encode())
+    ctx.out("_parts", f"{ctx.shard_id}.json").write_bytes_atomic(json.dumps(part, allow_nan=False).encode())
     return {"annotations": len(annotations)}
 
 
@@ -78,6 +81,6 @@ def finish(labelset: LabelSet, shard_ids: list[str], options, splits: set[str] =
     written = []
     for split, coco in sorted(by_split.items()):
         file = options.dest.child("annotations", f"{split}.json")
-        file.write_bytes_atomic(json.dumps(coco).encode())
+        file.write_bytes_atomic(json.dumps(coco, allow_nan=False).encode())
         written.append(file.url)
     return written
