@@ -163,10 +163,15 @@ EXIF_ORIENTATION = 0x0112
 _SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
+def _sideways(image: Image.Image) -> bool:
+    """Its EXIF orientation turns it a quarter: shown, its width is its stored height."""
+    return image.getexif().get(EXIF_ORIENTATION, 1) in _SIDEWAYS
+
+
 def displayed_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened (not yet decoded) image once its EXIF orientation is applied."""
     width, height = image.size
-    return (height, width) if image.getexif().get(EXIF_ORIENTATION, 1) in _SIDEWAYS else (width, height)
+    return (height, width) if _sideways(image) else (width, height)
 
 
 def draft_for(image: Image.Image, model_size: tuple[int, int]) -> None:
@@ -177,8 +182,7 @@ def draft_for(image: Image.Image, model_size: tuple[int, int]) -> None:
     if image.format not in ("JPEG", "MPO"):
         return
     height, width = model_size
-    sideways = image.getexif().get(EXIF_ORIENTATION, 1) in _SIDEWAYS
-    image.draft(image.mode, (height, width) if sideways else (width, height))
+    image.draft(image.mode, (height, width) if _sideways(image) else (width, height))
 
 
 def decode_sample(index: int, raw: dict, input_size: Union[tuple[int, int], Callable[[int, int], tuple[int, int]]],

@@ -394,7 +394,6 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
     starting: dict = {}  # describe() call -> replacement actor not yet known to be up
     dead: set = set()  # actors already replaced: their other shards are only requeued
     suspects: set = set()  # shards whose actor died holding another one too: each is redone alone
-    given: set = set()  # shards a worker has had: another worker redoing one clears up after it
 
     def free(actor) -> None:
         """A slot of the actor is free again, unless the actor has died (and been replaced) since."""
@@ -418,8 +417,10 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
             if actor is None:
                 break
             shard = queue.popleft()
-            inflight[actor.label_shard.remote(shard, attempts[shard], shard in given)] = (actor, shard)
-            given.add(shard)
+            # a shard is requeued only when charged an attempt or suspected: then it is a redo, and
+            # its worker clears up what the last one (killed while committing it) may have left
+            redo = attempts[shard] > 0 or shard in suspects
+            inflight[actor.label_shard.remote(shard, attempts[shard], redo)] = (actor, shard)
         ready, _ = ray.wait([*inflight, *starting], num_returns=1)
         if ready[0] in starting:
             actor = starting.pop(ready[0])
