@@ -1,12 +1,16 @@
 """Read a gemlabel output back and check it the way a consumer of the labels would."""
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.encode import decode_mask
 from pipeline.manifest import OutputLayout
-from pipeline.storage import Location
+from pipeline.storage import Location, temp_path
 
 
 def read_tables(output: str, storage_options=None) -> dict[str, "pq.Table"]:
@@ -35,3 +39,21 @@ def check_labels(row: dict) -> None:
         assert 0.0 < label["score"] <= label["peak_score"] <= 1.0
         covered += mask
     assert covered.max() <= 1  # one class per pixel
+
+
+def leftover_temp(path: str, modified: float) -> Path:
+    """The temp file a writer of ``path`` killed mid-write leaves (named as ``temp_path`` names
+    it), last modified at ``modified`` (seconds since the epoch)."""
+    temp = Path(temp_path(path))
+    temp.parent.mkdir(parents=True, exist_ok=True)
+    temp.write_bytes(b"half a file")
+    os.utime(temp, (modified, modified))
+    return temp
+
+
+def strict_json(file: Path):
+    """A JSON file read as strict parsers (a browser's, jq, Go's, Java's) read it: ``NaN`` and
+    ``Infinity`` are not JSON."""
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(file.read_text(), parse_constant=refuse)

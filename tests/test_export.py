@@ -18,7 +18,7 @@ from pipeline.export.runner import run_export
 from pipeline.labelset import label_mask, open_labelset
 from pipeline.storage import Location
 from tests.known_output import CLASSES, write_known_output
-from tests.outputs import all_rows
+from tests.outputs import all_rows, strict_json
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -224,9 +224,6 @@ def test_coco_export_is_strict_json_when_scores_are_nan(tmp_path):
     write_known_output(str(tmp_path / "shards"), str(tmp_path / "out"), nan_scores=True)
     run_export(open_labelset(Location(str(tmp_path / "out"))), ExportOptions("coco", Location(str(tmp_path / "coco"))),
                progress=False)
-
-    def refuse(constant):
-        raise ValueError(f"not JSON: {constant}")
-    coco = json.loads((tmp_path / "coco" / "annotations" / "train.json").read_text(), parse_constant=refuse)
+    coco = strict_json(tmp_path / "coco" / "annotations" / "train.json")
     scores = [a["score"] for a in coco["annotations"]]
     assert scores.count(None) == 3 and all(isinstance(s, float) for s in scores if s is not None)

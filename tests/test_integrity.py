@@ -161,7 +161,7 @@ def test_a_run_removes_temp_files_that_writers_killed_long_ago_left(base_config,
     import time
     from pathlib import Path
 
-    from pipeline.storage import temp_path
+    from tests.outputs import leftover_temp
 
     write_shards(tmp_path / "in", shards=1, per_shard=2)
     config = load_config(None, {**base_config, "input": [str(tmp_path / "in" / "*.tar")]})
@@ -171,11 +171,7 @@ def test_a_run_removes_temp_files_that_writers_killed_long_ago_left(base_config,
     kept = {}
     for file in files:
         for age in (2 * 3600, 60):
-            temp = Path(temp_path(file.path))
-            temp.parent.mkdir(parents=True, exist_ok=True)
-            temp.write_bytes(b"half a file")
-            os.utime(temp, (time.time() - age,) * 2)
-            kept[temp] = age == 60
+            kept[leftover_temp(file.path, time.time() - age)] = age == 60
     other = Path(layout.labels_dir.path) / ".notes.tmp-mine"  # not a name temp_path gives
     other.write_text("mine")
     os.utime(other, (time.time() - 2 * 3600,) * 2)

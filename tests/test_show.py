@@ -20,7 +20,7 @@ from pipeline.show import image_score, pick_samples
 from pipeline.storage import Location
 from tests.conftest import S3_CREDENTIALS
 from tests.known_output import write_known_output
-from tests.outputs import all_rows
+from tests.outputs import all_rows, strict_json
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
@@ -150,8 +150,6 @@ def test_gallery_filters_by_class_and_sorts_by_score(labelled_output, tmp_path):
 def test_a_nan_score_is_no_score_for_picks_and_gallery(tmp_path):
     """An overflowing model's NaN scores: the image is left out of the score rankings (NaN would
     scramble the sort) and its score is null in picks.json (NaN is not JSON)."""
-    import json as json_module
-
     (tmp_path / "shards").mkdir()
     write_known_output(str(tmp_path / "shards"), str(tmp_path / "out"), nan_scores=True)
     rows = all_rows(str(tmp_path / "out"))
@@ -160,8 +158,5 @@ def test_a_nan_score_is_no_score_for_picks_and_gallery(tmp_path):
     lowest = pick_samples(rows, ["lowest"], 10)
     assert [p.row["key"] for p in lowest] == ["k1", "k2"]
     assert main(["show", str(tmp_path / "out"), "--dest", str(tmp_path / "g"), "--pick", "random", "--count", "5"]) == 0
-
-    def refuse(constant):
-        raise ValueError(f"not JSON: {constant}")
-    picks = json_module.loads((tmp_path / "g" / "picks.json").read_text(), parse_constant=refuse)
+    picks = strict_json(tmp_path / "g" / "picks.json")
     assert {p["sample_id"].rsplit("/", 1)[1]: p["score"] for p in picks}["k0"] is None

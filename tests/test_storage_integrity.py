@@ -17,6 +17,7 @@ from pipeline.reader import iter_tar_samples
 from pipeline.shards import list_shards
 from pipeline.storage import Location, temp_path
 from tests.conftest import S3_CREDENTIALS
+from tests.outputs import leftover_temp
 from tests.shards import encode, photo
 
 
@@ -154,10 +155,7 @@ def test_removing_stale_temps_survives_another_cleaner(tmp_path, monkeypatch):
     from fsspec.implementations.local import LocalFileSystem
 
     folder = Location(str(tmp_path))
-    temps = [temp_path(str(tmp_path / "s-1.parquet")) for _ in range(3)]
-    for temp in temps:
-        open(temp, "wb").close()
-        os.utime(temp, (1000.0, 1000.0))
+    temps = [str(leftover_temp(str(tmp_path / "s-1.parquet"), 1000.0)) for _ in range(3)]
     listing = LocalFileSystem.ls
 
     def listed_then_taken(self, path, detail=True, **kwargs):
@@ -176,10 +174,7 @@ def test_a_temp_file_that_cannot_be_removed_is_logged_not_raised(tmp_path, monke
 
     from fsspec.implementations.local import LocalFileSystem
 
-    temps = [temp_path(str(tmp_path / "s-1.parquet")) for _ in range(2)]
-    for temp in temps:
-        open(temp, "wb").close()
-        os.utime(temp, (1000.0, 1000.0))
+    temps = [str(leftover_temp(str(tmp_path / "s-1.parquet"), 1000.0)) for _ in range(2)]
     removing = LocalFileSystem.rm
 
     def refused(self, path, *args, **kwargs):

@@ -1,6 +1,5 @@
 """The shard worker outside Ray: one failing image never takes its batch or shard with it."""
 from collections import Counter
-from pathlib import Path
 
 import torch
 
@@ -95,13 +94,12 @@ def test_redoing_a_shard_removes_what_a_worker_killed_while_committing_it_left(b
     """An actor killed between writing a shard's temp file and renaming it leaves the temp file;
     the worker that redoes the shard removes it. Not another shard's, nor one written while the
     attempt ran (a live writer's: another run on the same output)."""
-    import os
     import time
 
     import pyarrow.parquet as pq
 
     from pipeline.manifest import OutputLayout
-    from pipeline.storage import temp_path
+    from tests.outputs import leftover_temp
     from tests.shards import varied_samples, write_shard
 
     url = str(write_shard(tmp_path / "in/s-0.tar", varied_samples(3)))
@@ -110,11 +108,7 @@ def test_redoing_a_shard_removes_what_a_worker_killed_while_committing_it_left(b
     expected = {}
 
     def leave_temp(file, when: float, stays: bool) -> None:
-        temp = Path(temp_path(file.path))
-        temp.parent.mkdir(parents=True, exist_ok=True)
-        temp.write_bytes(b"half a file")
-        os.utime(temp, (when,) * 2)
-        expected[temp] = stays
+        expected[leftover_temp(file.path, when)] = stays
 
     for shard_id in ("s-0", "s-1", "s-00"):
         for file in (layout.labels_file(shard_id), layout.marker_file(shard_id)):
