@@ -21,7 +21,7 @@ import torch
 from bench.bench_feed import hd_image, jpeg, photos
 from gem.preprocess import OPENAI_MEAN, OPENAI_STD
 from gem.windows import ResizeSettings
-from pipeline.reader import decode_sample
+from pipeline.worker.decode import decode_sample
 
 VARIANTS = {"cpu_worker": (True, False), "gpu_worker": (False, False),
             "cpu_worker_draft": (True, True), "gpu_worker_draft": (False, True)}  # (normalized, jpeg_draft)

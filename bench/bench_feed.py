@@ -45,8 +45,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.runner import build_spec  # noqa: E402
-from pipeline.shards import Shard  # noqa: E402
+from pipeline.driver.plan import build_spec  # noqa: E402
+from pipeline.io.shards import Shard  # noqa: E402
 from bench.feed_legacy import CLASSES, StandIn  # noqa: E402
 from tests.shards import write_shard  # noqa: E402
 
@@ -107,7 +107,7 @@ class LegacyWorker:
 
 
 def build_labelers(out: Path, args):
-    from pipeline.worker import ShardLabeler
+    from pipeline.worker.labeler import ShardLabeler
     config = load_config(None, {
         "input": ["unused.tar"], "output": str(out), "vocab": CLASSES, "model": "gemtest-micro",
         "model_config": str(ROOT / "tests/data/models/gemtest-micro.json"), "pretrained": "none",
@@ -178,7 +178,7 @@ def bench_gpu(args) -> dict:  # the CUDA numbers need a GPU; --device cpu runs t
     holding two at once, with GPU (CUDA only) and CPU JPEG decode; each as a share of model-only."""
     from gem import GEMSegmenter, GEMSettings, load_clip
     from pipeline.config import load_config as load
-    from pipeline.worker import ShardLabeler
+    from pipeline.worker.labeler import ShardLabeler
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)

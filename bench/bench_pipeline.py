@@ -25,10 +25,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from gem import GEMSegmenter, GEMSettings, LabelingThresholds, label_image, load_clip  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.encode import label_record  # noqa: E402
-from pipeline.manifest import OutputLayout, read_markers  # noqa: E402
-from pipeline.runner import run_labeling  # noqa: E402
-from pipeline.storage import Location  # noqa: E402
+from pipeline.store.rle import label_record  # noqa: E402
+from pipeline.store.layout import OutputLayout, read_markers  # noqa: E402
+from pipeline.driver.run import run_labeling  # noqa: E402
+from pipeline.io.storage import Location  # noqa: E402
 from tests.shards import encode, photo, write_shard, PHOTOS  # noqa: E402
 
 CLASSES = ["person", "dog", "cat", "sofa", "car", "bus", "bird", "chair", "table", "plant"]

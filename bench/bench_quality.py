@@ -30,13 +30,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.calibrate import Grid, compute_similarities, sweep  # noqa: E402
-from pipeline.classmap import build_mapping  # noqa: E402
+from pipeline.quality.calibrate import Grid, compute_similarities, sweep  # noqa: E402
+from pipeline.quality.classmap import build_mapping  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluate import label_ground_truth, read_output_rows, score_rows, write_image_shards  # noqa: E402
-from pipeline.groundtruth import GroundTruth, folder_ground_truth  # noqa: E402
-from pipeline.runner import build_spec, run_labeling  # noqa: E402
-from pipeline.worker import load_segmenter  # noqa: E402
+from pipeline.quality.evaluate import label_ground_truth, read_output_rows, score_rows, write_image_shards  # noqa: E402
+from pipeline.quality.groundtruth import GroundTruth, folder_ground_truth  # noqa: E402
+from pipeline.driver.plan import build_spec
+from pipeline.driver.run import run_labeling  # noqa: E402
+from pipeline.worker.labeler import load_segmenter  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "voc-val"
 VOCAB = ["person", "car", "bus", "cow", "horse", "motorbike", "bottle", "bicycle", "sheep", "dog"]

@@ -10,54 +10,20 @@ import argparse
 import json
 import logging
 import sys
-import typing
 from typing import Optional, Sequence
 
-EXIT_OK, EXIT_FAILED_SHARDS, EXIT_CONFIG = 0, 1, 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("gemlabel")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
-def _flag_options(key) -> dict:
-    """argparse options of one config key, from the schema: type, help text with its default."""
-    from pipeline.config import default_text
-    help_text = f"{key.description} (default: {default_text(key)})".replace("%", "%%")
-    if key.kind == "bool":
-        return dict(action="store_false" if key.default else "store_true", help=help_text)
-    options: dict = dict(help=help_text, metavar=key.key.rpartition(".")[2].upper())
-    if key.kind == "choice":
-        options.update(choices=list(typing.get_args(key.annotation)), metavar=None)
-    elif key.kind in ("int", "float"):
-        options["type"] = {"int": int, "float": float}[key.kind]
-    elif key.kind == "list-int":
-        options.update(type=int, nargs="+")
-    elif key.kind == "list-str" and key.cli is None:
-        options["nargs"] = "+"
-    return options
-
-
-def _add_config_flags(parser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per config key (a parser or an argument group), except the keys in ``skip``."""
-    from pipeline.config import config_keys
-    for key in config_keys():
-        if key.flag and key.key not in skip:
-            parser.add_argument(key.flag, dest=key.key, default=None, **_flag_options(key))
+import gemlabel
+from jobs.flags import (EXIT_CONFIG, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED, EXIT_OK, add_config_flags, error_line,
+                         location, overrides)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemlabel", description="Open-vocabulary pseudo-labeling with GEM.")
-    parser.add_argument("--version", action="version", version=f"gemlabel {_version()}")
+    parser.add_argument("--version", action="version", version=f"gemlabel {gemlabel.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     label = commands.add_parser("label", help="label shards; reruns skip shards already done")
     label.add_argument("--config", help="YAML config; flags override its keys")
-    _add_config_flags(label)
+    add_config_flags(label)
     label.add_argument("--s3-endpoint", default=None,
                        help="S3-compatible endpoint URL (MinIO, R2, ...): sets storage_options.s3.endpoint_url")
     pack = commands.add_parser("pack", help="pack a folder of images into webdataset shards")
@@ -79,53 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _storage_options(endpoint: Optional[str]) -> dict:
-    return {"s3": {"endpoint_url": endpoint}} if endpoint else {}
-
-
-def _location(url: str, endpoint: Optional[str]):
-    """A URL given on the command line, with the --s3-endpoint flag's storage options."""
-    from pipeline.storage import Location
-    return Location(url, _storage_options(endpoint))
-
-
-def _vocab_item(text: str) -> str | list[str]:
-    """One class of --vocab: a name, or synonyms joined by '|' (the first is the label)."""
-    names = [name.strip() for name in text.split("|")]
-    return names if len(names) > 1 else names[0]
-
-
-def _overrides(args: argparse.Namespace) -> dict:
-    """The flags given, as config keys; the flag's text parsed as its key's schema says."""
-    from pipeline.config import ConfigError, config_keys
-    overrides = {}
-    for key in config_keys():
-        value = getattr(args, key.key, None) if key.flag else None
-        if value is None:
-            continue
-        if key.cli == "comma":
-            value = [name.strip() for name in value.split(",")]
-        elif key.cli == "vocab":
-            value = [_vocab_item(item) for item in value.split(",")]
-        elif key.cli == "json":
-            try:
-                value = json.loads(value)
-            except ValueError:
-                raise ConfigError(f"{key.key}: {key.flag} expects JSON, e.g. "
-                                  f"'{{\"s3\": {{\"endpoint_url\": \"http://127.0.0.1:9000\"}}}}'") from None
-        overrides[key.key] = value
-    if args.s3_endpoint:
-        options = dict(overrides.get("storage_options") or {})
-        options["s3"] = {**options.get("s3", {}), "endpoint_url": args.s3_endpoint}
-        overrides["storage_options"] = options
-    return overrides
-
-
 def _label(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, load_config
-    from pipeline.runner import RunInterrupted, RunRecordError, WorkersLostError, WorkerStartError, run_labeling
+    from pipeline.driver.records import RunInterrupted, RunRecordError
+    from pipeline.driver.pool import WorkersLostError, WorkerStartError
+    from pipeline.driver.run import run_labeling
     try:
-        config = load_config(args.config, _overrides(args))
+        config = load_config(args.config, overrides(args))
         summary = run_labeling(config)
     except (ConfigError, WorkerStartError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
@@ -143,30 +69,25 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pipeline.report import format_report, summarize_output
+    from pipeline.store.report import format_report, summarize_output
     try:
-        report = summarize_output(_location(args.output, args.s3_endpoint), args.input)
+        report = summarize_output(location(args.output, args.s3_endpoint), args.input)
     except FileNotFoundError as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as err:  # storage back ends raise their own kinds (botocore, aiohttp, ...)
         hint = ("; for MinIO, R2 or Ceph pass --s3-endpoint URL, for AWS set its credentials"
                 if args.output.startswith("s3") and not args.s3_endpoint else "")
-        print(f"gemlabel: error: cannot read {args.output}: {_first_line(err)}{hint}", file=sys.stderr)
+        print(f"gemlabel: error: cannot read {args.output}: {error_line(err)}{hint}", file=sys.stderr)
         return EXIT_CONFIG
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return EXIT_FAILED_SHARDS if report["shards_failed"] or report["shards_missing"] else EXIT_OK
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
 def _pack(args: argparse.Namespace) -> int:
-    from pipeline.pack import pack_images
+    from pipeline.io.pack import pack_images
     try:
-        shards = pack_images(args.folder, _location(args.output_prefix, args.s3_endpoint), args.per_shard,
+        shards = pack_images(args.folder, location(args.output_prefix, args.s3_endpoint), args.per_shard,
                              args.pattern)
     except (ValueError, OSError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Optional
 
-EXIT_OK, EXIT_FAILED_SHARDS, EXIT_CONFIG = 0, 1, 2
+from jobs.flags import EXIT_CONFIG, EXIT_FAILED_SHARDS, EXIT_OK
 
 
 def add_commands(commands: argparse._SubParsersAction) -> dict:
@@ -30,7 +30,7 @@ def add_commands(commands: argparse._SubParsersAction) -> dict:
     export.add_argument("--s3-endpoint", default=None)
     export.add_argument("--no-progress", dest="progress", action="store_false")
 
-    from pipeline.show import PICKS
+    from pipeline.look.show import PICKS
     show = commands.add_parser("show", help="draw labels over their images: PNGs, index.html gallery, contact sheet")
     show.add_argument("output", help="a gemlabel output prefix (local or s3://...)")
     show.add_argument("--dest", default="gemlabel-show", help="where the pictures go (default: ./gemlabel-show)")
@@ -56,9 +56,9 @@ def _connect_ray(address: Optional[str]) -> None:
 def _export(args: argparse.Namespace) -> int:
     from pipeline.export.common import ExportError, ExportOptions, parse_splits
     from pipeline.export.runner import default_dest, run_export
-    from pipeline.labelset import NotAnOutputError, open_labelset
-    from jobs.cli import _location
-    output = _location(args.output, args.s3_endpoint)
+    from pipeline.store.labelset import NotAnOutputError, open_labelset
+    from jobs.flags import location
+    output = location(args.output, args.s3_endpoint)
     try:
         labelset = open_labelset(output)
         dest = output.at(args.dest) if args.dest else default_dest(output, args.format)
@@ -75,10 +75,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from pipeline.gallery import show_output
-    from pipeline.labelset import NotAnOutputError, open_labelset
-    from jobs.cli import _location
-    output = _location(args.output, args.s3_endpoint)
+    from pipeline.look.gallery import show_output
+    from pipeline.store.labelset import NotAnOutputError, open_labelset
+    from jobs.flags import location
+    output = location(args.output, args.s3_endpoint)
     try:
         if not 0.0 <= args.alpha <= 1.0:
             raise ValueError(f"--alpha: must be in [0, 1], got {args.alpha}")

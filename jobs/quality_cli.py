@@ -1,6 +1,6 @@
 """``gemlabel eval`` and ``gemlabel calibrate``: is my labelling good, and which thresholds are best?
 
-Both read ground truth in one of three layouts (see pipeline.groundtruth) and take the labelling
+Both read ground truth in one of three layouts (see pipeline.quality.groundtruth) and take the labelling
 configuration ``label`` takes (``--config`` and the same flags), so what they measure is what a
 ``label`` run with that configuration produces. Exit codes: 0 done, 1 labelling failed, 2 bad
 input (one line saying what to fix; nothing written).
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
+from jobs.flags import EXIT_CONFIG as EXIT_INPUT, EXIT_FAILED_SHARDS as EXIT_FAILED, EXIT_OK
 
 
 def _add_ground_truth_flags(parser: argparse.ArgumentParser) -> None:
@@ -35,10 +35,10 @@ def _add_ground_truth_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_label_flags(parser: argparse.ArgumentParser) -> None:
-    from jobs.cli import _add_config_flags
+    from jobs.flags import add_config_flags
     group = parser.add_argument_group("labelling configuration (as for gemlabel label)")
     group.add_argument("--config", help="YAML config; flags override its keys")
-    _add_config_flags(group, skip=("input",))  # the input comes from the ground truth
+    add_config_flags(group, skip=("input",))  # the input comes from the ground truth
     parser.set_defaults(input=None)
     parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, R2, ...)")
 
@@ -63,9 +63,8 @@ def add_commands(commands) -> None:
 
 
 def _ground_truth(args: argparse.Namespace, storage_options: dict):
-    from pipeline.groundtruth import (GroundTruthError, coco_ground_truth, folder_ground_truth,
-                                      shard_ground_truth)
-    from pipeline.storage import Location
+    from pipeline.quality.groundtruth import GroundTruthError, coco_ground_truth, folder_ground_truth, shard_ground_truth
+    from pipeline.io.storage import Location
     layouts = [name for name, given in (("--coco", args.coco), ("--gt-shards", args.gt_shards),
                                         ("--gt-masks/--classes folder", args.gt_images and not args.coco))
                if given]
@@ -85,7 +84,7 @@ def _ground_truth(args: argparse.Namespace, storage_options: dict):
 
 
 def _mapping(args: argparse.Namespace, class_names: list[str], vocab: list[str]):
-    from pipeline.classmap import build_mapping, read_mapping_file
+    from pipeline.quality.classmap import build_mapping, read_mapping_file
     mapping = read_mapping_file(args.class_map) if args.class_map else None
     background = None if args.background_class.lower() == "none" else args.background_class
     return build_mapping(class_names, vocab, mapping, args.unmapped, background)
@@ -93,16 +92,16 @@ def _mapping(args: argparse.Namespace, class_names: list[str], vocab: list[str])
 
 def _label_config(args: argparse.Namespace, output: str):
     """The label command's configuration, its input filled in later from the ground truth."""
-    from jobs.cli import _overrides
+    from jobs.flags import overrides
     from pipeline.config import load_config
-    overrides = _overrides(args)
-    overrides.setdefault("output", output)
-    overrides["input"] = ["(ground truth)"]
-    return load_config(args.config, overrides)
+    given = overrides(args)
+    given.setdefault("output", output)
+    given["input"] = ["(ground truth)"]
+    return load_config(args.config, given)
 
 
 def _grid_values(text: Optional[str], kind: type, name: str) -> Optional[list]:
-    from pipeline.groundtruth import GroundTruthError
+    from pipeline.quality.groundtruth import GroundTruthError
     if text is None:
         return None
     try:
@@ -129,8 +128,8 @@ def _template_sets(configured, compare: Optional[str]) -> dict:
 
 def _run(handler, args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
-    from pipeline.groundtruth import GroundTruthError
-    from pipeline.runner import WorkersLostError, WorkerStartError
+    from pipeline.quality.groundtruth import GroundTruthError
+    from pipeline.driver.pool import WorkersLostError, WorkerStartError
     try:
         return handler(args)
     except (ConfigError, GroundTruthError, WorkerStartError) as err:
@@ -142,13 +141,13 @@ def _run(handler, args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from jobs.cli import _storage_options
-    from pipeline.evaluate import label_ground_truth, read_output_rows, score_rows
+    from jobs.flags import storage_options
+    from pipeline.quality.evaluate import label_ground_truth, read_output_rows, score_rows
     from pipeline.config import class_labels
-    from pipeline.quality_report import write_report
-    from pipeline.runner import build_spec, check_model
-    from pipeline.storage import Location
-    storage_options = _storage_options(args.s3_endpoint)
+    from pipeline.quality.report import write_report
+    from pipeline.driver.plan import build_spec, check_model
+    from pipeline.io.storage import Location
+    storage_options = storage_options(args.s3_endpoint)
     ground_truth = _ground_truth(args, storage_options)
     progress = args.progress is not False
     seconds = None
@@ -188,11 +187,11 @@ def _check_calibratable(config) -> None:
 
 def _calibrate(args: argparse.Namespace) -> int:
     import torch
-    from pipeline.calibrate import Grid, compute_similarities, sweep, write_calibration
+    from pipeline.quality.calibrate import Grid, compute_similarities, sweep, write_calibration
     from pipeline.config import class_labels
-    from pipeline.runner import build_spec, check_model
-    from pipeline.sizing import local_sizing
-    from pipeline.worker import load_segmenter
+    from pipeline.driver.plan import build_spec, check_model
+    from pipeline.config.sizing import local_sizing
+    from pipeline.worker.labeler import load_segmenter
     config = _label_config(args, args.report)
     _check_calibratable(config)
     ground_truth = _ground_truth(args, config.storage_options)

@@ -73,7 +73,7 @@ def base_config(micro_checkpoint, tmp_path) -> dict:
 def labelled_output(ray_session, micro_checkpoint, tmp_path_factory) -> str:
     """A real output (2 photo shards + one with broken samples) for the show/export tests, made once."""
     from pipeline.config import load_config
-    from pipeline.runner import run_labeling
+    from pipeline.driver.run import run_labeling
     from tests.shards import encode, photo, write_shard, write_shards
 
     root = tmp_path_factory.mktemp("labelled")

@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pipeline.encode import encode_mask
-from pipeline.manifest import OutputLayout, write_json
-from pipeline.marker import shard_marker
-from pipeline.schema import table_from_rows
-from pipeline.shards import shard_id_for
-from pipeline.storage import Location, join
+from pipeline.store.rle import encode_mask
+from pipeline.store.layout import OutputLayout, write_json
+from pipeline.store.marker import shard_marker
+from pipeline.store.schema import table_from_rows
+from pipeline.io.shards import shard_id_for
+from pipeline.io.storage import Location, join
 from tests.shards import encode, photo, write_shard
 
 CLASSES = ["person", "dog", "sofa", "car"]

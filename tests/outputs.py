@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.encode import decode_mask
-from pipeline.manifest import OutputLayout
-from pipeline.storage import Location, temp_path
+from pipeline.store.rle import decode_mask
+from pipeline.store.layout import OutputLayout
+from pipeline.io.storage import Location, temp_path
 
 
 def read_tables(output: str, storage_options=None) -> dict[str, "pq.Table"]:

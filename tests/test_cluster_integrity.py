@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.manifest import OutputLayout, read_markers
-from pipeline.storage import Location
+from pipeline.store.layout import OutputLayout, read_markers
+from pipeline.io.storage import Location
 from tests.conftest import free_port
 from tests.outputs import all_rows
 from tests.ray_heads import BIN, REPO, dashboard_up, head_command, ray_env, stop_process_group

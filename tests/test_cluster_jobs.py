@@ -11,8 +11,8 @@ import time
 import pytest
 import yaml
 
-from pipeline.manifest import OutputLayout, read_markers, read_runs
-from pipeline.storage import Location
+from pipeline.store.layout import OutputLayout, read_markers, read_runs
+from pipeline.io.storage import Location
 from tests.conftest import free_port
 from tests.outputs import all_rows, check_labels
 from tests.ray_heads import BIN, REPO, head_command, ray_env, stop_process_group, wait_for_dashboard
@@ -170,7 +170,7 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
 
 def test_pack_turns_a_folder_into_shards_gemlabel_reads(tmp_path):
     from jobs.cli import main
-    from pipeline.reader import iter_tar_samples
+    from pipeline.io.tar import iter_tar_samples
     assert main(["pack", str(REPO / "tests/data/voc"), str(tmp_path / "shards/voc"), "--per-shard", "3",
                  "--pattern", "*_image.png"]) == 0
     shards = sorted((tmp_path / "shards").glob("voc-*.tar"))

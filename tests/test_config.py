@@ -114,6 +114,7 @@ def test_every_key_has_a_flag_with_help_and_default(capsys):
 def test_each_flag_sets_its_key(tmp_path, monkeypatch):
     """Every generated flag lands on its schema key, typed as the schema says."""
     import jobs.cli as cli
+    import jobs.flags as flags
     from pipeline.config import config_keys
     samples = {"bool": None, "int": "3", "float": "0.5", "list-int": ["224"], "choice": None}
     # issue 11's size keys have lower bounds above 3 (and max_long_side >= short_side)
@@ -138,7 +139,7 @@ def test_each_flag_sets_its_key(tmp_path, monkeypatch):
             argv += [key.flag, "cat, sweet pepper"]
         elif key.key not in ("vocab_file", "input", "output", "model_config"):
             argv += [key.flag, "x{}" if key.key == "templates" else "x"]
-    overrides = cli._overrides(cli._parser().parse_args(argv))
+    overrides = flags.overrides(cli._parser().parse_args(argv))
     config = load_config(argv[2], overrides)
     assert config.vocab == ["cat", "sweet pepper"] and config.gem.depth == 3 and config.thresholds.min_area == 3
     assert config.thresholds.background_threshold == 0.5 and config.input_size == [224, 224]
@@ -162,7 +163,7 @@ def test_library_and_config_share_one_definition():
 
 def test_config_loading_and_report_do_not_import_torch(tmp_path):
     code = ("import sys; from jobs.cli import main; from pipeline.config import load_config; "
-            "import pipeline.report, gem; from gem import GEMSettings; "
+            "import pipeline.store.report, gem, gemlabel; from gem import GEMSettings; "
             f"load_config(None, {{'input': 'a.tar', 'output': 'o', 'vocab': ['cat']}}); "
             f"main(['report', {str(tmp_path)!r}]); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'ray')))")

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
-from pipeline.device_feed import gpu_decoder_available, gpu_ready_jpeg, resolve_decode
+from pipeline.worker.device_feed import gpu_decoder_available, gpu_ready_jpeg, resolve_decode
 from tests.shards import encode, photo
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

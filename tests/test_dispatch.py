@@ -5,10 +5,11 @@ from types import SimpleNamespace
 import pytest
 from ray.exceptions import RayActorError
 
-from pipeline import runner
+from pipeline.driver import dispatch as dispatcher
 from pipeline.config import load_config
-from pipeline.runner import RunSummary, _next_slot
-from pipeline.shards import Shard
+from pipeline.driver.records import RunSummary
+from pipeline.driver.dispatch import _next_slot
+from pipeline.io.shards import Shard
 
 
 def dispatch(idle: list, inflight: dict, queue: list) -> list:
@@ -103,14 +104,14 @@ class _FakeRay:
 
 
 def label(monkeypatch, tmp_path, workers, shards, fake, slots=2, retries=2):
-    monkeypatch.setattr(runner, "ray", SimpleNamespace(wait=fake.wait, get=fake.get, kill=fake.kill))
+    monkeypatch.setattr(dispatcher, "ray", SimpleNamespace(wait=fake.wait, get=fake.get, kill=fake.kill))
     config = load_config(None, {"input": ["unused.tar"], "output": str(tmp_path / "out"), "vocab": ["cat"],
                                 "shards_per_worker": slots, "max_shard_retries": retries})
     summary, results = RunSummary("run", config.output, "now"), {}
-    runner.label_shards(SimpleNamespace(config=config, new_actor=fake.new_actor),
-                        [fake.new_actor() for _ in range(workers)],
-                        [Shard(f"u{i}", f"s{i}") for i in range(shards)], summary,
-                        lambda shard, marker: results.__setitem__(shard.shard_id, marker is not None))
+    dispatcher.label_shards(SimpleNamespace(config=config, new_actor=fake.new_actor),
+                            [fake.new_actor() for _ in range(workers)],
+                            [Shard(f"u{i}", f"s{i}") for i in range(shards)], summary,
+                            lambda shard, marker: results.__setitem__(shard.shard_id, marker is not None))
     return summary, results
 
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from pipeline.manifest import OutputLayout, read_markers
-from pipeline.storage import Location
+from pipeline.store.layout import OutputLayout, read_markers
+from pipeline.io.storage import Location
 from tests.shards import write_shards
 
 

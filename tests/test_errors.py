@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from pipeline.manifest import OutputLayout, read_runs
-from pipeline.storage import Location
+from pipeline.store.layout import OutputLayout, read_runs
+from pipeline.io.storage import Location
 from tests.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,8 +76,8 @@ def test_unreachable_ray_address_fails_at_once(base_config, shards, tmp_path):
 @pytest.mark.usefixtures("ray_session")
 def test_autoscaler_wait_is_visible_and_bounded(base_config, shards, capsys, monkeypatch):
     """With an autoscaler the driver waits for nodes, says so, and gives up after schedule_timeout_s."""
-    import pipeline.runner as runner
-    monkeypatch.setattr(runner, "autoscaler_present", lambda: True)  # no autoscaler can run on this machine
+    from pipeline.driver import cluster
+    monkeypatch.setattr(cluster, "autoscaler_present", lambda: True)  # no autoscaler can run on this machine
     config = {**base_config, "input": shards}
     start = time.monotonic()
     assert main([*label_args(config), "--num-workers", "9", "--schedule-timeout-s", "3"]) == 2
@@ -91,7 +91,8 @@ def test_autoscaler_wait_is_visible_and_bounded(base_config, shards, capsys, mon
 @pytest.mark.usefixtures("ray_session")
 def test_worker_killed_while_loading_the_model_is_replaced(base_config, shards, capsys):
     import ray
-    from pipeline.runner import NAMESPACE, WORKER_PREFIX
+    from pipeline.driver.cluster import NAMESPACE
+    from pipeline.driver.pool import WORKER_PREFIX
     config = {**base_config, "input": shards}
     killed = []
 
@@ -231,7 +232,7 @@ def test_corrupt_checkpoint_checked_in_the_driver(base_config, shards, micro_che
 
 def test_vocabulary_items_comments_and_case(base_config, tmp_path, capsys):
     from pipeline.config import load_config
-    from pipeline.runner import resolve_vocabulary
+    from pipeline.driver.plan import resolve_vocabulary
     config = load_config(None, {**base_config, "input": ["a.tar"], "vocab": ["pepper, sweet", "dog"]})
     assert resolve_vocabulary(config) == ["pepper, sweet", "dog"]  # a YAML item is one class
     vocab = tmp_path / "classes.txt"
@@ -248,7 +249,7 @@ def test_vocabulary_items_comments_and_case(base_config, tmp_path, capsys):
 
 def test_sigint_prints_one_line_and_a_rerun_finishes(base_config, tmp_path):
     import signal
-    from pipeline.manifest import read_markers
+    from pipeline.store.layout import read_markers
     shards = [str(p) for p in write_shards(tmp_path / "in", shards=6, per_shard=6)]
     config = {**base_config, "input": shards, "batch_size": 2}
     path = tmp_path / "job.yaml"
@@ -409,7 +410,7 @@ class TcpProxy:
 @pytest.mark.usefixtures("ray_session")
 def test_object_store_outage_mid_run(base_config, s3_endpoint, tmp_path, capsys):
     import s3fs
-    from pipeline.manifest import read_markers
+    from pipeline.store.layout import read_markers
     from tests.conftest import S3_CREDENTIALS
     from tests.outputs import read_tables
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, **S3_CREDENTIALS).mkdir("outage")

@@ -12,11 +12,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from jobs.cli import main
-from pipeline.components import components, polygons, rasterize
+from pipeline.masks.components import components, polygons, rasterize
 from pipeline.export.common import ExportOptions
 from pipeline.export.runner import run_export
-from pipeline.labelset import label_mask, open_labelset
-from pipeline.storage import Location
+from pipeline.store.labelset import label_mask, open_labelset
+from pipeline.io.storage import Location
 from tests.known_output import CLASSES, write_known_output
 from tests.outputs import all_rows, strict_json
 

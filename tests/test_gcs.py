@@ -5,11 +5,11 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from pipeline.config import load_config
-from pipeline.manifest import OutputLayout, read_markers
-from pipeline.report import summarize_output
-from pipeline.runner import run_labeling
-from pipeline.schema import run_metadata_of
-from pipeline.storage import Location
+from pipeline.store.layout import OutputLayout, read_markers
+from pipeline.store.report import summarize_output
+from pipeline.driver.run import run_labeling
+from pipeline.store.schema import run_metadata_of
+from pipeline.io.storage import Location
 from tests.conftest import serve_on_loopback
 from tests.outputs import all_rows, check_labels, read_tables
 from tests.shards import write_shards

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.classmap import build_mapping
-from pipeline.encode import encode_mask
-from pipeline.groundtruth import (GroundTruthError, coco_ground_truth, decode_mask_png, folder_ground_truth,
-                                  read_class_list, shard_ground_truth, voc_palette)
-from pipeline.metrics import IGNORE_INDEX
-from pipeline.pack import pack_images
-from pipeline.reader import iter_tar_samples
-from pipeline.storage import Location
+from pipeline.quality.classmap import build_mapping
+from pipeline.store.rle import encode_mask
+from pipeline.quality.groundtruth import GroundTruthError, coco_ground_truth, decode_mask_png, folder_ground_truth, read_class_list, shard_ground_truth, voc_palette
+from pipeline.quality.metrics import IGNORE_INDEX
+from pipeline.io.pack import pack_images
+from pipeline.io.tar import iter_tar_samples
+from pipeline.io.storage import Location
 from tests.models import DATA
 from tests.shards import encode, write_shard
 

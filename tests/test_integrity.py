@@ -8,9 +8,9 @@ import pytest
 
 from jobs.cli import main
 from pipeline.config import ConfigError, load_config
-from pipeline.manifest import OutputLayout, read_markers
-from pipeline.runner import run_labeling
-from pipeline.shards import shard_id_for
+from pipeline.store.layout import OutputLayout, read_markers
+from pipeline.driver.run import run_labeling
+from pipeline.io.shards import shard_id_for
 from tests.models import save_micro_checkpoint
 from tests.outputs import all_rows, read_tables
 from tests.shards import encode, photo, varied_samples, write_shard, write_shards

@@ -8,11 +8,12 @@ import torch
 
 from gem import LabelingThresholds
 from pipeline.config import ConfigError, load_config
-from pipeline.encode import decode_mask
-from pipeline.inference import segmenter_settings
-from pipeline.runner import build_spec, run_labeling
-from pipeline.schema import run_metadata_of
-from pipeline.worker import load_segmenter
+from pipeline.store.rle import decode_mask
+from pipeline.worker.inference import segmenter_settings
+from pipeline.driver.plan import build_spec
+from pipeline.driver.run import run_labeling
+from pipeline.store.schema import run_metadata_of
+from pipeline.worker.labeler import load_segmenter
 from tests.outputs import all_rows, check_labels, read_tables
 from tests.shards import encode, photo, write_shard
 
@@ -108,7 +109,8 @@ PRESETS = sorted((Path(__file__).parent.parent / "jobs" / "presets").glob("*.yam
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_presets_validate(preset, tmp_path):
     """Each preset loads as ``gemlabel label --config`` would, and maps onto library settings."""
-    from jobs.cli import _overrides, _parser
+    from jobs.cli import _parser
+    from jobs.flags import overrides as _overrides
     args = _parser().parse_args(["label", "--config", str(preset), "--input", "x.tar", "--output", str(tmp_path),
                                  "--vocab", "person|man,dog", "--background", "sky,wall"])
     config = load_config(args.config, _overrides(args))

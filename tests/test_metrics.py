@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gem.torchvision_shim import import_torchvision
-from pipeline.metrics import IGNORE_INDEX, SegmentationMetric
+from pipeline.quality.metrics import IGNORE_INDEX, SegmentationMetric
 
 import_torchvision()  # torchmetrics imports torchvision
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex  # noqa: E402

@@ -8,12 +8,14 @@ import ray
 import s3fs
 
 from pipeline.config import ConfigError, load_config
-from pipeline.manifest import OutputLayout, read_failures, read_markers
-from pipeline.report import summarize_output
-from pipeline.runner import NAMESPACE, WORKER_PREFIX, run_labeling
-from pipeline.schema import run_metadata_of
-from pipeline.shards import shard_id_for
-from pipeline.storage import Location
+from pipeline.store.layout import OutputLayout, read_failures, read_markers
+from pipeline.store.report import summarize_output
+from pipeline.driver.cluster import NAMESPACE
+from pipeline.driver.pool import WORKER_PREFIX
+from pipeline.driver.run import run_labeling
+from pipeline.store.schema import run_metadata_of
+from pipeline.io.shards import shard_id_for
+from pipeline.io.storage import Location
 from tests.conftest import S3_CREDENTIALS
 from tests.outputs import all_rows, check_labels, read_tables
 from tests.shards import encode, photo, truncate, varied_samples, write_shard, write_shards

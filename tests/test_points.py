@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from pipeline.components import prompt_points
+from pipeline.masks.components import prompt_points
 from pipeline.config import ConfigError, load_config
 from pipeline.export.common import ExportOptions
 from pipeline.export.runner import run_export
-from pipeline.labelset import label_mask, open_labelset
-from pipeline.runner import run_labeling
-from pipeline.storage import Location
+from pipeline.store.labelset import label_mask, open_labelset
+from pipeline.driver.run import run_labeling
+from pipeline.io.storage import Location
 from tests.outputs import all_rows, check_labels
 from tests.shards import write_shards
 

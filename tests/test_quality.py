@@ -17,19 +17,20 @@ import yaml
 from gem import LabelingThresholds, label_image
 from gem.torchvision_shim import import_torchvision
 from jobs.cli import main
-from pipeline.calibrate import Grid, class_scores, compute_similarities, reported_labels, sweep
-from pipeline.classmap import build_mapping
+from pipeline.quality.calibrate import Grid, class_scores, compute_similarities, reported_labels, sweep
+from pipeline.quality.classmap import build_mapping
 from pipeline.config import load_config
-from pipeline.encode import encode_mask
-from pipeline.groundtruth import folder_ground_truth
-from pipeline.manifest import OutputLayout, prepare_output, write_json
-from pipeline.marker import shard_marker
-from pipeline.pack import pack_images
-from pipeline.reader import decode_sample
-from pipeline.runner import build_spec, run_labeling
-from pipeline.schema import table_from_rows
-from pipeline.storage import Location
-from pipeline.worker import load_segmenter
+from pipeline.store.rle import encode_mask
+from pipeline.quality.groundtruth import folder_ground_truth
+from pipeline.store.layout import OutputLayout, prepare_output, write_json
+from pipeline.store.marker import shard_marker
+from pipeline.io.pack import pack_images
+from pipeline.worker.decode import decode_sample
+from pipeline.driver.plan import build_spec
+from pipeline.driver.run import run_labeling
+from pipeline.store.schema import table_from_rows
+from pipeline.io.storage import Location
+from pipeline.worker.labeler import load_segmenter
 from tests.models import DATA
 from tests.outputs import all_rows
 

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from gem.preprocess import normalize, to_rgb
-from pipeline.reader import PrefetchingReader, ShardReadError, decode_sample, draft_for, iter_tar_samples
-from pipeline.storage import Location
+from pipeline.worker.decode import PrefetchingReader, decode_sample, draft_for
+from pipeline.io.tar import ShardReadError, iter_tar_samples
+from pipeline.io.storage import Location
 from tests.shards import encode, photo, truncate, varied_samples, write_shard
 
 SIZE = (64, 64)

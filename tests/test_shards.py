@@ -1,8 +1,8 @@
 """Shard listing: brace patterns, globs and list files, locally and on S3."""
 import pytest
 
-from pipeline.shards import list_shards, shard_id_for
-from pipeline.storage import Location
+from pipeline.io.shards import list_shards, shard_id_for
+from pipeline.io.storage import Location
 from tests.conftest import S3_CREDENTIALS
 
 

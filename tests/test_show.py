@@ -13,11 +13,11 @@ import s3fs
 from PIL import Image
 
 from jobs.cli import main
-from pipeline.gallery import gallery_link
-from pipeline.labelset import fetch_images, open_labelset
-from pipeline.palette import class_color
-from pipeline.show import image_score, pick_samples
-from pipeline.storage import Location
+from pipeline.look.gallery import gallery_link
+from pipeline.store.labelset import fetch_images, open_labelset
+from pipeline.masks.palette import class_color
+from pipeline.look.show import image_score, pick_samples
+from pipeline.io.storage import Location
 from tests.conftest import S3_CREDENTIALS
 from tests.known_output import write_known_output
 from tests.outputs import all_rows, strict_json

@@ -1,9 +1,9 @@
 """Worker sizing defaults come from the node's CPUs per GPU; keys set in the config are kept."""
 from pipeline.config import load_config
-from pipeline.manifest import OutputLayout, read_markers
-from pipeline.runner import run_labeling
-from pipeline.sizing import derive_sizing
-from pipeline.storage import Location
+from pipeline.store.layout import OutputLayout, read_markers
+from pipeline.driver.run import run_labeling
+from pipeline.config.sizing import derive_sizing
+from pipeline.io.storage import Location
 from tests.shards import varied_samples, write_shard
 
 

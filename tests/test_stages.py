@@ -7,8 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from pipeline.reader import DecodedSample, ShardReadError
-from pipeline.stages import ReadingTurns, ShardStages, StageSettings
+from pipeline.worker.decode import DecodedSample
+from pipeline.io.tar import ShardReadError
+from pipeline.worker.stages import ReadingTurns, ShardStages, StageSettings
 
 
 class FakeStages:

@@ -11,11 +11,11 @@ import pytest
 import s3fs
 
 from jobs.cli import main
-from pipeline.manifest import OutputLayout, prepare_output
+from pipeline.store.layout import OutputLayout, prepare_output
 from pipeline.config import ConfigError
-from pipeline.reader import iter_tar_samples
-from pipeline.shards import list_shards
-from pipeline.storage import Location, temp_path
+from pipeline.io.tar import iter_tar_samples
+from pipeline.io.shards import list_shards
+from pipeline.io.storage import Location, temp_path
 from tests.conftest import S3_CREDENTIALS
 from tests.outputs import leftover_temp
 from tests.shards import encode, photo

@@ -4,8 +4,9 @@ import tarfile
 
 import pytest
 
-from pipeline.reader import ShardReadError, decode_sample, iter_tar_samples
-from pipeline.storage import Location
+from pipeline.io.tar import ShardReadError, iter_tar_samples
+from pipeline.worker.decode import decode_sample
+from pipeline.io.storage import Location
 from tests.shards import encode, photo, varied_samples, write_shard
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

@@ -4,10 +4,10 @@ import shutil
 import torch
 
 from pipeline.config import load_config
-from pipeline.manifest import OutputLayout, read_markers
-from pipeline.runner import run_labeling
-from pipeline.storage import Location
-from pipeline.text_cache import read_cached, text_cache_key
+from pipeline.store.layout import OutputLayout, read_markers
+from pipeline.driver.run import run_labeling
+from pipeline.io.storage import Location
+from pipeline.worker.text_cache import read_cached, text_cache_key
 from tests.outputs import all_rows, check_labels
 from tests.shards import varied_samples, write_shard
 
@@ -53,7 +53,7 @@ def test_cache_key_follows_model_weights_vocabulary_and_templates(micro_checkpoi
 def test_cached_vocabulary_keeps_synonyms_and_background(tmp_path):
     """A synonym vocabulary comes back from the cache with every word's row and its class."""
     from gem.vocabulary import Vocabulary
-    from pipeline.text_cache import write_cached
+    from pipeline.worker.text_cache import write_cached
     vocabulary = Vocabulary(("person", "dog"), ("a {}.",), torch.randn(5, 8), (("person", "man"), ("dog",)),
                             ("sky", "wall"))
     file = Location(str(tmp_path / "text.pt"))

@@ -4,10 +4,10 @@ from collections import Counter
 import torch
 
 from pipeline.config import load_config
-from pipeline.reader import DecodedSample
-from pipeline.runner import build_spec
-from pipeline.shards import Shard
-from pipeline.worker import ShardLabeler
+from pipeline.worker.decode import DecodedSample
+from pipeline.driver.plan import build_spec
+from pipeline.io.shards import Shard
+from pipeline.worker.labeler import ShardLabeler
 
 
 def test_an_image_the_model_cannot_take_becomes_an_error_row(base_config, tmp_path):
@@ -98,7 +98,7 @@ def test_redoing_a_shard_removes_what_a_worker_killed_while_committing_it_left(b
 
     import pyarrow.parquet as pq
 
-    from pipeline.manifest import OutputLayout
+    from pipeline.store.layout import OutputLayout
     from tests.outputs import leftover_temp
     from tests.shards import varied_samples, write_shard
 

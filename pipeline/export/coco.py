@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import math
 
-from pipeline.components import components
-from pipeline.encode import encode_mask
+from pipeline.masks.components import components
+from pipeline.store.rle import encode_mask
 from pipeline.export.common import ShardContext, image_file
-from pipeline.labelset import LabelSet, label_mask, label_points
+from pipeline.store.labelset import LabelSet, label_mask, label_points
 
 
 def category_id(class_id: int) -> int:

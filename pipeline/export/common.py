@@ -17,8 +17,8 @@ from typing import Optional
 
 from PIL import Image
 
-from pipeline.labelset import LabelSet
-from pipeline.storage import Location
+from pipeline.store.labelset import LabelSet
+from pipeline.io.storage import Location
 
 FORMATS = ("coco", "semantic", "yolo-seg")
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG"}

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from pipeline.export import coco, semantic, yolo
 from pipeline.export.common import ExportOptions, ShardContext, done_file, image_file, split_of, write_image
-from pipeline.labelset import LabelSet, fetch_images, sample_uid
-from pipeline.manifest import write_json
-from pipeline.storage import Location
+from pipeline.store.labelset import LabelSet, fetch_images, sample_uid
+from pipeline.store.layout import write_json
+from pipeline.io.storage import Location
 
 log = logging.getLogger(__name__)
 

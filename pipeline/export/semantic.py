@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.export.common import ShardContext, image_stem
-from pipeline.labelset import LabelSet, label_mask
-from pipeline.palette import BACKGROUND_COLOR, class_color
+from pipeline.store.labelset import LabelSet, label_mask
+from pipeline.masks.palette import BACKGROUND_COLOR, class_color
 
 
 def class_offset(options) -> int:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import yaml
 
-from pipeline.components import components, polygons
+from pipeline.masks.components import components, polygons
 from pipeline.export.common import ShardContext, image_stem
-from pipeline.labelset import LabelSet, label_mask
-from pipeline.storage import normalize_url
+from pipeline.store.labelset import LabelSet, label_mask
+from pipeline.io.storage import normalize_url
 
 
 def label_lines(row: dict, min_area: int) -> list[str]:

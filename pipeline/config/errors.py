@@ -1,0 +1,15 @@
+"""The configuration error every stage raises for bad input, and the one-line form of an exception."""
+from __future__ import annotations
+
+
+
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says which key and why."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line of text (or its type's name), for one-line messages."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

@@ -1,0 +1,116 @@
+"""Reading a config: YAML plus flag overrides, validated, with pydantic's errors turned into one
+``key: what is wrong`` line."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
+from pipeline.config.errors import ConfigError
+from pipeline.config.keys import section_fields, section_model
+from pipeline.config.label_config import ADAPTER, LabelConfig
+
+
+_PHRASES = {
+    "int_type": "expected an integer", "int_from_float": "expected an integer", "int_parsing": "expected an integer",
+    "float_type": "expected a number", "float_parsing": "expected a number",
+    "bool_type": "expected true or false", "bool_parsing": "expected true or false",
+    "string_type": "expected a string", "list_type": "expected a list", "dict_type": "expected a mapping",
+    "model_type": "expected a mapping", "dataclass_type": "expected a mapping",
+}
+
+
+def _dotted(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    fields = LabelConfig.__pydantic_fields__
+    section = section_model(fields[loc[0]]) if len(loc) > 1 and loc[0] in fields else None
+    return list(section_fields(section) if section else fields)
+
+
+def error_message(err: ValidationError, section: Optional[str] = None) -> str:
+    """The first problem as one line: ``key: what is wrong``; ``section`` names the config
+    section of a settings model validated on its own (e.g. ``thresholds``)."""
+    first = err.errors(include_url=False)[0]
+    kind, ctx, got = first["type"], first.get("ctx") or {}, first.get("input")
+    loc = ((section,) if section else ()) + tuple(first["loc"])
+    key = _dotted(loc)
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"unknown key {key} (known: {', '.join(sorted(_known_keys(loc)))})"
+    if kind == "value_error":
+        message = str(ctx.get("error", first["msg"]))
+        return f"{key}: {message}" if key else message
+    if kind == "missing":
+        return f"{key}: required"
+    if kind == "literal_error":
+        return f"{key}: one of {ctx['expected'].replace(' or ', ', ')}; got {got!r}"
+    if kind == "greater_than":
+        bound = "positive" if ctx["gt"] == 0 else f"> {ctx['gt']}"
+        return f"{key}: must be {bound}, got {got}"
+    if kind in ("greater_than_equal", "less_than_equal", "less_than"):
+        field = _field_info(loc)
+        low = next((m.ge for m in field.metadata if hasattr(m, "ge")), None) if field else None
+        high = next((m.le for m in field.metadata if hasattr(m, "le")), None) if field else None
+        if low is not None and high is not None:
+            return f"{key}: must be in [{low}, {high}], got {got}"
+        op, bound = {"greater_than_equal": (">=", "ge"), "less_than_equal": ("<=", "le"),
+                     "less_than": ("<", "lt")}[kind]
+        return f"{key}: must be {op} {ctx[bound]}, got {got}"
+    if kind in _PHRASES:
+        return f"{key}: {_PHRASES[kind]}, got {got!r}"
+    return f"{key}: {first['msg'][0].lower()}{first['msg'][1:]}, got {got!r}"
+
+
+def _field_info(loc: tuple) -> Optional[FieldInfo]:
+    fields = LabelConfig.__pydantic_fields__
+    if loc and loc[0] in fields:
+        section = section_model(fields[loc[0]])
+        if len(loc) > 1 and section is not None:
+            return section.model_fields.get(loc[1])
+        return fields[loc[0]]
+    return None
+
+
+def _read_yaml(path: str) -> dict:
+    where = Path(path)
+    if where.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file such as jobs/configs/local.yaml")
+    try:
+        data = yaml.safe_load(where.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> LabelConfig:
+    """Read YAML (if given), apply overrides (dotted keys allowed: 'gem.depth'), validate."""
+    data: dict = _read_yaml(path) if path else {}
+    for dotted, value in (overrides or {}).items():
+        section, _, name = dotted.rpartition(".")
+        target = data.setdefault(section, {}) if section else data
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {target!r}")
+        target[name] = value
+    for section in (name for name, info in LabelConfig.__pydantic_fields__.items() if section_model(info)):
+        if data.get(section) is None and section in data:
+            data[section] = {}
+    try:
+        return ADAPTER.validate_python(data)
+    except ValidationError as err:
+        raise ConfigError(error_message(err)) from None

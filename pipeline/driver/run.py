@@ -1,0 +1,110 @@
+"""One labelling run: plan it, claim the output, start the workers, hand them the shards, record it.
+
+Nothing is claimed before the plan holds (vocabulary, templates, model, storage options, shards,
+workers the cluster can schedule): a bad run stops with one ``ConfigError`` line and writes nothing.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Optional
+
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, LabelConfig
+from pipeline.store.layout import OutputLayout, prepare_output, read_markers, verify_markers
+from pipeline.driver.resolve import resolve_paths
+from pipeline.io.shards import Shard, list_shards
+from pipeline.io.storage import file_identity, stat_files
+from pipeline.config.errors import first_line
+from pipeline.driver.cluster import connect_ray, ensure_schedulable
+from pipeline.driver.dispatch import label_shards
+from pipeline.driver.plan import build_spec, check_model, check_output_location, check_storage_options, select_shards, with_read_timeout
+from pipeline.driver.pool import WorkerPool
+from pipeline.driver.records import RunInterrupted, RunSummary, record_run
+
+log = logging.getLogger(__name__)
+
+
+STALE_TEMP_S = 3600.0  # a temp file untouched this long belongs to no live writer (another run may share the output)
+
+
+def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
+    """Label every shard of the input not yet done in the output; progress goes to ``out``
+    (default stderr), the summary to ``summary_out`` (default stdout). Raises ConfigError on a
+    bad vocabulary, templates, model, an output made with other settings, or workers the cluster
+    can never schedule -- all before the output is claimed."""
+    out = out or sys.stderr
+    started = datetime.now(timezone.utc)
+    run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    config = with_read_timeout(resolve_paths(config))
+    check_output_location(config.output)
+    spec = build_spec(config)
+    layout = OutputLayout(config.location(config.output))
+    check_storage_options(config)
+    try:
+        shards = list_shards([config.location(pattern) for pattern in config.input])
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"input: {first_line(err)}") from None
+    except Exception as err:  # e.g. botocore's NoCredentialsError
+        raise ConfigError(f"input: cannot list {', '.join(config.input)}: {first_line(err)}") from None
+    if not shards:
+        raise ConfigError("input: no shards found")
+    check_model(config)
+    markers, unreadable = verify_markers(layout, read_markers(layout))
+    for shard_id, why in sorted(unreadable.items()):
+        log.warning("relabelling %s: %s", shard_id, why)
+    inputs = {url: file_identity(info) for url, info in
+              stat_files([config.location(s.url) for s in shards]).items()}
+    todo = select_shards(shards, markers, spec, inputs)
+    summary = RunSummary(run_id, config.output, started.isoformat(), shards_total=len(shards),
+                         shards_skipped=len(shards) - len(todo))
+    pool = None
+    if todo:  # the workers must fit the cluster before the output is claimed
+        connect_ray(config)
+        pool = WorkerPool(spec, run_id)
+        ensure_schedulable(pool, out)
+    prepare_output(layout, spec.fingerprint, spec.source, config.overwrite, run_id)
+    stale = layout.remove_stale_temps(time.time() - STALE_TEMP_S)
+    if stale:
+        log.info("removed %d temp file(s) that writers killed mid-write left over an hour ago", stale)
+    wall = time.perf_counter()
+    try:
+        if pool is not None:
+            _label_with_progress(pool, todo, summary, wall, len(shards), config, out)
+            summary.text_encodes = pool.text_encodes()
+        summary.status = "failed" if summary.shards_failed else "ok"
+    except KeyboardInterrupt:
+        summary.status = "interrupted"
+        raise RunInterrupted(summary) from None
+    except BaseException as err:
+        summary.status, summary.error = "error", first_line(err)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        summary.seconds = time.perf_counter() - wall
+        summary.finished_at = datetime.now(timezone.utc).isoformat()
+        record_run(layout.run_file(run_id), summary, out)
+    print(summary.text(), file=summary_out or sys.stdout, flush=True)
+    return summary
+
+
+def _label_with_progress(pool: WorkerPool, todo: list[Shard], summary: RunSummary, wall: float, total: int,
+                         config: LabelConfig, out) -> None:
+    actors = pool.start(summary)
+    print(f"gemlabel: {len(todo)} of {total} shards to label with {pool.size} worker(s) "
+          f"({pool.resources}); {summary.shards_skipped} already done", file=out, flush=True)
+    with tqdm(total=len(todo), unit="shard", file=out, disable=not config.progress, dynamic_ncols=True) as bar:
+        def on_result(shard: Shard, marker: Optional[dict]) -> None:
+            elapsed = time.perf_counter() - wall
+            bar.set_postfix(images=summary.images, img_s=f"{summary.images / max(elapsed, 1e-9):.2f}",
+                            failed_shards=summary.shards_failed, bad_images=summary.image_errors)
+            bar.update(1)
+            if not config.progress:
+                state = "failed" if marker is None else f"{marker['samples']} images, {marker['errors']} errors"
+                print(f"gemlabel: {shard.shard_id}: {state}", file=out, flush=True)
+        label_shards(pool, actors, todo, summary, on_result)
