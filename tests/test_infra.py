@@ -564,3 +564,14 @@ def test_the_gcs_example_is_the_s3_example_on_google_cloud_storage():
     assert {k: v for k, v in s3.items() if k not in urls} == {k: v for k, v in gcs.items() if k not in urls}
     assert all(u.startswith("gs://") for u in [*gcs["input"], gcs["output"], gcs["vocab_file"]])
     assert list(gcs["storage_options"]) == ["gs"]
+
+
+def test_the_image_copies_every_package_the_distribution_installs():
+    """An installed package left out of the image fails only there (``import gemlabel`` in a pod)."""
+    import tomllib
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*").rstrip(".") for pattern in include}
+    copied = {words[-1] for words in (line.split() for line in DOCKERFILE.read_text().splitlines())
+              if words and words[0] == "COPY"}
+    assert packages <= copied, f"infra/Dockerfile copies no {sorted(packages - copied)}"
+    assert all((REPO / package / "__init__.py").is_file() for package in packages)

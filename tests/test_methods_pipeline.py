@@ -124,7 +124,7 @@ def test_presets_validate(preset, tmp_path):
 
 def test_config_methods_are_the_library_methods():
     from gem.segmenter import METHODS as LIBRARY_METHODS
-    from pipeline.config import METHODS
+    from pipeline.config.label_config import METHODS
     assert METHODS == LIBRARY_METHODS
 
 
