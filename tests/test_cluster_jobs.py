@@ -87,10 +87,11 @@ def test_scheduled_runs_label_only_new_shards(ray_head, micro_checkpoint, base_c
 
 
 def readme_steps() -> list[list[str]]:
-    """The command lines of the fenced blocks of README's "From a laptop to a cluster", in order."""
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## From a laptop to a cluster"):]
-    section = section[:section.index("\n## ", 1)]
+    """The command lines of the fenced blocks of docs/cluster.md's "From a laptop to a cluster", in order."""
+    page = (REPO / "docs" / "cluster.md").read_text()
+    section = page[page.index("## From a laptop to a cluster"):]
+    end = section.find("\n## ", 1)
+    section = section if end < 0 else section[:end]
     return [[line.strip() for line in block.strip().splitlines()]
             for block in re.findall(r"```bash\n(.*?)```", section, re.S)]
 
@@ -99,7 +100,7 @@ def readme_steps() -> list[list[str]]:
 def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
     """A newcomer's checkout (the code, the demo photos, the git-ignored .venv and nothing else),
     a fresh HOME, no RAY_AUTH_MODE, a Ray temp folder of its own (as on a machine with no other Ray):
-    README's step 1 and step 2 lines are run by bash as written. The
+    docs/cluster.md's step 1 and step 2 lines are run by bash as written. The
     only changes: the model (tests have no weights: the micro model's flags are appended to the two
     label commands), the head's ports (free ones), and the head runs in its own temp dir, in the
     foreground, stopped by its PID (not `ray stop`, which would stop every Ray on the machine)."""

@@ -453,7 +453,7 @@ def test_launcher_profiles_carry_what_rays_autoscaler_and_gemlabel_need():
     text = (LAUNCHER / "aws.yaml").read_text()
     assert "head-iam-policy.json" in text and "worker-iam-policy.json" in text
     assert "ray down infra/cluster-launcher/aws.yaml" in text
-    assert "ray down infra/cluster-launcher/aws.yaml" in (REPO / "README.md").read_text()
+    assert ".venv/bin/ray down infra/cluster-launcher/aws.yaml" in (REPO / "docs" / "cluster.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +469,7 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
 
 
-def test_ray_is_one_version_across_image_constraints_manifests_and_readme():
+def test_ray_is_one_version_across_image_constraints_manifests_and_docs():
     import ray
     pinned = constraint_pins()["ray"]
     text = DOCKERFILE.read_text()
@@ -478,7 +478,7 @@ def test_ray_is_one_version_across_image_constraints_manifests_and_readme():
     for name in ("rayjob.yaml", "raycluster.yaml"):
         assert cluster_spec(the(name))["rayVersion"] == pinned, name
     assert ray.__version__ == pinned  # the `ray` that submits jobs and runs `ray up`
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "cluster.md").read_text()
     assert f"**Ray {pinned}**" in readme
     low, high = CRD_VERSIONS[0].rsplit(".", 1)[0], CRD_VERSIONS[-1].rsplit(".", 1)[0]
     assert f"**KubeRay\n{low} to {high}**" in readme or f"**KubeRay {low} to {high}**" in readme
@@ -542,11 +542,11 @@ def test_dockerfile_gives_the_workdir_to_the_user_before_using_it():
 
 
 # ---------------------------------------------------------------------------------------------
-# README: every file with CHANGE marks is listed
+# docs/cluster.md: every file with CHANGE marks is listed
 
 
-def test_readme_lists_every_file_with_fields_to_change():
-    readme = (REPO / "README.md").read_text()
+def test_cluster_docs_list_every_file_with_fields_to_change():
+    readme = (REPO / "docs" / "cluster.md").read_text()
     table = readme[readme.index("Fields you must change are marked `CHANGE`"):]
     table = table[:table.index("\n\n", table.index("| file |"))]
     marked = [p for p in [*REPO.glob("infra/**/*"), *REPO.glob("jobs/configs/*.yaml")]
