@@ -1,5 +1,5 @@
 """GEM's and post-processing's settings: one definition for the library, the YAML config, the
-command-line flags and the README's table (pydantic, so no torch is imported to validate them)."""
+command-line flags and the docs' key table (pydantic, so no torch is imported to validate them)."""
 from __future__ import annotations
 
 from typing import Literal, Optional

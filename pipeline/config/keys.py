@@ -15,7 +15,7 @@ from pipeline.config.label_config import LabelConfig
 
 @plain_dataclass(frozen=True)
 class ConfigKey:
-    """One leaf key of the schema, as the YAML, the flags and the README see it."""
+    """One leaf key of the schema, as the YAML, the flags and the docs see it."""
 
     key: str              # dotted: "gem.depth"
     annotation: Any
@@ -101,7 +101,7 @@ def default_text(key: ConfigKey) -> str:
 
 
 def markdown_table() -> str:
-    """The README's configuration table (a test checks the README holds exactly this)."""
+    """The configuration table of docs/configuration.md (a test checks the page holds exactly this)."""
     rows = ["| key | flag | default | meaning |", "| --- | --- | --- | --- |"]
     for key in config_keys():
         flag = f"`{key.flag}`" if key.flag else f"— ({key.no_flag})"
