@@ -105,12 +105,13 @@ def _checkpoint_path(model: str, weights: str) -> str:
 
 def load_sam(model: str = "vit_b", weights: Optional[str] = "hub", arch: Optional[Mapping[str, Any]] = None,
              device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A SAM in eval mode on ``device``: weights ``hub``, a local checkpoint, or none/random."""
-    sam = build_sam(model, arch)
+    """A SAM in eval mode on ``device``: weights ``hub``, a local checkpoint, or none/random. The
+    weights are found (or found missing) before the model is built."""
     if weights is None or weights.lower() in RANDOM_WEIGHTS:
         log.warning("SAM %s has random weights: its masks are meaningless", model)
-        return sam.to(device)
+        return build_sam(model, arch).to(device)
     path = _checkpoint_path(model, weights)
+    sam = build_sam(model, arch)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         sam.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
