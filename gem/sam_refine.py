@@ -314,6 +314,22 @@ class SAMRefiner:
         return result
 
 
+def coarse_maps(logits: Tensor, size: tuple[int, int], word_class: Tensor, num_classes: int,
+                logit_scale: float, threshold: float) -> tuple[Tensor, Tensor]:
+    """A method's dense word logits -> the coarse (label map, class scores) refinement starts from,
+    at the image's ``size``: scores (groups, H, W) are ``gem.dense.class_probabilities`` of the
+    bilinearly upsampled logits (the background names' group last, when there are any), labels
+    their argmax, unconfident pixels (best score below ``threshold``) going to the background
+    group as Trident sends them to its background class, or to -1 (no class) without one."""
+    from gem.dense import class_probabilities
+    groups = num_classes + int(bool((word_class >= num_classes).any()))
+    upsampled = F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+    scores = class_probabilities(upsampled, word_class.to(logits.device), groups, logit_scale)
+    top, labels = scores.max(dim=0)
+    unconfident = num_classes if groups > num_classes else BACKGROUND
+    return torch.where(top < threshold, torch.full_like(labels, unconfident), labels), scores
+
+
 def region_bands(result: RefinedLabels, coarse_scores: Tensor, num_classes: int,
                  rows: int = 256) -> Iterator[tuple[int, Tensor, Tensor]]:
     """(first row, probability, class or BACKGROUND) bands of a refined map, for

@@ -29,6 +29,7 @@ from gem.vocabulary import ClassEntry, TextEmbeddingCache, Vocabulary
 from gem.windows import ResizeSettings, SlideWindows, grouped_similarities, slide_logits
 
 if TYPE_CHECKING:
+    from gem.sam_refine import RefinedLabels, SAMImage, SAMRefiner
     from gem.vfm import VFMFeatures
 
 METHODS = ("gem",) + HEAD_METHODS + ("proxyclip",)
@@ -185,6 +186,22 @@ class GEMSegmenter:
                                 thresholds.logit_scale, thresholds.background_threshold,
                                 self.inference.pamr, None if image is None else image.to(logits.device))
         return label_map(None, size, thresholds, top_bands=bands, num_classes=len(vocabulary))
+
+    def refined_label_map(self, logits: torch.Tensor, size: tuple[int, int], vocabulary: Vocabulary,
+                          refiner: "SAMRefiner", image_rgb: np.ndarray,
+                          thresholds: LabelingThresholds = LabelingThresholds(), sam_image: Optional["SAMImage"] = None
+                          ) -> tuple[np.ndarray, ClassStats, "RefinedLabels"]:
+        """``label_map`` after SAM refinement (``gem.sam_refine``): the coarse map and class scores
+        at ``size`` (background names and unconfident pixels as one more class, as Trident's
+        background), refined with ``image_rgb`` ((H, W, 3) uint8 at ``size``; embedded once unless
+        ``sam_image`` is given); the statistics' peaks are the refined ones. PAMR is not applied."""
+        from gem.sam_refine import coarse_maps, region_bands
+        labels, scores = coarse_maps(logits, size, vocabulary.word_class, len(vocabulary), thresholds.logit_scale,
+                                     thresholds.background_threshold)
+        result = refiner.refine(image_rgb, labels, scores, sam_image)
+        bands = region_bands(result, scores, len(vocabulary))
+        labels_np, stats = label_map(None, size, thresholds, top_bands=bands, num_classes=len(vocabulary))
+        return labels_np, stats, result
 
     def regions(self, logits: torch.Tensor, size: tuple[int, int], vocabulary: Vocabulary,
                 thresholds: LabelingThresholds = LabelingThresholds(), image: Optional[torch.Tensor] = None

@@ -276,3 +276,32 @@ def test_region_points_are_the_refined_peaks(small_case):
         y, x = divmod(int(stats.peak_index[cls]), labels.shape[1])
         assert inside[y, x]
         assert stats.peak_prob[cls] == pytest.approx(float(probability[inside].max()), rel=1e-6)
+
+
+def test_segmenter_labels_refined_end_to_end(small_case):
+    """Any method's logits -> coarse maps (background names as one more class) -> SAM -> regions."""
+    import open_clip
+    from gem import GEMSegmenter, GEMSettings
+    from gem.loading import LoadedCLIP
+    from gem.postprocess import class_regions
+    from gem.preprocess import OPENAI_MEAN, OPENAI_STD
+    from gem.sam_refine import coarse_maps
+    sam, image, _, _ = small_case
+    torch.manual_seed(5)
+    clip = LoadedCLIP(open_clip.create_model("gemtest-micro").eval(), open_clip.get_tokenizer("gemtest-micro"),
+                      OPENAI_MEAN, OPENAI_STD)
+    segmenter = GEMSegmenter(clip, GEMSettings(method="naclip"), device="cpu", precision="fp32")
+    vocabulary = segmenter.vocabulary(["cat", ["dog", "puppy"]], background=["sky", "wall"])
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    (logits,) = segmenter.dense_logits([tensor], vocabulary)
+    thresholds = LabelingThresholds(logit_scale=40.0, background_threshold=0.3)
+    size = image.shape[:2]
+    labels, scores = coarse_maps(logits, size, vocabulary.word_class, len(vocabulary), 40.0, 0.3)
+    assert scores.shape == (3, *size) and set(labels.unique().tolist()) <= {0, 1, 2}
+    refiner = SAMRefiner(sam, SAMRefineSettings(coarse_thresh=0.0, minimal_area=20, iou_thresh=-10.0))
+    refined, stats, result = segmenter.refined_label_map(logits, size, vocabulary, refiner, image, thresholds)
+    assert refined.shape == size and set(np.unique(refined).tolist()) <= {BACKGROUND, 0, 1}
+    assert np.array_equal(refined, torch.where(result.labels == 2, BACKGROUND, result.labels).numpy())
+    for region in class_regions(refined, stats):
+        x, y = region.point
+        assert region.mask[y, x] and refined[y, x] == region.class_id
