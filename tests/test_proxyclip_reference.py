@@ -366,3 +366,15 @@ def test_padded_windows_at_other_sizes(micro_clip):
     assert logits.shape == (2, 100, 150) and torch.isfinite(logits).all()
     assert set(seen) == {(112, 112)}  # 100 x 112 windows padded by (6, 6) rows
     assert padding(100, 112, 28) == (0, 0, 6, 6) and padding(101, 112, 28) == (0, 0, 5, 6)
+
+
+def test_sam_image_encoder_as_the_proxy(micro_clip):
+    """SAM's encoder fits the same interface: the crop resized to its input, its fixed grid out
+    (not checked against a reference: the fixture has no SAM proxy)."""
+    arch = dict(image_size=128, encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
+                encoder_global_attn_indexes=[0], prompt_embed_dim=32, decoder_num_heads=4)
+    vfm = load_vfm(VFMSettings(name="sam_vit_b", weights="none", arch=arch))
+    assert vfm.family == "sam" and vfm.grid_for(64, 96) == (8, 8) and vfm.dim == 32
+    segmenter = GEMSegmenter(micro_clip, GEMSettings(method="proxyclip"), device="cpu", precision="fp32", vfm=vfm)
+    tokens = segmenter.tokens(torch.randn(2, 3, 96, 96))
+    assert tokens.grid == (8, 8) and tokens.gem.shape == (2, 64, 32) and torch.isfinite(tokens.gem).all()
