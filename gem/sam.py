@@ -81,9 +81,9 @@ def build_sam(model: str = "vit_b", arch: Optional[Mapping[str, Any]] = None) ->
     return sam.eval()
 
 
-def _checkpoint_path(model: str, weights: str) -> str:
+def _checkpoint_path(model: str, weights: str, download: bool = True) -> str:
     """A local file for ``weights``: the path itself, or Meta's checkpoint in torch's hub cache
-    (downloaded if the host answers)."""
+    (downloaded if the host answers and ``download``)."""
     if weights != "hub":
         if not os.path.isfile(weights):
             raise WeightsUnavailableError(f"SAM weights {weights!r}: no such file; pass a local SAM checkpoint "
@@ -98,9 +98,19 @@ def _checkpoint_path(model: str, weights: str) -> str:
             f"SAM {model} weights are not cached ({path}) and {urlparse(url).hostname} cannot be reached: download "
             f"{url} elsewhere and pass its local path as the SAM weights (e.g. sam.weights: /path/to/"
             f"{os.path.basename(url)})")
+    if not download:
+        return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.hub.download_url_to_file(url, path)
     return path
+
+
+def check_sam_weights(model: str, weights: Optional[str]) -> None:
+    """Fail in about a second, without building or downloading anything, wherever ``load_sam``
+    would fail to get weights (a driver's check before it starts workers)."""
+    sam_arch(model)
+    if weights is not None and weights.lower() not in RANDOM_WEIGHTS:
+        _checkpoint_path(model, weights, download=False)
 
 
 def load_sam(model: str = "vit_b", weights: Optional[str] = "hub", arch: Optional[Mapping[str, Any]] = None,

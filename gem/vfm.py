@@ -214,6 +214,36 @@ def convert_state_dict(state: Mapping[str, Tensor], features: VFMFeatures) -> di
     return checkpoint_filter_fn(cleaned, features.model)
 
 
+def _hub_cached(spec: VFMArch) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    return any(isinstance(try_to_load_from_cache(f"timm/{spec.hub}", name), str)
+               for name in ("model.safetensors", "pytorch_model.bin"))
+
+
+def _offline_message(settings: VFMSettings, spec: VFMArch, host: Optional[str], detail: str) -> str:
+    return (f"could not fetch the VFM weights {spec.hub} ({settings.name}): no network access to {host} and no "
+            f"cached copy ({detail}). Download them elsewhere and pass the checkpoint's local path as the VFM "
+            f"weights (vfm.weights: /path/to/model.safetensors; timm's or the original {spec.family.upper()} key "
+            f"names), or weights: none for random weights")
+
+
+def check_vfm_weights(settings: VFMSettings) -> None:
+    """Fail in about a second, without building the model, wherever ``load_vfm`` would fail to get
+    weights: a missing file, or hub weights with no network and no cached copy."""
+    spec, weights = VFM_ARCHS[settings.name], settings.weights
+    if spec.family == "sam":
+        from gem.sam import check_sam_weights
+        check_sam_weights(spec.arch, weights)
+    elif weights is None or weights.lower() in RANDOM_WEIGHTS:
+        return
+    elif weights != "hub":
+        if not os.path.isfile(weights):
+            raise WeightsUnavailableError(f"VFM weights {weights!r}: no such file; pass a local checkpoint path, "
+                                          f"'hub' (timm's {spec.hub}) or 'none'")
+    elif not _reachable(_hf_host()) and not _hub_cached(spec):
+        raise WeightsUnavailableError(_offline_message(settings, spec, _hf_host(), "not in the hub cache"))
+
+
 def load_vfm(settings: VFMSettings, device: str | torch.device = "cpu") -> VFMFeatures:
     """The VFM ``settings`` name, in eval mode on ``device``, with its weights: ``hub`` (timm's
     published weights from the Hugging Face hub cache; SAM: Meta's checkpoint), a local checkpoint,
@@ -234,12 +264,8 @@ def load_vfm(settings: VFMSettings, device: str | torch.device = "cpu") -> VFMFe
             with _hub_offline(not _reachable(host)):
                 model = _timm().create_model(spec.hub, pretrained=True, **_timm_kwargs(spec, settings.arch))
         except Exception as err:  # huggingface_hub, urllib and timm raise many kinds
-            raise WeightsUnavailableError(
-                f"could not fetch the VFM weights {spec.hub} ({settings.name}): no network access to {host} and no "
-                f"cached copy ({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}). Download them "
-                f"elsewhere and pass the checkpoint's local path as the VFM weights (vfm.weights: "
-                f"/path/to/model.safetensors; timm's or the original {spec.family.upper()} key names), or "
-                f"weights: none for random weights") from None
+            detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            raise WeightsUnavailableError(_offline_message(settings, spec, host, detail)) from None
         return VFMFeatures(model.eval(), spec.family, settings.mean, settings.std).to(device)
     if not os.path.isfile(weights):
         raise WeightsUnavailableError(f"VFM weights {weights!r}: no such file; pass a local checkpoint path, "

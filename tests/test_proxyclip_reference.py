@@ -17,7 +17,7 @@ from gem.proxyclip import ProxyCLIPTower, proxy_attention, value_grid
 from gem.segmenter import InferenceSettings
 from gem.settings import ProxyCLIPSettings, VFMSettings
 from gem.templates import resolve_templates
-from gem.vfm import VFMFeatures, build_vfm, convert_state_dict, load_vfm
+from gem.vfm import VFMFeatures, build_vfm, check_vfm_weights, convert_state_dict, load_vfm
 from gem.vocabulary import Vocabulary
 from gem.windows import SlideWindows, padding, window_boxes
 from tests.models import PROXYCLIP_REFERENCE as FIXTURE, PROXYCLIP_VFM_ARCH, PROXYCLIP_VFMS
@@ -269,6 +269,10 @@ def test_offline_hub_weights_fail_at_once_naming_a_local_path(monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-hub-cache")
     with pytest.raises(WeightsUnavailableError, match="vfm.weights: /path/to"):
         load_vfm(VFMSettings(name="dinov2_vitb14_reg", weights="hub", arch=PROXYCLIP_VFM_ARCH))
+    with pytest.raises(WeightsUnavailableError, match="vfm.weights: /path/to"):  # the driver's check, no model built
+        check_vfm_weights(VFMSettings(name="dino_vitb8", weights="hub"))
+    check_vfm_weights(VFMSettings(weights=str(FIXTURE / "dino_weights.pt")))
+    check_vfm_weights(VFMSettings(weights="none"))
 
 
 # ---- the reference's non-square quirk, and its fix ----

@@ -13,7 +13,7 @@ import torch
 
 from gem import WeightsUnavailableError
 from gem.postprocess import BACKGROUND, LabelingThresholds, label_map
-from gem.sam import build_sam, load_sam
+from gem.sam import build_sam, check_sam_weights, load_sam
 from gem.sam_refine import Prompts, Regions, SAMImage, SAMRefiner, components, longest_side, region_bands
 from gem.settings import SAMRefineSettings
 from tests.models import SAM_REFERENCE as FIXTURE, sam_reference_arch
@@ -173,6 +173,9 @@ def test_missing_sam_weights_fail_with_what_to_pass(monkeypatch, tmp_path):
     monkeypatch.setattr("gem.sam._reachable", lambda host, timeout=3.0: False)
     with pytest.raises(WeightsUnavailableError, match="pass its local path as the SAM weights"):
         load_sam("vit_h", "hub")
+    with pytest.raises(WeightsUnavailableError, match="pass its local path as the SAM weights"):
+        check_sam_weights("vit_b", "hub")
+    check_sam_weights("vit_b", str(FIXTURE / "sam_state_dict.pt"))
     with pytest.raises(WeightsUnavailableError, match="no such file"):
         load_sam("vit_b", str(tmp_path / "absent.pth"))
 
