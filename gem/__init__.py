@@ -15,6 +15,9 @@ _WHERE = {
     "ResizeSettings": "gem.windows", "SlideWindows": "gem.windows",
     "GEMTokens": "gem.vision", "GEMVisionTower": "gem.vision", "UnsupportedModelError": "gem.vision",
     "WeightsUnavailableError": "gem.loading", "load_clip": "gem.loading", "Vocabulary": "gem.vocabulary",
+    "ProxyCLIPSettings": "gem.settings", "VFMSettings": "gem.settings", "SAMRefineSettings": "gem.settings",
+    "ProxyCLIPTower": "gem.proxyclip", "VFMFeatures": "gem.vfm", "load_vfm": "gem.vfm",
+    "SAMRefiner": "gem.sam_refine", "RefinedLabels": "gem.sam_refine", "load_sam": "gem.sam",
 }
 __all__ = sorted(_WHERE)
 

@@ -31,13 +31,16 @@ HEAD_METHODS = ("naclip", "kk", "sclip", "vanilla")
 REDUCED = {"naclip": True, "kk": True, "sclip": False, "vanilla": False}
 
 
-def resample_positions_dino(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+def resample_positions_dino(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
+                            force: bool = False) -> Tensor:
     """(1 + g0h*g0w, C) class+grid embedding -> (1 + gh*gw, C), DINO/NACLIP style.
 
     ``F.interpolate`` is given the scale factor ``(g + 0.1) / g0`` itself (not an output size), so
-    its sampling positions follow that factor; the 0.1 makes the floor land on ``g``.
+    its sampling positions follow that factor; the 0.1 makes the floor land on ``g``. At the old
+    grid the embedding is returned as is unless ``force`` (DINO itself skips only for a square
+    input at its grid: a non-square input with that grid is resampled, slightly).
     """
-    if tuple(new_grid) == tuple(old_grid):
+    if tuple(new_grid) == tuple(old_grid) and not force:
         return pos_embed
     cls_token, grid = pos_embed[:1], pos_embed[1:]
     width = grid.shape[-1]

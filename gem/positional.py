@@ -6,13 +6,14 @@ import torch.nn.functional as F
 
 
 def resample_positional_embedding(pos_embed: torch.Tensor, old_grid: tuple[int, int],
-                                  new_grid: tuple[int, int]) -> torch.Tensor:
+                                  new_grid: tuple[int, int], force: bool = False) -> torch.Tensor:
     """Resample a (1 + gh*gw, C) class+grid embedding to a new (gh', gw') grid.
 
     Bicubic with antialiasing in float32, the class token kept as is (as timm's
-    ``resample_abs_pos_embed``, which the reference GEM uses).
+    ``resample_abs_pos_embed``, which the reference GEM uses, and DINOv2 with registers). At the
+    old grid the embedding is returned as is unless ``force``.
     """
-    if tuple(new_grid) == tuple(old_grid):
+    if tuple(new_grid) == tuple(old_grid) and not force:
         return pos_embed
     cls_token, grid = pos_embed[:1], pos_embed[1:]
     width = grid.shape[-1]

@@ -1,5 +1,5 @@
-"""GEMSegmenter: an open_clip CLIP wrapped with GEM (or a NACLIP-family head), from images and
-class names to regions.
+"""GEMSegmenter: an open_clip CLIP wrapped with GEM (or a NACLIP-family head, or ProxyCLIP with its
+VFM), from images and class names to regions.
 
 Pipeline per batch: resize (square or short side, ``gem.windows``) -> the model, whole image or
 sliding windows with the crops of all images batched (``dense_logits``) -> per image, in bands at
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import numpy as np
@@ -28,7 +28,11 @@ from gem.vision import GEMTokens, GEMVisionTower
 from gem.vocabulary import ClassEntry, TextEmbeddingCache, Vocabulary
 from gem.windows import ResizeSettings, SlideWindows, grouped_similarities, slide_logits
 
-METHODS = ("gem",) + HEAD_METHODS
+if TYPE_CHECKING:
+    from gem.sam_refine import RefinedLabels, SAMImage, SAMRefiner
+    from gem.vfm import VFMFeatures
+
+METHODS = ("gem",) + HEAD_METHODS + ("proxyclip",)
 
 
 @dataclass(frozen=True)
@@ -61,20 +65,37 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 
 
 class GEMSegmenter:
+    """vfm: ProxyCLIP's proxy model, already built (tests, benchmarks); None: loaded from
+    ``settings.proxyclip.vfm`` when the method is proxyclip."""
+
     def __init__(self, clip: LoadedCLIP, settings: GEMSettings = GEMSettings(),
                  device: Optional[str | torch.device] = None, precision: str = "auto", fast: bool = True,
-                 inference: InferenceSettings = InferenceSettings()):
+                 inference: InferenceSettings = InferenceSettings(), vfm: Optional["VFMFeatures"] = None):
         self.device = torch.device(device) if device is not None else default_device()
         self.model = clip.model.to(self.device).eval()
         self.settings, self.inference = settings, inference
+        self.pad_multiple = 1  # sliding-window crops padded to multiples of it (ProxyCLIP's 56)
         if settings.method == "gem":
             self.tower = GEMVisionTower(self.model.visual, settings.depth, settings.iters,
                                         settings.inv_temperature, fast=fast)
+        elif settings.method == "proxyclip":
+            from gem.proxyclip import ProxyCLIPTower
+            from gem.vfm import load_vfm
+            proxy = settings.proxyclip
+            vfm = (vfm if vfm is not None else load_vfm(proxy.vfm, self.device)).to(self.device).eval()
+            self.tower = ProxyCLIPTower(self.model.visual, vfm, clip.mean, clip.std, proxy.beta, proxy.gamma,
+                                        proxy.fix_nonsquare)
+            self.pad_multiple = proxy.pad_multiple
         else:
             self.tower = LastBlockTower(self.model.visual, settings.method, settings.gaussian_std)
         self.mean, self.std = clip.mean, clip.std
         self.dtype = autocast_dtype(precision, self.device)
         self.text = TextEmbeddingCache(self.model.encode_text, clip.tokenizer, self.device)
+
+    @property
+    def vfm(self) -> Optional["VFMFeatures"]:
+        """ProxyCLIP's proxy model (None for the other methods)."""
+        return getattr(self.tower, "vfm", None)
 
     @classmethod
     def from_pretrained(cls, model_name: str, pretrained: Optional[str], settings: GEMSettings = GEMSettings(),
@@ -104,7 +125,7 @@ class GEMSegmenter:
         if keep_original and self.settings.method != "gem":
             raise ValueError("keep_original: only the gem method keeps the original path")
         with self._autocast():
-            if self.settings.method != "gem":
+            if self.settings.method != "gem":  # the heads and ProxyCLIP have no original path
                 return self.tower(images.to(self.device))
             return self.tower(images.to(self.device), keep_original=keep_original)
 
@@ -114,7 +135,7 @@ class GEMSegmenter:
         """Cosine similarity of every patch to every class: (B, C, grid_h, grid_w), float32."""
         tokens = self.tokens(images, keep_original=use_original)
         features = tokens.original if use_original else tokens.gem
-        patches = F.normalize(features[:, 1:].float(), dim=-1)
+        patches = F.normalize(features[:, tokens.prefix:].float(), dim=-1)
         sims = patches @ vocabulary.embeddings.to(patches.device).T
         batch, (grid_h, grid_w) = sims.shape[0], tokens.grid
         return sims.transpose(1, 2).reshape(batch, -1, grid_h, grid_w)
@@ -153,7 +174,7 @@ class GEMSegmenter:
         images = [image.to(self.device) for image in images]
         if self.inference.slide is None:
             return grouped_similarities(similarities, images, self.inference.max_batch)
-        return slide_logits(similarities, images, self.inference.slide, self.inference.max_batch)
+        return slide_logits(similarities, images, self.inference.slide, self.inference.max_batch, self.pad_multiple)
 
     def label_map(self, logits: torch.Tensor, size: tuple[int, int], vocabulary: Vocabulary,
                   thresholds: LabelingThresholds = LabelingThresholds(), image: Optional[torch.Tensor] = None
@@ -165,6 +186,22 @@ class GEMSegmenter:
                                 thresholds.logit_scale, thresholds.background_threshold,
                                 self.inference.pamr, None if image is None else image.to(logits.device))
         return label_map(None, size, thresholds, top_bands=bands, num_classes=len(vocabulary))
+
+    def refined_label_map(self, logits: torch.Tensor, size: tuple[int, int], vocabulary: Vocabulary,
+                          refiner: "SAMRefiner", image_rgb: np.ndarray,
+                          thresholds: LabelingThresholds = LabelingThresholds(), sam_image: Optional["SAMImage"] = None
+                          ) -> tuple[np.ndarray, ClassStats, "RefinedLabels"]:
+        """``label_map`` after SAM refinement (``gem.sam_refine``): the coarse map and class scores
+        at ``size`` (background names and unconfident pixels as one more class, as Trident's
+        background), refined with ``image_rgb`` ((H, W, 3) uint8 at ``size``; embedded once unless
+        ``sam_image`` is given); the statistics' peaks are the refined ones. PAMR is not applied."""
+        from gem.sam_refine import coarse_maps, region_bands
+        labels, scores = coarse_maps(logits, size, vocabulary.word_class, len(vocabulary), thresholds.logit_scale,
+                                     thresholds.background_threshold)
+        result = refiner.refine(image_rgb, labels, scores, sam_image)
+        bands = region_bands(result, scores, len(vocabulary))
+        labels_np, stats = label_map(None, size, thresholds, top_bands=bands, num_classes=len(vocabulary))
+        return labels_np, stats, result
 
     def regions(self, logits: torch.Tensor, size: tuple[int, int], vocabulary: Vocabulary,
                 thresholds: LabelingThresholds = LabelingThresholds(), image: Optional[torch.Tensor] = None

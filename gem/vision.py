@@ -39,11 +39,18 @@ class UnsupportedModelError(ValueError):
 
 @dataclass
 class GEMTokens:
-    """Projected tokens (B, 1 + gh*gw, D), class token first, before normalisation."""
+    """Projected tokens (B, prefix + gh*gw, D) before normalisation: ``prefix`` leading tokens
+    (the class token; none for ProxyCLIP, whose output has no class token), then the grid's."""
 
     gem: Tensor
     original: Optional[Tensor]
     grid: tuple[int, int]
+    prefix: int = 1
+
+    @property
+    def patches(self) -> Tensor:
+        """(B, gh*gw, D): the grid's tokens of ``gem``."""
+        return self.gem[:, self.prefix:]
 
 
 def check_supported(visual: nn.Module) -> None:

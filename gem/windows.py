@@ -7,6 +7,10 @@ keeps the aspect ratio, scaling the short side to N unless that makes the long s
 Windows follow mmseg's ``slide_inference``: ``max(H - crop + stride - 1, 0) // stride + 1``
 rows of windows (columns alike) at multiples of the stride, the last ones moved back inside the
 image; each window's logits are upsampled to the window and overlapping windows averaged.
+With ``pad_multiple`` (ProxyCLIP's 56, a multiple of its VFMs' patch sizes 8 and 14), a window
+whose side is not a multiple of it is zero-padded (in normalised space) to the next multiple, the
+floor half of the padding on the left / top, as the ProxyCLIP reference does; its logits are
+computed at the padded size and the padding cut off again.
 """
 from __future__ import annotations
 
@@ -68,6 +72,15 @@ def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[
     return boxes
 
 
+def padding(height: int, width: int, multiple: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding that takes (height, width) to multiples of
+    ``multiple``: the floor half before, the rest after; none on a side already a multiple."""
+    def split(size: int) -> tuple[int, int]:
+        extra = (multiple - size % multiple) % multiple
+        return extra // 2, extra - extra // 2
+    return (*split(width), *split(height))
+
+
 SimilarityFn = Callable[[Tensor], Tensor]  # (n, 3, h, w) -> (n, words, gh, gw)
 
 
@@ -88,11 +101,11 @@ def grouped_similarities(similarities: SimilarityFn, images: Sequence[Tensor], m
 
 
 def slide_logits(similarities: SimilarityFn, images: Sequence[Tensor], windows: SlideWindows,
-                 max_batch: int) -> list[Tensor]:
+                 max_batch: int, pad_multiple: int = 1) -> list[Tensor]:
     """Sliding-window logits of each (3, H, W) image: (words, H, W), windows averaged.
 
     All windows of all images go through the model together, ``max_batch`` same-shape crops
-    per forward."""
+    per forward; crops are padded to multiples of ``pad_multiple`` first (1: never)."""
     crops = [(index, box) for index, image in enumerate(images)
              for box in window_boxes(image.shape[-2], image.shape[-1], windows.crop, windows.stride)]
     by_shape: dict[tuple[int, int], list[tuple[int, tuple]]] = defaultdict(list)
@@ -104,7 +117,11 @@ def slide_logits(similarities: SimilarityFn, images: Sequence[Tensor], windows: 
         for first in range(0, len(members), max_batch):
             chunk = members[first:first + max_batch]
             batch = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])
-            logits = F.interpolate(similarities(batch).float(), size=shape, mode="bilinear", align_corners=False)
+            left, right, top, bottom = padding(*shape, pad_multiple)
+            if left or right or top or bottom:
+                batch = F.pad(batch, (left, right, top, bottom))
+            logits = F.interpolate(similarities(batch).float(), size=tuple(batch.shape[-2:]), mode="bilinear",
+                                   align_corners=False)[:, :, top:top + shape[0], left:left + shape[1]]
             for (i, (y1, y2, x1, x2)), window in zip(chunk, logits):
                 if sums[i] is None:
                     sums[i] = window.new_zeros((window.shape[0], *images[i].shape[-2:]))

@@ -104,9 +104,12 @@ def test_vocab_file_lines_hold_synonyms(base_config, tmp_path):
 
 
 PRESETS = sorted((Path(__file__).parent.parent / "jobs" / "presets").glob("*.yaml"))
+# Drafts name config keys pipeline/config does not have yet: they must fail until it does.
+DRAFT = pytest.mark.xfail(strict=True, reason="draft preset: its config keys are not in pipeline/config yet")
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=DRAFT) if p.read_text().startswith("# DRAFT") else p
+                                    for p in PRESETS], ids=[p.stem for p in PRESETS])
 def test_presets_validate(preset, tmp_path):
     """Each preset loads as ``gemlabel label --config`` would, and maps onto library settings."""
     from jobs.cli import _parser
