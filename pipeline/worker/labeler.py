@@ -42,7 +42,8 @@ from pipeline.io.shards import Shard
 from pipeline.config.sizing import Sizing, local_sizing
 from pipeline.worker.stages import ReadingTurns, ShardStages, StageSettings
 from pipeline.io.storage import file_identity
-from pipeline.worker.text_cache import read_cached, text_cache_file, text_cache_key, write_cached
+from pipeline.worker.text_cache import (cache_source, check_rows, probe_words, read_cached, source_key,
+                                        text_cache_file, write_cached)
 
 log = logging.getLogger(__name__)
 
@@ -133,23 +134,33 @@ class ShardLabeler:
         encoded it, else encoded here (on this worker's accelerator) and cached."""
         if self._vocabulary is None:
             config = self.config
-            key = text_cache_key(config.model, config.pretrained, config.model_config, self.spec.class_names,
-                                 self.spec.templates, self.segmenter.dtype, config.background)
-            file = text_cache_file(self.layout, key)
-            cached = read_cached(file)
+            source = cache_source(config.model, config.pretrained, config.model_config, self.spec.class_names,
+                                  self.spec.templates, self.segmenter.dtype, config.background)
+            file = text_cache_file(self.layout, source_key(source))
+            cached, problem = read_cached(file, source)
             if cached is not None:
+                problem = check_rows(cached, self._probe(cached))
+            if cached is not None and problem is None:
                 self.set_vocabulary(cached, source="cache")
             else:
+                if problem:
+                    log.warning("the text-embedding cache %s is not this run's vocabulary (%s): encoding it "
+                                "again and rewriting it", file, problem)
                 self.set_vocabulary(self.segmenter.vocabulary(self.spec.class_names, self.spec.templates,
                                                               config.background), source="encoded")
                 self.text_encodes += 1
-                write_cached(file, self._vocabulary)
+                write_cached(file, self._vocabulary, source)
         return on_device(self._vocabulary, torch.device("cpu"))
 
     def set_vocabulary(self, vocabulary: Vocabulary, source: str = "shipped") -> None:
         """Use a vocabulary encoded elsewhere (another worker, through Ray's object store; the cache)."""
         self._vocabulary = on_device(vocabulary, self.device)
         self.text_source = self.text_source or source
+
+    def _probe(self, cached: Vocabulary) -> dict[int, torch.Tensor]:
+        """A few of the cached rows' words encoded again, alone (a small share of the encoding)."""
+        return {index: self.segmenter.vocabulary([cached.words[index]], cached.templates).embeddings[0]
+                for index in probe_words(cached)}
 
     @property
     def vocabulary(self) -> Vocabulary:
