@@ -13,7 +13,9 @@ How tar members become rows (every image member gets exactly one row):
   one row per image, in tar order; a member name repeated inside a sample starts a new sample.
 - ``sample_id`` is ``<shard id>/<key>`` for the first row of a key in the shard and
   ``<shard id>/<key>#2``, ``#3``, ... for later ones (repeated keys, adjacent or not, and the
-  extra images of one key), so ids are unique within the output.
+  extra images of one key), skipping any ``#n`` that a member's own key already took (members
+  ``k.jpg, k#2.jpg, k.jpg`` -> ``k``, ``k#2``, ``k#3``), so ids are unique within the output
+  whatever the member names.
 - A ``seg.png`` entry (``key.seg.png``) is the image's ground-truth mask, not an image: it rides
   with the sample (``gemlabel eval`` reads it) and gets no row of its own.
 - A sample with no image is an error row. A tar without its end-of-archive blocks (cut, even
@@ -90,16 +92,24 @@ def _is_image(entry: str) -> bool:
 def group_samples(members: Iterator[tuple[str, bytes]]) -> Iterator[dict]:
     """Members -> raw samples ({'__key__', '__uid__', entry: bytes}), one per image (see the
     module docstring for the rule)."""
-    seen: dict[str, int] = {}
+    seen: dict[str, int] = {}  # key -> the last n its uids used
+    used: set[str] = set()     # every uid given so far: a key may itself look like ``k#2``
+
+    def unique(key: str) -> str:
+        n = seen.get(key, 0)
+        uid = key if n == 0 else f"{key}#{n + 1}"
+        while uid in used:
+            n += 1
+            uid = f"{key}#{n + 1}"
+        seen[key] = n + 1
+        used.add(uid)
+        return uid
 
     def emit(sample: dict) -> Iterator[dict]:
         images = [entry for entry in sample if not entry.startswith("__") and _is_image(entry)]
         others = {k: v for k, v in sample.items() if k not in images}
         for entry in images or [None]:
-            key = sample["__key__"]
-            seen[key] = seen.get(key, 0) + 1
-            uid = key if seen[key] == 1 else f"{key}#{seen[key]}"
-            yield {**others, **({entry: sample[entry]} if entry else {}), "__uid__": uid}
+            yield {**others, **({entry: sample[entry]} if entry else {}), "__uid__": unique(sample["__key__"])}
 
     current: Optional[dict] = None
     for name, data in members:
