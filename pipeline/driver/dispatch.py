@@ -148,7 +148,10 @@ def _retry_or_fail(shard: Shard, attempts: Counter, queue: deque, summary: RunSu
 
 
 def _shard_error(shard: Shard, error: str, config: LabelConfig) -> str:
-    """The error recorded for a shard; a read timeout says that the stream stalled, and where."""
+    """The error recorded for a shard; a read timeout says that the stream stalled, and where
+    (the worker's own deadline, ``pipeline.io.guarded``, says so already)."""
+    if error.startswith("StalledRead: "):
+        return error[len("StalledRead: "):]
     if "Timeout" in error and protocol_of(shard.url) in ("http", "https"):
         return f"stalled: no data for {config.read_timeout_s:g}s while reading {shard.url} ({error.strip()})"
     return error

@@ -29,7 +29,8 @@ import tarfile
 from typing import Iterator, Optional
 
 
-from pipeline.io.storage import Location
+from pipeline.io.guarded import guarded_open
+from pipeline.io.storage import Location, is_local
 
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -123,10 +124,13 @@ def group_samples(members: Iterator[tuple[str, bytes]]) -> Iterator[dict]:
         yield from emit(current)
 
 
-def iter_tar_samples(source: Location) -> Iterator[dict]:
-    """Raw samples ({'__key__': ..., '__uid__': ..., 'jpg': bytes, ...}) of one tar, in order."""
+def iter_tar_samples(source: Location, stall_s: Optional[float] = None) -> Iterator[dict]:
+    """Raw samples ({'__key__': ..., '__uid__': ..., 'jpg': bytes, ...}) of one tar, in order.
+    ``stall_s``: the shard fails as stalled when opening it or a read gives nothing for this
+    long (``pipeline.io.guarded``); a local shard that is not a regular file (a FIFO) fails at once."""
     try:
-        with source.open("rb") as stream:
+        fs, path = source.fs_path
+        with guarded_open(lambda: source.open("rb"), source.url, stall_s, path if is_local(fs) else None) as stream:
             for sample in group_samples(iter_tar_members(stream)):
                 yield {**sample, "__url__": source.url}
     except Exception as err:  # missing file, tarfile.ReadError on truncation, storage errors

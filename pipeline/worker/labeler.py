@@ -265,7 +265,7 @@ class ShardLabeler:
                                  lambda batch: self._launch(batch, timings),
                                  lambda sample, output: self._postprocess_row(shard, sample, output, timings),
                                  lambda sample: self._row(shard, sample), timings)
-            rows = stages.run(iter_tar_samples(source), read_done)
+            rows = stages.run(iter_tar_samples(source, self.config.read_timeout_s), read_done)
         errors = Counter(row.pop("_kind") for row in rows if row["status"] == "error")
         for row in rows:
             row.pop("_index")
