@@ -30,6 +30,7 @@ from typing import Iterator, Optional
 
 
 from pipeline.io.guarded import guarded_open
+from pipeline.io.redact import redact_text
 from pipeline.io.storage import Location, is_local
 
 
@@ -50,8 +51,8 @@ _ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
 
 def error_text(err: BaseException) -> str:
     """``Type: message`` without run-specific object addresses (``<_io.BytesIO object at
-    0x7f..>``), so two runs over the same data write equal rows."""
-    return _ADDRESS.sub("", f"{type(err).__name__}: {err}")
+    0x7f..>``), so two runs over the same data write equal rows; without credentials in URLs."""
+    return redact_text(_ADDRESS.sub("", f"{type(err).__name__}: {err}"))
 
 
 class _EndAwareTarInfo(tarfile.TarInfo):
@@ -134,7 +135,8 @@ def iter_tar_samples(source: Location, stall_s: Optional[float] = None) -> Itera
             for sample in group_samples(iter_tar_members(stream)):
                 yield {**sample, "__url__": source.url}
     except Exception as err:  # missing file, tarfile.ReadError on truncation, storage errors
-        raise ShardReadError(error_text(err)) from err
+        text = error_text(err)  # the chained error would carry a URL's credentials into Ray's logs
+        raise ShardReadError(text) from (None if redact_text(str(err)) != str(err) else err)
 
 
 def image_entry(sample: dict) -> Optional[str]:

@@ -243,7 +243,7 @@ class ShardLabeler:
 
     @staticmethod
     def _row(shard: Shard, sample: DecodedSample, labels: Optional[list] = None) -> dict:
-        return {"sample_id": f"{shard.shard_id}/{sample.uid}", "key": sample.key, "shard": shard.url,
+        return {"sample_id": f"{shard.shard_id}/{sample.uid}", "key": sample.key, "shard": shard.shown,
                 "width": sample.width, "height": sample.height, "status": "error" if sample.error else "ok",
                 "error": sample.error, "labels": labels or [], "_index": sample.index, "_kind": sample.error_kind}
 
@@ -282,7 +282,7 @@ class ShardLabeler:
         committing[0].write_bytes_atomic(parquet)
         timings["write_s"] += time.perf_counter() - start
         total = time.perf_counter() - wall
-        marker = shard_marker(shard.url, shard.shard_id, self.spec.fingerprint, rows, len(parquet), errors,
+        marker = shard_marker(shard.shown, shard.shard_id, self.spec.fingerprint, rows, len(parquet), errors,
                               started=started, total_s=total, timings=timings, input_identity=input_identity,
                               attempt=attempt, worker=self.describe())
         write_json(committing[1], marker)
