@@ -114,6 +114,37 @@ def check_checkpoint_file(pretrained: Optional[str]) -> None:
     if problem:
         raise WeightsUnavailableError(f"--pretrained {pretrained} is not a readable checkpoint ({problem}); "
                                       "it may be truncated: copy it again")
+    if not pretrained.endswith(".safetensors"):
+        problem = _unloadable(pretrained, zipped=head.startswith(b"PK"))
+    if problem:
+        raise WeightsUnavailableError(f"--pretrained {pretrained} is not a checkpoint the workers can load ({problem})")
+
+
+def head_is_pickle(path: str) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(1) == b"\x80"  # a pickle's PROTO opcode: torch.save's legacy format
+
+
+def _unloadable(pretrained: str, zipped: bool) -> Optional[str]:
+    """Why torch cannot load the checkpoint as the workers will (``weights_only``: tensors and
+    plain containers, never arbitrary pickled objects), or None. A zip file is memory-mapped, so
+    only its index and pickle are read here, not its tensors."""
+    import torch
+    if not zipped and not head_is_pickle(pretrained):
+        return "it is neither a torch.save file nor a .safetensors file"
+    try:
+        try:
+            torch.load(pretrained, map_location="cpu", weights_only=True, mmap=zipped)
+        except RuntimeError as err:  # a zip torch cannot map (a TorchScript archive): load it as the workers do
+            if not zipped or "mmap" not in str(err):
+                raise
+            torch.load(pretrained, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
+        text = str(err).strip()
+        if "Weights only load failed" in text:
+            return "it holds pickled objects other than tensors, which are not loaded (they could run code)"
+        return (text.splitlines() or [type(err).__name__])[0]
+    return None
 
 
 @contextlib.contextmanager

@@ -157,8 +157,9 @@ class GEMSegmenter:
         return torch.stack([image_to_tensor(image, size, self.mean, self.std) for image in images])
 
     def model_size(self, height: int, width: int) -> tuple[int, int]:
-        """The model input's (height, width) for an image of this size (``inference.resize``)."""
-        return self.inference.resize.model_size(height, width)
+        """The model input's (height, width) for an image of this size (``inference.resize``),
+        never less than a patch in a side (windows then are never smaller either)."""
+        return self.inference.resize.model_size(height, width, self.patch_size)
 
     def model_input(self, image: Image.Image) -> torch.Tensor:
         """A PIL image -> its normalised (3, h, w) model input at ``model_size``."""

@@ -52,12 +52,14 @@ class ResizeSettings:
         if min(self.size) < 1 or self.short_side < 1 or self.max_long_side < self.short_side:
             raise ValueError(f"resize sizes must be positive and max_long_side >= short_side, got {self}")
 
-    def model_size(self, height: int, width: int) -> tuple[int, int]:
-        """The model's input (height, width) for an image of (height, width)."""
+    def model_size(self, height: int, width: int, least: tuple[int, int] = (1, 1)) -> tuple[int, int]:
+        """The model's input (height, width) for an image of (height, width), each side at least
+        ``least`` (the model's patch: a 20000 x 20 image capped at max_long_side would otherwise
+        get a short side of 2 pixels, less than one patch)."""
         if self.mode == "square":
             return tuple(self.size)
         scale = min(self.short_side / min(height, width), self.max_long_side / max(height, width))
-        return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+        return max(least[0], int(height * scale + 0.5)), max(least[1], int(width * scale + 0.5))
 
 
 def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:

@@ -50,14 +50,15 @@ def _label(args: argparse.Namespace) -> int:
     from pipeline.driver.records import RunInterrupted, RunRecordError
     from pipeline.driver.pool import WorkersLostError, WorkerStartError
     from pipeline.driver.run import run_labeling
+    from pipeline.io.redact import redact_text
     try:
         config = load_config(args.config, overrides(args))
         summary = run_labeling(config)
     except (ConfigError, WorkerStartError) as err:
-        print(f"gemlabel: error: {err}", file=sys.stderr)
+        print(f"gemlabel: error: {redact_text(str(err))}", file=sys.stderr)
         return EXIT_CONFIG
     except (WorkersLostError, RunRecordError) as err:  # the shards left are not done; a rerun picks them up
-        print(f"gemlabel: error: {err}", file=sys.stderr)
+        print(f"gemlabel: error: {redact_text(str(err))}", file=sys.stderr)
         return EXIT_FAILED_SHARDS
     except RunInterrupted as err:
         print(f"gemlabel: {err}", file=sys.stderr)
@@ -107,6 +108,10 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        from pipeline.io.redact import redact_text
+        return redact_text(super().format(record))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

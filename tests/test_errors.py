@@ -247,7 +247,8 @@ def test_vocabulary_items_comments_and_case(base_config, tmp_path, capsys):
 
 # ---- G: Ctrl-C ----
 
-def test_sigint_prints_one_line_and_a_rerun_finishes(base_config, tmp_path):
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])  # SIGTERM: issue 18.13 (was rc -6, a C++ stack dump)
+def test_sigint_prints_one_line_and_a_rerun_finishes(base_config, tmp_path, signum):
     import signal
     from pipeline.store.layout import read_markers
     shards = [str(p) for p in write_shards(tmp_path / "in", shards=6, per_shard=6)]
@@ -265,7 +266,7 @@ def test_sigint_prints_one_line_and_a_rerun_finishes(base_config, tmp_path):
     while not any(" images, " in line for line in list(lines)) and driver.poll() is None \
             and time.monotonic() < deadline:
         time.sleep(0.05)
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(getattr(signal, signum))
     try:
         driver.wait(timeout=120)
     finally:
@@ -495,3 +496,30 @@ def test_stalled_http_shard_fails_saying_so(base_config, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"FAILED {base}/{stalled.name}: stalled: no data for 3s while reading {base}/{stalled.name}" in out
     assert "1 labelled" in out
+
+
+class _NotATensor:
+    """Pickled into a checkpoint: torch.load(weights_only=True) refuses it, as the workers would."""
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("kind", ["garbage", "pickle", "zip with an object"])
+def test_a_checkpoint_the_workers_cannot_load_is_refused_before_anything_is_written(
+        base_config, shards, tmp_path, capsys, kind):
+    """Issue 18.15: one line naming the file, exit 2, no output folder (was "workers could not
+    start: Check the documentation of torch.load..." after _config.json and a run record)."""
+    import pickle
+
+    import torch
+    bad = tmp_path / "weights.pt"
+    if kind == "garbage":
+        bad.write_bytes(b"\x00garbage" * 1000)
+    elif kind == "pickle":
+        bad.write_bytes(pickle.dumps({"visual.proj": _NotATensor()}, protocol=2))
+    else:
+        torch.save({"state_dict": {"visual.proj": _NotATensor()}}, bad)
+    config = {**base_config, "input": shards, "pretrained": str(bad)}
+    assert main(label_args(config)) == 2
+    line = one_line_error(capsys)
+    assert str(bad) in line and "not a checkpoint the workers can load" in line, line
+    assert not os.path.exists(config["output"])

@@ -141,3 +141,39 @@ def test_outputs_with_synonyms_read_back_as_labels_and_calibrate_refuses_them(ba
     with pytest.raises(ConfigError, match="calibrate: not supported with background, slide, pamr, vocab synonyms"):
         _check_calibratable(load_config(None, {**base_config, **NACLIP_SETTINGS, "resize": "square",
                                                "short_side": 448, "max_long_side": 2048, "input": ["x.tar"]}))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"resize": "short_side", "short_side": 16}, "short_side: gemtest-micro uses 32-pixel patches, so short_side "
+                                                 "must be at least 32; got 16"),
+    ({"slide": {"crop": 16, "stride": 16}}, "slide.crop: gemtest-micro uses 32-pixel patches, so the crop must be "
+                                            "at least 32; got 16"),
+])
+def test_sizes_below_the_patch_are_refused_in_the_driver(base_config, tmp_path, overrides, message):
+    """Issue 18.16: was accepted, and every image became an error row (exit 0)."""
+    from pipeline.driver.plan import check_model
+    config = load_config(None, {**base_config, **overrides, "input": ["x.tar"]})
+    with pytest.raises(ConfigError, match=message):
+        check_model(config)
+
+
+def test_slide_windows_on_images_thinner_than_a_patch_label_every_image(base_config, tmp_path):
+    """Issue 18.16: a 20000 x 20 image capped at max_long_side is 2 pixels high: it is given at
+    least a patch in each side (was an error row: kernel size can't be greater than the input)."""
+    from pipeline.io.shards import Shard
+    from pipeline.worker.labeler import ShardLabeler
+    from tests.outputs import all_rows, check_labels
+    from tests.shards import encode, photo, write_shard
+    sizes = [(37, 101), (101, 37), (20000, 20), (20, 20000), (300, 200)]
+    url = str(write_shard(tmp_path / "s.tar", [{"__key__": f"k{w}x{h}", "png": encode(photo(i, (w, h)), "PNG")}
+                                               for i, (w, h) in enumerate(sizes)]))
+    for name, extra in {"short_side": {"resize": "short_side", "short_side": 64, "max_long_side": 512},
+                        "square": {"input_size": [64, 64]}}.items():
+        output = str(tmp_path / name)
+        config = load_config(None, {**base_config, **extra, "input": [url], "output": output,
+                                    "slide": {"crop": 48, "stride": 32}})
+        ShardLabeler(build_spec(config), device="cpu", torch_threads=1).label_shard(Shard(url, "s-0"))
+        rows = all_rows(output)
+        assert [(r["width"], r["height"], r["status"]) for r in rows] == [(w, h, "ok") for w, h in sizes], rows
+        for row in rows:
+            check_labels(row)

@@ -14,7 +14,7 @@ def test_braces_globs_and_list_files(tmp_path):
     globbed = list_shards([Location(str(tmp_path / "*-000.tar")), Location("file://" + str(tmp_path / "a-000.tar"))])
     assert [s.url for s in globbed] == [str(tmp_path / "a-000.tar"), str(tmp_path / "b-000.tar")]
     listing = tmp_path / "shards.txt"
-    listing.write_text(f"# two shards\n{tmp_path / 'a-002.tar'}\n\n{tmp_path / 'b-*.tar'}\n")
+    listing.write_text(f"# two shards\n{tmp_path / 'a-002.tar'}\n\n{tmp_path / 'b-000.tar'}\n")
     assert [s.url for s in list_shards([Location(str(listing))])] == [str(tmp_path / "a-002.tar"),
                                                                       str(tmp_path / "b-000.tar")]
     with pytest.raises(ValueError, match="matches no file"):
@@ -40,3 +40,23 @@ def test_s3_globs_and_braces(s3_endpoint):
     assert [s.url for s in list_shards([Location("s3://listing/{p,q}-0.tar", options)])] == ["s3://listing/p-0.tar",
                                                                                    "s3://listing/q-0.tar"]
     assert [s.url for s in list_shards([Location("s3://listing/list.txt", options)])] == ["s3://listing/q-0.tar"]
+
+
+def test_names_with_glob_characters_are_taken_literally(tmp_path):
+    """Issue 18.8: an existing file named exactly as given is that file; list entries are literal;
+    brackets escape a glob character; HTTP query strings are not globs."""
+    for name in ["photos [1].tar", "photos 1.tar", "a{1,2}.tar", "a1.tar", "a2.tar", "what?.tar", "whatX.tar"]:
+        (tmp_path / name).write_bytes(b"x")
+    for name in ["photos [1].tar", "a{1,2}.tar", "what?.tar"]:
+        assert [s.url for s in list_shards([Location(str(tmp_path / name))])] == [str(tmp_path / name)]
+    assert [s.url for s in list_shards([Location(str(tmp_path / "a{1,2}x.tar"))])] == [
+        str(tmp_path / "a1x.tar"), str(tmp_path / "a2x.tar")]  # no such file: braces expand (missing shards)
+    assert [s.url for s in list_shards([Location(str(tmp_path / "what[?].tar"))])] == [str(tmp_path / "what?.tar")]
+    assert [s.url for s in list_shards([Location(str(tmp_path / "photos [[]1].tar"))])] == [
+        str(tmp_path / "photos [1].tar")]
+    listing = tmp_path / "list.txt"
+    listing.write_text("photos [1].tar\na{1,2}.tar\nwhat?.tar\nb-*.tar\n")
+    assert [s.url for s in list_shards([Location(str(listing))])] == [
+        str(tmp_path / n) for n in ["photos [1].tar", "a{1,2}.tar", "what?.tar", "b-*.tar"]]  # the last: missing
+    url = "http://127.0.0.1:9/x.tar?version=2"
+    assert [s.url for s in list_shards([Location(url)])] == [url]

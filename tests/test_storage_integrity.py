@@ -185,3 +185,41 @@ def test_a_temp_file_that_cannot_be_removed_is_logged_not_raised(tmp_path, monke
     assert Location(str(tmp_path)).remove_stale_temps(2000.0) == 1
     assert os.path.exists(temps[0]) and not os.path.exists(temps[1])
     assert "could not remove the leftover temp file" in caplog.text
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from pipeline.io.storage import Location
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+folder = sys.argv[1]
+for write in ("write_bytes_atomic", "write_bytes_if_absent"):
+    try:
+        getattr(Location(folder + "/" + write + ".json"), write)(b"x" * 100_000)
+    except OSError as err:
+        print(write, "failed:", err.strerror)
+"""
+
+
+def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path):
+    """Issue 18.14: a write that fails (a full disk) removes its temp file, not only a failed rename."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path / "out")], cwd=repo,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.count("failed: File too large") == 2, done.stdout + done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_temps_are_removed_from_a_whole_destination_tree(tmp_path):
+    """For export/show: the leftover temp files anywhere under a destination, older than the start."""
+    import time
+    old = time.time() - 10
+    left = [leftover_temp(str(tmp_path / "dest" / sub / "x.txt"), old) for sub in ("", "labels/train", "a/b/c")]
+    fresh = leftover_temp(str(tmp_path / "dest/labels/y.txt"), time.time() + 60)
+    (tmp_path / "dest/labels/train/keep.txt").write_text("label")
+    assert Location(str(tmp_path / "dest")).remove_temps_below(time.time()) == 3
+    assert not any(p.exists() for p in left) and fresh.exists() and (tmp_path / "dest/labels/train/keep.txt").exists()
+    assert Location(str(tmp_path / "missing")).remove_temps_below(time.time()) == 0

@@ -76,3 +76,17 @@ def test_a_ground_truth_mask_rides_with_its_image_and_gets_no_row(tmp_path):
     samples = list(iter_tar_samples(Location(str(shard))))
     assert [s["__uid__"] for s in samples] == ["p", "q"]
     assert samples[0]["seg.png"] == mask and samples[0]["jpg"] == jpg
+
+
+@pytest.mark.parametrize("names, uids", [
+    (["k.jpg", "m.jpg", "k.jpg", "k#2.jpg"], ["k", "m", "k#2", "k#2#2"]),
+    (["k#2.jpg", "k.jpg", "k.jpg", "k.jpg"], ["k#2", "k", "k#3", "k#4"]),
+    (["k.jpg", "k.png", "k#2.jpg", "k#2.jpg", "k#2#2.jpg"], ["k", "k#2", "k#2#2", "k#2#3", "k#2#2#2"]),
+])
+def test_sample_ids_are_unique_whatever_the_member_names(tmp_path, names, uids):
+    """Issue 18.2: a repeated key's ``key#n`` never equals another member's own key."""
+    jpg = encode(photo(0, (20, 20)), "JPEG")
+    shard = write_members(tmp_path / "ids.tar", [(name, jpg) for name in names])
+    samples = list(iter_tar_samples(Location(str(shard))))
+    assert [s["__uid__"] for s in samples] == uids
+    assert len(set(uids)) == len(uids)

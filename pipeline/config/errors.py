@@ -1,6 +1,8 @@
 """The configuration error every stage raises for bad input, and the one-line form of an exception."""
 from __future__ import annotations
 
+from pipeline.io.redact import redact_text
+
 
 
 
@@ -10,6 +12,7 @@ class ConfigError(ValueError):
 
 
 def first_line(err: BaseException) -> str:
-    """An exception's first line of text (or its type's name), for one-line messages."""
-    lines = str(err).strip().splitlines()
+    """An exception's first line of text (or its type's name), for one-line messages; without
+    credentials in URLs."""
+    lines = redact_text(str(err)).strip().splitlines()
     return lines[0] if lines else type(err).__name__

@@ -17,6 +17,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from pipeline.config import LabelConfig
 from pipeline.store.layout import OutputLayout, write_json
 from pipeline.io.shards import Shard
+from pipeline.io.redact import redact_text
 from pipeline.io.storage import protocol_of
 from pipeline.config.errors import first_line
 from pipeline.driver.pool import WorkerPool, WorkersLostError, ray_error_text
@@ -84,12 +85,12 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
                 # It held another shard too, and either may have killed it: neither is charged an
                 # attempt; each is redone alone, so a shard that kills workers is found out alone.
                 log.warning("worker died while labelling %s and another shard (%s); redoing each alone",
-                            shard.url, ray_error_text(err))
+                            shard.shown, ray_error_text(err))
                 suspects.add(shard)
                 summary.shard_retries += 1
                 queue.append(shard)
             else:
-                log.warning("worker died while labelling %s (%s); retrying elsewhere", shard.url, ray_error_text(err))
+                log.warning("worker died while labelling %s (%s); retrying elsewhere", shard.shown, ray_error_text(err))
                 attempts[shard] += 1
                 _retry_or_fail(shard, attempts, queue, summary, ray_error_text(err), config, on_result)
             if actor not in dead:  # one replacement per dead actor, however many shards it held
@@ -137,18 +138,22 @@ def _retry_or_fail(shard: Shard, attempts: Counter, queue: deque, summary: RunSu
         return
     summary.shards_failed += 1
     error = _shard_error(shard, error, config)
-    summary.failed[shard.url] = error
+    summary.failed[shard.shown] = error
     try:  # a note for `gemlabel report`; the shard is not done either way, so a rerun redoes it
         write_json(OutputLayout(config.location(config.output)).failed_file(shard.shard_id),
-                   {"shard": shard.url, "shard_id": shard.shard_id, "error": error, "attempts": attempts[shard],
+                   {"shard": shard.shown, "shard_id": shard.shard_id, "error": error, "attempts": attempts[shard],
                     "failed_at": datetime.now(timezone.utc).isoformat()})
     except Exception as err:  # the output's storage is failing too (outage)
-        log.warning("could not record %s as failed: %s", shard.url, first_line(err))
+        log.warning("could not record %s as failed: %s", shard.shown, first_line(err))
     on_result(shard, None)
 
 
 def _shard_error(shard: Shard, error: str, config: LabelConfig) -> str:
-    """The error recorded for a shard; a read timeout says that the stream stalled, and where."""
+    """The error recorded for a shard; a read timeout says that the stream stalled, and where
+    (the worker's own deadline, ``pipeline.io.guarded``, says so already)."""
+    error = redact_text(error)
+    if error.startswith("StalledRead: "):
+        return error[len("StalledRead: "):]
     if "Timeout" in error and protocol_of(shard.url) in ("http", "https"):
-        return f"stalled: no data for {config.read_timeout_s:g}s while reading {shard.url} ({error.strip()})"
+        return f"stalled: no data for {config.read_timeout_s:g}s while reading {shard.shown} ({error.strip()})"
     return error

@@ -70,6 +70,12 @@ def check_model(config: LabelConfig) -> None:
     if isinstance(layers, int) and config.gem.depth > layers:
         raise ConfigError(f"gem.depth: {config.model} has {layers} blocks, so depth must be at most {layers}; "
                           f"got {config.gem.depth}")
+    if isinstance(patch, int) and config.resize == "short_side" and config.short_side < patch:
+        raise ConfigError(f"short_side: {config.model} uses {patch}-pixel patches, so short_side must be at least "
+                          f"{patch}; got {config.short_side}")
+    if isinstance(patch, int) and config.slide.crop is not None and config.slide.crop < patch:
+        raise ConfigError(f"slide.crop: {config.model} uses {patch}-pixel patches, so the crop must be at least "
+                          f"{patch}; got {config.slide.crop}")
     if isinstance(patch, int):
         height, width = config.input_size
         if min(height, width) < patch or height % patch or width % patch:
@@ -105,6 +111,9 @@ def select_shards(shards: list[Shard], markers: dict[str, dict], spec: RunSpec,
     return todo
 
 
+HTTP_REQUEST_OPTIONS = {"headers", "auth", "cookies", "proxy", "proxy_auth", "ssl", "allow_redirects"}
+
+
 def filesystem_parameters(protocol: str) -> set[str]:
     """The option names a protocol's fsspec filesystem takes (its and its bases' named
     parameters), plus the top-level endpoint_url/region_name that pipeline.io.storage moves for s3."""
@@ -117,6 +126,8 @@ def filesystem_parameters(protocol: str) -> set[str]:
         if init is not None:
             names |= {name for name, param in inspect.signature(init).parameters.items()
                       if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)}
+    if protocol in ("http", "https"):  # passed on to every aiohttp request (HTTPFileSystem's **kwargs)
+        names |= HTTP_REQUEST_OPTIONS
     return names | {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
 
 

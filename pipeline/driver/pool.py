@@ -8,6 +8,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from pipeline.config.sizing import sizing_for
+from pipeline.io.redact import redact_text
 from pipeline.worker.labeler import RunSpec, ShardLabeler
 from pipeline.driver.records import RunSummary
 
@@ -114,5 +115,5 @@ class WorkerPool:
 
 def ray_error_text(err: BaseException) -> str:
     cause = getattr(err, "cause", None)
-    text = str(cause if cause is not None else err).strip().splitlines()
+    text = redact_text(str(cause if cause is not None else err)).strip().splitlines()
     return text[-1] if text else type(err).__name__

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 
 from pipeline.store.layout import write_json
+from pipeline.io.redact import redact_url
 from pipeline.io.storage import Location
 from pipeline.config.errors import first_line
 
@@ -40,10 +41,10 @@ class RunSummary:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def as_record(self) -> dict:
-        return {**self.__dict__, "images_per_s": round(self.images_per_s, 3)}
+        return {**self.__dict__, "output": redact_url(self.output), "images_per_s": round(self.images_per_s, 3)}
 
     def text(self) -> str:
-        lines = [f"gemlabel run {self.run_id} -> {self.output}",
+        lines = [f"gemlabel run {self.run_id} -> {redact_url(self.output)}",
                  f"  shards: {self.shards_total} total, {self.shards_done} labelled, "
                  f"{self.shards_skipped} already done, {self.shards_failed} failed",
                  f"  images: {self.images} ({self.image_errors} errors), labels: {self.labels}, "

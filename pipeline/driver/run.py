@@ -18,6 +18,7 @@ from pipeline.config import ConfigError, LabelConfig
 from pipeline.store.layout import OutputLayout, prepare_output, read_markers, verify_markers
 from pipeline.driver.resolve import resolve_paths
 from pipeline.io.shards import Shard, list_shards
+from pipeline.io.redact import redact_url
 from pipeline.io.storage import file_identity, stat_files
 from pipeline.config.errors import first_line
 from pipeline.driver.cluster import connect_ray, ensure_schedulable
@@ -25,6 +26,7 @@ from pipeline.driver.dispatch import label_shards
 from pipeline.driver.plan import build_spec, check_model, check_output_location, check_storage_options, select_shards, with_read_timeout
 from pipeline.driver.pool import WorkerPool
 from pipeline.driver.records import RunInterrupted, RunSummary, record_run
+from pipeline.driver.signals import stop_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     bad vocabulary, templates, model, an output made with other settings, or workers the cluster
     can never schedule -- all before the output is claimed."""
     out = out or sys.stderr
+    stop_on_sigterm()
     started = datetime.now(timezone.utc)
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     config = with_read_timeout(resolve_paths(config))
@@ -50,7 +53,8 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     except (ValueError, OSError) as err:
         raise ConfigError(f"input: {first_line(err)}") from None
     except Exception as err:  # e.g. botocore's NoCredentialsError
-        raise ConfigError(f"input: cannot list {', '.join(config.input)}: {first_line(err)}") from None
+        raise ConfigError(f"input: cannot list {', '.join(map(redact_url, config.input))}: "
+                          f"{first_line(err)}") from None
     if not shards:
         raise ConfigError("input: no shards found")
     check_model(config)
@@ -65,6 +69,7 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     pool = None
     if todo:  # the workers must fit the cluster before the output is claimed
         connect_ray(config)
+        stop_on_sigterm()  # ray.init made SIGTERM a sys.exit
         pool = WorkerPool(spec, run_id)
         ensure_schedulable(pool, out)
     prepare_output(layout, spec.fingerprint, spec.source, config.overwrite, run_id)

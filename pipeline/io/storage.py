@@ -77,10 +77,19 @@ def temp_path(path: str) -> str:
 
 
 def _write_local_temp(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> str:
+    """The temp file holding all of ``data``; on any failure (a full disk, a size limit, Ctrl-C)
+    none is left behind."""
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     temp = temp_path(path)
-    with fs.open(temp, "wb") as handle:
-        handle.write(data)
+    try:
+        with fs.open(temp, "wb") as handle:
+            handle.write(data)
+    except BaseException:
+        try:
+            os.remove(temp)
+        except OSError:  # never created, or not ours to remove: nothing more this can do
+            pass
+        raise
     return temp
 
 
@@ -217,21 +226,19 @@ class Location:
             names = fs.ls(folder, detail=False)
         except OSError:  # no such folder yet, or unreadable: nothing this can clear
             return 0
-        removed = 0
-        for name in names:
-            match = TEMP_NAME.match(posixpath.basename(name))
-            if not match or (of is not None and match["of"] != of):
-                continue
-            try:
-                info = fs.info(name)
-                if info["type"] == "file" and info.get("mtime", modified_before) < modified_before:
-                    fs.rm(name)
-                    removed += 1
-            except FileNotFoundError:  # another cleaner was first
-                pass
-            except OSError as err:  # not ours to remove (permissions), a stale NFS handle...
-                log.warning("could not remove the leftover temp file %s: %s", name, err)
-        return removed
+        return _remove_temps(fs, names, modified_before, of)
+
+    def remove_temps_below(self, modified_before: float) -> int:
+        """``remove_stale_temps`` for this folder and every folder below it (a destination that
+        export or show writes a tree into, cleaned when they start); how many were removed."""
+        fs, folder = self.fs_path
+        if not is_local(fs):
+            return 0
+        try:
+            names = fs.find(folder)
+        except OSError:
+            return 0
+        return _remove_temps(fs, names, modified_before)
 
     def remove(self, recursive: bool = False) -> None:
         fs, path = self.fs_path
@@ -252,6 +259,27 @@ class Location:
         """What this URL, read as a glob pattern, matches, in path order."""
         fs, path = self.fs_path
         return [self.at(full_url(fs, p)) for p in sorted(fs.glob(path))]
+
+
+def _remove_temps(fs: fsspec.AbstractFileSystem, names: list[str], modified_before: float,
+                  of: Optional[str] = None) -> int:
+    """Remove, of the listed local paths, the atomic writes' temp files (of the file named ``of``
+    when given) last modified before ``modified_before``; best effort; how many."""
+    removed = 0
+    for name in names:
+        match = TEMP_NAME.match(posixpath.basename(name))
+        if not match or (of is not None and match["of"] != of):
+            continue
+        try:
+            info = fs.info(name)
+            if info["type"] == "file" and info.get("mtime", modified_before) < modified_before:
+                fs.rm(name)
+                removed += 1
+        except FileNotFoundError:  # another cleaner was first
+            pass
+        except OSError as err:  # not ours to remove (permissions), a stale NFS handle...
+            log.warning("could not remove the leftover temp file %s: %s", name, err)
+    return removed
 
 
 def stat_files(files: list[Location]) -> dict[str, Optional[dict]]:

@@ -13,7 +13,9 @@ How tar members become rows (every image member gets exactly one row):
   one row per image, in tar order; a member name repeated inside a sample starts a new sample.
 - ``sample_id`` is ``<shard id>/<key>`` for the first row of a key in the shard and
   ``<shard id>/<key>#2``, ``#3``, ... for later ones (repeated keys, adjacent or not, and the
-  extra images of one key), so ids are unique within the output.
+  extra images of one key), skipping any ``#n`` that a member's own key already took (members
+  ``k.jpg, k#2.jpg, k.jpg`` -> ``k``, ``k#2``, ``k#3``), so ids are unique within the output
+  whatever the member names.
 - A ``seg.png`` entry (``key.seg.png``) is the image's ground-truth mask, not an image: it rides
   with the sample (``gemlabel eval`` reads it) and gets no row of its own.
 - A sample with no image is an error row. A tar without its end-of-archive blocks (cut, even
@@ -27,7 +29,9 @@ import tarfile
 from typing import Iterator, Optional
 
 
-from pipeline.io.storage import Location
+from pipeline.io.guarded import guarded_open
+from pipeline.io.redact import redact_text
+from pipeline.io.storage import Location, is_local
 
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -47,8 +51,8 @@ _ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
 
 def error_text(err: BaseException) -> str:
     """``Type: message`` without run-specific object addresses (``<_io.BytesIO object at
-    0x7f..>``), so two runs over the same data write equal rows."""
-    return _ADDRESS.sub("", f"{type(err).__name__}: {err}")
+    0x7f..>``), so two runs over the same data write equal rows; without credentials in URLs."""
+    return redact_text(_ADDRESS.sub("", f"{type(err).__name__}: {err}"))
 
 
 class _EndAwareTarInfo(tarfile.TarInfo):
@@ -90,16 +94,24 @@ def _is_image(entry: str) -> bool:
 def group_samples(members: Iterator[tuple[str, bytes]]) -> Iterator[dict]:
     """Members -> raw samples ({'__key__', '__uid__', entry: bytes}), one per image (see the
     module docstring for the rule)."""
-    seen: dict[str, int] = {}
+    seen: dict[str, int] = {}  # key -> the last n its uids used
+    used: set[str] = set()     # every uid given so far: a key may itself look like ``k#2``
+
+    def unique(key: str) -> str:
+        n = seen.get(key, 0)
+        uid = key if n == 0 else f"{key}#{n + 1}"
+        while uid in used:
+            n += 1
+            uid = f"{key}#{n + 1}"
+        seen[key] = n + 1
+        used.add(uid)
+        return uid
 
     def emit(sample: dict) -> Iterator[dict]:
         images = [entry for entry in sample if not entry.startswith("__") and _is_image(entry)]
         others = {k: v for k, v in sample.items() if k not in images}
         for entry in images or [None]:
-            key = sample["__key__"]
-            seen[key] = seen.get(key, 0) + 1
-            uid = key if seen[key] == 1 else f"{key}#{seen[key]}"
-            yield {**others, **({entry: sample[entry]} if entry else {}), "__uid__": uid}
+            yield {**others, **({entry: sample[entry]} if entry else {}), "__uid__": unique(sample["__key__"])}
 
     current: Optional[dict] = None
     for name, data in members:
@@ -113,14 +125,18 @@ def group_samples(members: Iterator[tuple[str, bytes]]) -> Iterator[dict]:
         yield from emit(current)
 
 
-def iter_tar_samples(source: Location) -> Iterator[dict]:
-    """Raw samples ({'__key__': ..., '__uid__': ..., 'jpg': bytes, ...}) of one tar, in order."""
+def iter_tar_samples(source: Location, stall_s: Optional[float] = None) -> Iterator[dict]:
+    """Raw samples ({'__key__': ..., '__uid__': ..., 'jpg': bytes, ...}) of one tar, in order.
+    ``stall_s``: the shard fails as stalled when opening it or a read gives nothing for this
+    long (``pipeline.io.guarded``); a local shard that is not a regular file (a FIFO) fails at once."""
     try:
-        with source.open("rb") as stream:
+        fs, path = source.fs_path
+        with guarded_open(lambda: source.open("rb"), source.url, stall_s, path if is_local(fs) else None) as stream:
             for sample in group_samples(iter_tar_members(stream)):
                 yield {**sample, "__url__": source.url}
     except Exception as err:  # missing file, tarfile.ReadError on truncation, storage errors
-        raise ShardReadError(error_text(err)) from err
+        text = error_text(err)  # the chained error would carry a URL's credentials into Ray's logs
+        raise ShardReadError(text) from (None if redact_text(str(err)) != str(err) else err)
 
 
 def image_entry(sample: dict) -> Optional[str]:

@@ -42,7 +42,8 @@ from pipeline.io.shards import Shard
 from pipeline.config.sizing import Sizing, local_sizing
 from pipeline.worker.stages import ReadingTurns, ShardStages, StageSettings
 from pipeline.io.storage import file_identity
-from pipeline.worker.text_cache import read_cached, text_cache_file, text_cache_key, write_cached
+from pipeline.worker.text_cache import (cache_source, check_rows, probe_words, read_cached, source_key,
+                                        text_cache_file, write_cached)
 
 log = logging.getLogger(__name__)
 
@@ -133,23 +134,33 @@ class ShardLabeler:
         encoded it, else encoded here (on this worker's accelerator) and cached."""
         if self._vocabulary is None:
             config = self.config
-            key = text_cache_key(config.model, config.pretrained, config.model_config, self.spec.class_names,
-                                 self.spec.templates, self.segmenter.dtype, config.background)
-            file = text_cache_file(self.layout, key)
-            cached = read_cached(file)
+            source = cache_source(config.model, config.pretrained, config.model_config, self.spec.class_names,
+                                  self.spec.templates, self.segmenter.dtype, config.background)
+            file = text_cache_file(self.layout, source_key(source))
+            cached, problem = read_cached(file, source)
             if cached is not None:
+                problem = check_rows(cached, self._probe(cached))
+            if cached is not None and problem is None:
                 self.set_vocabulary(cached, source="cache")
             else:
+                if problem:
+                    log.warning("the text-embedding cache %s is not this run's vocabulary (%s): encoding it "
+                                "again and rewriting it", file, problem)
                 self.set_vocabulary(self.segmenter.vocabulary(self.spec.class_names, self.spec.templates,
                                                               config.background), source="encoded")
                 self.text_encodes += 1
-                write_cached(file, self._vocabulary)
+                write_cached(file, self._vocabulary, source)
         return on_device(self._vocabulary, torch.device("cpu"))
 
     def set_vocabulary(self, vocabulary: Vocabulary, source: str = "shipped") -> None:
         """Use a vocabulary encoded elsewhere (another worker, through Ray's object store; the cache)."""
         self._vocabulary = on_device(vocabulary, self.device)
         self.text_source = self.text_source or source
+
+    def _probe(self, cached: Vocabulary) -> dict[int, torch.Tensor]:
+        """A few of the cached rows' words encoded again, alone (a small share of the encoding)."""
+        return {index: self.segmenter.vocabulary([cached.words[index]], cached.templates).embeddings[0]
+                for index in probe_words(cached)}
 
     @property
     def vocabulary(self) -> Vocabulary:
@@ -232,7 +243,7 @@ class ShardLabeler:
 
     @staticmethod
     def _row(shard: Shard, sample: DecodedSample, labels: Optional[list] = None) -> dict:
-        return {"sample_id": f"{shard.shard_id}/{sample.uid}", "key": sample.key, "shard": shard.url,
+        return {"sample_id": f"{shard.shard_id}/{sample.uid}", "key": sample.key, "shard": shard.shown,
                 "width": sample.width, "height": sample.height, "status": "error" if sample.error else "ok",
                 "error": sample.error, "labels": labels or [], "_index": sample.index, "_kind": sample.error_kind}
 
@@ -254,7 +265,7 @@ class ShardLabeler:
                                  lambda batch: self._launch(batch, timings),
                                  lambda sample, output: self._postprocess_row(shard, sample, output, timings),
                                  lambda sample: self._row(shard, sample), timings)
-            rows = stages.run(iter_tar_samples(source), read_done)
+            rows = stages.run(iter_tar_samples(source, self.config.read_timeout_s), read_done)
         errors = Counter(row.pop("_kind") for row in rows if row["status"] == "error")
         for row in rows:
             row.pop("_index")
@@ -271,7 +282,7 @@ class ShardLabeler:
         committing[0].write_bytes_atomic(parquet)
         timings["write_s"] += time.perf_counter() - start
         total = time.perf_counter() - wall
-        marker = shard_marker(shard.url, shard.shard_id, self.spec.fingerprint, rows, len(parquet), errors,
+        marker = shard_marker(shard.shown, shard.shard_id, self.spec.fingerprint, rows, len(parquet), errors,
                               started=started, total_s=total, timings=timings, input_identity=input_identity,
                               attempt=attempt, worker=self.describe())
         write_json(committing[1], marker)
