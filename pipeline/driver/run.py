@@ -15,7 +15,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, LabelConfig
-from pipeline.store.layout import OutputLayout, prepare_output, read_markers, verify_markers
+from pipeline.store.layout import OutputLayout, check_output_claim, prepare_output, read_markers, verify_markers
 from pipeline.driver.resolve import resolve_paths
 from pipeline.io.shards import Shard, list_shards
 from pipeline.io.storage import file_identity, stat_files
@@ -45,6 +45,7 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     spec = build_spec(config)
     layout = OutputLayout(config.location(config.output))
     check_storage_options(config)
+    check_output_claim(layout, spec.fingerprint, spec.source, config.overwrite)  # before Ray starts
     try:
         shards = list_shards([config.location(pattern) for pattern in config.input])
     except (ValueError, OSError) as err:
