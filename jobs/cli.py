@@ -13,8 +13,8 @@ import sys
 from typing import Optional, Sequence
 
 import gemlabel
-from jobs.flags import (EXIT_CONFIG, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED, EXIT_OK, add_config_flags, error_line,
-                         location, overrides)
+from jobs.flags import (EXIT_CONFIG, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED, EXIT_OK, add_config_flags,
+                         config_error_text, error_line, location, overrides)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def _label(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides(args))
         summary = run_labeling(config)
     except (ConfigError, WorkerStartError) as err:
-        print(f"gemlabel: error: {err}", file=sys.stderr)
+        print(f"gemlabel: error: {config_error_text(err)}", file=sys.stderr)
         return EXIT_CONFIG
     except (WorkersLostError, RunRecordError) as err:  # the shards left are not done; a rerun picks them up
         print(f"gemlabel: error: {err}", file=sys.stderr)

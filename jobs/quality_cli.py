@@ -127,13 +127,14 @@ def _template_sets(configured, compare: Optional[str]) -> dict:
 
 
 def _run(handler, args: argparse.Namespace) -> int:
+    from jobs.flags import config_error_text
     from pipeline.config import ConfigError
     from pipeline.quality.groundtruth import GroundTruthError
     from pipeline.driver.pool import WorkersLostError, WorkerStartError
     try:
         return handler(args)
     except (ConfigError, GroundTruthError, WorkerStartError) as err:
-        print(f"gemlabel: error: {err}", file=sys.stderr)
+        print(f"gemlabel: error: {config_error_text(err)}", file=sys.stderr)
         return EXIT_INPUT
     except (WorkersLostError, RuntimeError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)

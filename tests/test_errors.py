@@ -242,7 +242,7 @@ def test_corrupt_checkpoint_checked_in_the_driver(base_config, shards, micro_che
         (tmp_path / name).write_bytes(content)
         config = {**base_config, "input": shards, "pretrained": str(tmp_path / name)}
         message = run_label(config, capsys)
-        assert message.startswith(f"gemlabel: error: model: --pretrained {tmp_path / name} is not a readable "
+        assert message.startswith(f"gemlabel: error: model: pretrained {tmp_path / name} is not a readable "
                                   "checkpoint")
         assert not Path(config["output"]).exists()
 
