@@ -172,7 +172,7 @@ def torchmetrics_miou(rows: list[dict], class_map: dict) -> float:
 def test_pack_label_eval_calibrate(base_config, tmp_path):
     class_map = write_class_map(tmp_path)
     # pack + label, as a user would, then eval the output
-    shards = pack_images(str(VOC_VAL), Location(str(tmp_path / "shards" / "voc")), pattern="*_image.png")
+    shards = pack_images(str(VOC_VAL), Location(str(tmp_path / "shards" / "voc")), pattern="*_image.png").shards
     config = load_config(None, {**label_config(base_config, tmp_path), "input": shards})
     assert run_labeling(config).images == 6
     assert main(["eval", *GT_FLAGS, "--labels", config.output, "--class-map", class_map,
