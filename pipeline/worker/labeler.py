@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -42,6 +43,7 @@ from pipeline.io.shards import Shard
 from pipeline.config.sizing import Sizing, local_sizing
 from pipeline.worker.stages import ReadingTurns, ShardStages, StageSettings
 from pipeline.io.storage import file_identity
+from pipeline.worker.progress import ShardProgress, progress_key
 from pipeline.worker.text_cache import read_cached, text_cache_file, text_cache_key, write_cached
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,12 @@ def load_segmenter(spec: RunSpec, device: torch.device, batch_size: Optional[int
                                         inference=inference)
 
 
+def say(text: str) -> None:
+    """A phase line on the worker's stderr (Ray shows it in the driver's terminal): loading a
+    model or encoding the prompts takes minutes on a CPU, and must not be silent."""
+    print(f"gemlabel: {text}", file=sys.stderr, flush=True)
+
+
 def on_device(vocabulary: Vocabulary, device: torch.device) -> Vocabulary:
     """The same vocabulary with its embeddings (float32, as the similarities are) on ``device``."""
     return dataclasses.replace(vocabulary, embeddings=vocabulary.embeddings.float().to(device))
@@ -97,7 +105,8 @@ def on_device(vocabulary: Vocabulary, device: torch.device) -> Vocabulary:
 
 class ShardLabeler:
     def __init__(self, spec: RunSpec, device: Optional[str] = None, torch_threads: Optional[int] = None,
-                 vocabulary: Optional[Vocabulary] = None, sizing: Optional[Sizing] = None):
+                 vocabulary: Optional[Vocabulary] = None, sizing: Optional[Sizing] = None,
+                 run_id: Optional[str] = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.spec, self.config = spec, spec.config
@@ -105,7 +114,11 @@ class ShardLabeler:
         # Ray hides the GPUs from actors that asked for none, so this follows the actor's resources.
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         sizing = sizing or local_sizing(self.config, self.device.type == "cuda")
+        self.run_id = run_id  # names this run's progress counts (pipeline.worker.progress)
+        loading = time.perf_counter()
+        say(f"loading model {self.config.model} (pretrained: {self.config.pretrained}) on {self.device}")
         self.segmenter = load_segmenter(spec, self.device, sizing.batch_size)
+        say(f"model {self.config.model} loaded in {time.perf_counter() - loading:.1f}s")
         self.text_encodes, self.text_source = 0, None  # how this worker got its vocabulary
         self._vocabulary: Optional[Vocabulary] = None
         if vocabulary is not None:
@@ -137,11 +150,16 @@ class ShardLabeler:
                                  self.spec.templates, self.segmenter.dtype, config.background)
             file = text_cache_file(self.layout, key)
             cached = read_cached(file)
+            names, templates = len(self.spec.class_names) + len(config.background), len(self.spec.templates)
             if cached is not None:
+                say(f"text embeddings read from the cache {file} ({names} names x {templates} templates: "
+                    "no prompts to encode)")
                 self.set_vocabulary(cached, source="cache")
             else:
+                def progress(done: int, total: int) -> None:
+                    say(f"encoding {total} prompts ({names} names x {templates} templates): {done}/{total}")
                 self.set_vocabulary(self.segmenter.vocabulary(self.spec.class_names, self.spec.templates,
-                                                              config.background), source="encoded")
+                                                              config.background, progress), source="encoded")
                 self.text_encodes += 1
                 write_cached(file, self._vocabulary)
         return on_device(self._vocabulary, torch.device("cpu"))
@@ -246,15 +264,21 @@ class ShardLabeler:
         source = self.config.location(shard.url)
         input_identity = file_identity(source.stat())
         timings: Counter = Counter()
+        progress = ShardProgress(progress_key(self.run_id, shard.shard_id) if self.run_id else None)
+
+        def counted(row: dict) -> dict:
+            progress.add(1)
+            return row
         waited = time.perf_counter()
         with self._reading_turns.turn() as read_done:
             started, wall = datetime.now(timezone.utc), time.perf_counter()
             timings["read_turn_wait_s"] += wall - waited
             stages = ShardStages(self.stage_settings, self._decode_for_stages,
                                  lambda batch: self._launch(batch, timings),
-                                 lambda sample, output: self._postprocess_row(shard, sample, output, timings),
-                                 lambda sample: self._row(shard, sample), timings)
+                                 lambda sample, output: counted(self._postprocess_row(shard, sample, output, timings)),
+                                 lambda sample: counted(self._row(shard, sample)), timings)
             rows = stages.run(iter_tar_samples(source), read_done)
+        progress.publish()  # every image of the attempt, until the driver has the marker
         errors = Counter(row.pop("_kind") for row in rows if row["status"] == "error")
         for row in rows:
             row.pop("_index")
