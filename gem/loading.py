@@ -2,8 +2,9 @@
 
 Weights come from an open_clip pretrained tag (downloaded to the hub cache), a local
 checkpoint path, or ``None`` for random weights (tests, benchmarks). Without network access a
-tag that is not cached fails at once, with a message that says to pass a local path, instead
-of hanging in download retries.
+tag that is not cached fails at once, with a message that names the file to download and says
+to pass a local path, instead of hanging in download retries. Messages name the ``pretrained``
+argument (the config key), never a command-line flag: the command adds its flags' hint.
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def check_checkpoint_file(pretrained: Optional[str]) -> None:
     elif size == 0:
         problem = "the file is empty"
     if problem:
-        raise WeightsUnavailableError(f"--pretrained {pretrained} is not a readable checkpoint ({problem}); "
+        raise WeightsUnavailableError(f"pretrained {pretrained} is not a readable checkpoint ({problem}); "
                                       "it may be truncated: copy it again")
     if not pretrained.endswith(".safetensors"):
         problem = _unloadable(pretrained, zipped=head.startswith(b"PK"))
@@ -159,11 +160,29 @@ def _hub_offline(offline: bool = True) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = previous
 
 
-def _offline_error(model_name: str, weights: Optional[str], err: Exception) -> WeightsUnavailableError:
+def _download_source(model_name: str, tag: Optional[str]) -> str:
+    """Where the weights come from, for a user to fetch them by hand: file name and hub repo (or URL)."""
+    if model_name.startswith("hf-hub:"):
+        return f"the files of Hugging Face hub repo {model_name[len('hf-hub:'):]}"
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])  # "org/model/" (default file) or "org/model/file.pt"
+        filename = filename or "open_clip_pytorch_model.bin"
+        return f"{filename} from Hugging Face hub repo {repo} (https://huggingface.co/{repo})"
+    if cfg.get("url"):
+        return f"{cfg['url'].rsplit('/', 1)[-1]} from {cfg['url']}"
+    return f"the {tag} checkpoint of {model_name}"
+
+
+def _offline_error(model_name: str, weights: Optional[str]) -> WeightsUnavailableError:
+    """The whole reason in one line: no network and no cached copy, what to download and from
+    where, and what to pass instead (named as the ``pretrained`` argument, not a flag)."""
+    host = _hf_host() if model_name.startswith("hf-hub:") else _weights_host(model_name, weights or "")
     return WeightsUnavailableError(
-        f"could not fetch weights for {model_name} ({weights or 'hub'}): no network access and no cached copy "
-        f"({str(err).splitlines()[0][:160]}). Download the checkpoint elsewhere and pass its local path, "
-        f"e.g. --pretrained /path/to/open_clip_pytorch_model.bin")
+        f"cannot get the weights of {model_name} ({weights or 'hub'}): {host or 'the download host'} is not "
+        f"reachable and no copy is cached; download {_download_source(model_name, weights)} "
+        f"where there is network and pass its local path as pretrained, or pretrained 'none' to run on random "
+        f"weights (a smoke run: the labels are meaningless)")
 
 
 def _resolve_weights(model_name: str, pretrained: Optional[str]) -> tuple[Optional[str], Optional[str]]:
@@ -178,7 +197,7 @@ def _resolve_weights(model_name: str, pretrained: Optional[str]) -> tuple[Option
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained not in tags:
         raise WeightsUnavailableError(
-            f"--pretrained {pretrained!r} is neither a file nor an open_clip tag of {model_name} "
+            f"pretrained {pretrained!r} is neither a file nor an open_clip tag of {model_name} "
             f"(tags: {', '.join(tags) or 'none'}); pass a local checkpoint path")
     return pretrained, _weights_host(model_name, pretrained)
 
@@ -196,22 +215,25 @@ def check_weights_available(model_name: str, pretrained: Optional[str]) -> None:
                 hf_hub_download(model_name[len("hf-hub:"):], "open_clip_config.json")
             else:
                 open_clip.pretrained.download_pretrained(open_clip.get_pretrained_cfg(model_name, weights))
-    except Exception as err:  # huggingface_hub and urllib raise many kinds
-        raise _offline_error(model_name, weights, err) from None
+    except Exception:  # huggingface_hub and urllib raise many kinds
+        raise _offline_error(model_name, weights) from None
 
 
 def load_clip(model_name: str, pretrained: Optional[str], device: str | torch.device = "cpu") -> LoadedCLIP:
     """Build the model in eval mode on ``device`` with the requested weights."""
     weights, host = _resolve_weights(model_name, pretrained)
     schema_source = model_name.startswith(("hf-hub:", "local-dir:"))
+    offline = bool(host) and not _reachable(host)
     try:
-        with _hub_offline(bool(host) and not _reachable(host)):
+        with _hub_offline(offline):
             model = open_clip.create_model(model_name, pretrained=weights, device=device,
                                            load_weights=weights is not None or schema_source)
     except (RuntimeError, OSError) as err:
-        if host is None:
-            raise WeightsUnavailableError(f"could not load weights from {weights}: {err}") from err
-        raise _offline_error(model_name, weights, err) from err
+        if offline:
+            raise _offline_error(model_name, weights) from err
+        reason = " ".join(str(err).split()) or type(err).__name__  # the whole reason, on one line
+        raise WeightsUnavailableError(f"could not load the weights of {model_name} ({weights or 'hub'}): "
+                                      f"{reason}") from err
     if weights is None and not schema_source:
         log.warning("model %s has random weights (pretrained=%r): outputs are meaningless", model_name, pretrained)
     check_supported(model.visual)

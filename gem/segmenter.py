@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import numpy as np
@@ -114,11 +114,12 @@ class GEMSegmenter:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def vocabulary(self, class_names: Sequence[ClassEntry], templates: TemplateSpec = None,
-                   background: Sequence[str] = ()) -> Vocabulary:
+                   background: Sequence[str] = (), progress: Optional[Callable[[int, int], None]] = None
+                   ) -> Vocabulary:
         """Text embeddings for the classes (a name or a list of synonyms each) and background
-        names, computed once per (names, templates)."""
+        names, computed once per (names, templates); ``progress(done, total)`` counts prompts."""
         with self._autocast():
-            return self.text.get(class_names, templates, background)
+            return self.text.get(class_names, templates, background, progress)
 
     @torch.no_grad()
     def tokens(self, images: torch.Tensor, keep_original: bool = False) -> GEMTokens:

@@ -10,7 +10,7 @@ gets its own embedding; ``gem.dense`` takes each class's max over its words.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -61,16 +61,20 @@ class TextEmbeddingCache:
         self.encoded_prompts = 0  # how many prompts went through the text tower (for tests/bench)
 
     @torch.no_grad()
-    def _embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+    def _embed_prompts(self, prompts: Sequence[str], progress: Optional[Callable[[int, int], None]] = None
+                       ) -> torch.Tensor:
+        """``progress(done, total)`` after each batch: on a CPU this takes minutes."""
         chunks = []
         for start in range(0, len(prompts), self._batch_size):
             tokens = self._tokenizer(list(prompts[start:start + self._batch_size])).to(self._device)
             chunks.append(F.normalize(self._encode_text(tokens).float(), dim=-1))
+            if progress is not None:
+                progress(min(start + self._batch_size, len(prompts)), len(prompts))
         self.encoded_prompts += len(prompts)
         return torch.cat(chunks)
 
     def get(self, class_names: Sequence[ClassEntry], templates: TemplateSpec = None,
-            background: Sequence[str] = ()) -> Vocabulary:
+            background: Sequence[str] = (), progress: Optional[Callable[[int, int], None]] = None) -> Vocabulary:
         """class_names: one entry per class, a name or a list of synonyms; background: names that
         compete with the classes but are never labels."""
         groups, resolved = class_groups(class_names), resolve_templates(templates)
@@ -83,7 +87,9 @@ class TextEmbeddingCache:
         key = (groups, background, resolved)
         if key not in self._cache:
             prompts = [template.format(name) for name in words for template in resolved]
-            per_prompt = self._embed_prompts(prompts).view(len(words), len(resolved), -1)
+            if progress is not None:
+                progress(0, len(prompts))
+            per_prompt = self._embed_prompts(prompts, progress).view(len(words), len(resolved), -1)
             embeddings = F.normalize(per_prompt.mean(dim=1), dim=-1)
             synonyms = groups if any(len(group) > 1 for group in groups) or background else ()
             self._cache[key] = Vocabulary(tuple(group[0] for group in groups), resolved, embeddings,

@@ -13,8 +13,8 @@ import sys
 from typing import Optional, Sequence
 
 import gemlabel
-from jobs.flags import (EXIT_CONFIG, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED, EXIT_OK, add_config_flags, error_line,
-                         location, overrides)
+from jobs.flags import (EXIT_CONFIG, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED, EXIT_OK, add_config_flags,
+                         config_error_text, error_line, location, overrides)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,11 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     pack = commands.add_parser("pack", help="pack a folder of images into webdataset shards")
     pack.add_argument("folder")
     pack.add_argument("output_prefix", help="e.g. data/shards/train writes data/shards/train-000000.tar, ...")
-    pack.add_argument("--per-shard", type=int, default=1000)
+    pack.add_argument("--per-shard", type=int, default=1000, metavar="N",
+                      help="images per shard (default: 1000); a rerun packs only new or changed files")
     pack.add_argument("--pattern", default="*", help="glob on file names, e.g. '*_image.png'")
     pack.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL for an s3:// output prefix")
     report = commands.add_parser("report", help="summarise an output from its markers")
-    report.add_argument("output")
+    report.add_argument("output", help="an output prefix gemlabel label wrote (local path, s3://, gs://, ...)")
     report.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, R2, ...)")
     report.add_argument("--input", nargs="+", default=None,
                         help="the run's input (shard URLs, globs, .txt lists): also count the shards still pending")
@@ -55,7 +56,7 @@ def _label(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides(args))
         summary = run_labeling(config)
     except (ConfigError, WorkerStartError) as err:
-        print(f"gemlabel: error: {redact_text(str(err))}", file=sys.stderr)
+        print(f"gemlabel: error: {redact_text(config_error_text(err))}", file=sys.stderr)
         return EXIT_CONFIG
     except (WorkersLostError, RunRecordError) as err:  # the shards left are not done; a rerun picks them up
         print(f"gemlabel: error: {redact_text(str(err))}", file=sys.stderr)
@@ -88,13 +89,22 @@ def _report(args: argparse.Namespace) -> int:
 def _pack(args: argparse.Namespace) -> int:
     from pipeline.io.pack import pack_images
     try:
-        shards = pack_images(args.folder, location(args.output_prefix, args.s3_endpoint), args.per_shard,
+        result = pack_images(args.folder, location(args.output_prefix, args.s3_endpoint), args.per_shard,
                              args.pattern)
     except (ValueError, OSError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    print(f"gemlabel: wrote {len(shards)} shard(s): {shards[0]} ... {shards[-1]}")
+    print(pack_summary(result, args.output_prefix))
     return EXIT_OK
+
+
+def pack_summary(result, prefix: str) -> str:
+    """One line: the shards written (each path once) and the files skipped as already packed."""
+    shards = result.shards
+    where = "" if not shards else f": {shards[0]}" if len(shards) == 1 else f": {shards[0]} ... {shards[-1]}"
+    skipped = (f"; skipped {result.skipped} file(s) already packed under {prefix} (same path and content)"
+               if result.skipped else "")
+    return f"gemlabel: wrote {len(shards)} shard(s) with {result.files} file(s){where}{skipped}"
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -83,6 +83,15 @@ def overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def config_error_text(err: BaseException) -> str:
+    """A ConfigError's message, plus the flag that sets the key it names (the library's messages
+    name config keys, which a command-line user sets with flags)."""
+    from pipeline.config import config_keys
+    key = getattr(err, "key", "")
+    flag = next((k.flag for k in config_keys() if k.key == key and k.flag), None) if key else None
+    return f"{err}; on the command line, {key} is {flag}" if flag else str(err)
+
+
 def error_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

@@ -127,13 +127,14 @@ def _template_sets(configured, compare: Optional[str]) -> dict:
 
 
 def _run(handler, args: argparse.Namespace) -> int:
+    from jobs.flags import config_error_text
     from pipeline.config import ConfigError
     from pipeline.quality.groundtruth import GroundTruthError
     from pipeline.driver.pool import WorkersLostError, WorkerStartError
     try:
         return handler(args)
     except (ConfigError, GroundTruthError, WorkerStartError) as err:
-        print(f"gemlabel: error: {err}", file=sys.stderr)
+        print(f"gemlabel: error: {config_error_text(err)}", file=sys.stderr)
         return EXIT_INPUT
     except (WorkersLostError, RuntimeError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
@@ -168,8 +169,7 @@ def _eval(args: argparse.Namespace) -> int:
         "scoring_seconds": round(time.perf_counter() - start, 3)})
     summary = record["summary"]
     print(f"gemlabel eval: {result.images_scored} images, mIoU {summary['mIoU']}, aAcc {summary['aAcc']}, "
-          f"fwIoU {summary['fwIoU']}, point precision {summary['point_precision']} -> {args.report}/report.md",
-          file=sys.stderr)
+          f"fwIoU {summary['fwIoU']}, point precision {summary['point_precision']} -> {args.report}/report.md")
     return EXIT_OK
 
 
@@ -214,12 +214,12 @@ def _calibrate(args: argparse.Namespace) -> int:
                                   batch_size, progress, config.jpeg_draft)
     model_seconds = time.perf_counter() - start
     calibrations = [sweep(cached, mapping, grid, model_seconds, progress, name) for name in vocabularies]
-    record = write_calibration(calibrations, args.report, {"mapping": mapping.as_dict()}, specs)
+    record = write_calibration(calibrations, args.report, {"mapping": mapping.as_dict()}, specs, config.to_dict())
     best = record["best"]
     print(f"gemlabel calibrate: best of {grid.size * len(calibrations)} settings on {len(cached)} images: "
           f"logit_scale {best['logit_scale']}, background_threshold {best['background_threshold']}, "
           f"min_area {best['min_area']}, templates {best['templates']} (mIoU {100 * best['mIoU']:.2f}) "
-          f"-> {args.report}/best.yaml", file=sys.stderr)
+          f"-> {args.report}/best.yaml")  # results on stdout, progress on stderr, as label does
     return EXIT_OK
 
 

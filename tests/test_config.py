@@ -82,6 +82,10 @@ def test_model_and_weights_are_checked_before_any_worker_starts(tmp_path, capsys
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("gemlabel: error: model: ") for line in lines)
     assert "pass its local path" in lines[0] and "VisionTransformer" in lines[1] and "local checkpoint" in lines[2]
+    # the offline line names the file and hub repo to fetch, the random-weights smoke run, and the flag
+    assert "download open_clip_pytorch_model.bin from Hugging Face hub repo timm/vit_base_patch16_clip_224.openai" \
+        in lines[0] and "pretrained 'none' to run on random weights" in lines[0]
+    assert lines[0].endswith("; on the command line, pretrained is --pretrained")
 
 
 # ---- one schema: YAML keys, flags, help, docs/configuration.md ----

@@ -199,6 +199,25 @@ def test_report_on_s3_without_endpoint_is_one_line():
     assert lines[0].startswith("gemlabel: error: cannot read s3://some-bucket/labels: ") and "--s3-endpoint" in lines[0]
 
 
+def test_changed_config_is_refused_before_ray_starts(base_config, shards, capsys):
+    """An output claimed with other settings is refused from its ``_config.json`` before the driver
+    starts or joins Ray: given a Ray address where nothing answers, the refusal is what is said."""
+    from tests.conftest import free_port
+    from pipeline.config import load_config
+    from pipeline.driver.plan import build_spec
+    from pipeline.store.layout import prepare_output
+    config = {**base_config, "input": shards}
+    other = build_spec(load_config(None, {**config, "vocab": ["cat", "dog"]}))
+    layout = OutputLayout(Location(config["output"]))
+    prepare_output(layout, other.fingerprint, other.source, overwrite=False, run_id="labelling-now")
+    start = time.monotonic()
+    assert main([*label_args(config), "--ray-address", f"127.0.0.1:{free_port()}"]) == 2
+    message = one_line_error(capsys)
+    assert "holds labels made with other settings" in message and "changed: vocab" in message, message
+    assert time.monotonic() - start < 20
+    assert not layout.runs_dir.exists()  # refused: no run record
+
+
 # ---- E: what only a worker found before, found by the driver before Ray starts ----
 
 @pytest.mark.parametrize("flags, message", [
@@ -223,7 +242,7 @@ def test_corrupt_checkpoint_checked_in_the_driver(base_config, shards, micro_che
         (tmp_path / name).write_bytes(content)
         config = {**base_config, "input": shards, "pretrained": str(tmp_path / name)}
         message = run_label(config, capsys)
-        assert message.startswith(f"gemlabel: error: model: --pretrained {tmp_path / name} is not a readable "
+        assert message.startswith(f"gemlabel: error: model: pretrained {tmp_path / name} is not a readable "
                                   "checkpoint")
         assert not Path(config["output"]).exists()
 

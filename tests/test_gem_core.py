@@ -161,9 +161,26 @@ def test_missing_local_path_and_unknown_tag_fail_clearly(tmp_path):
 
 def test_offline_tag_fails_fast_with_a_hint():
     start = time.monotonic()
-    with pytest.raises(WeightsUnavailableError, match="local path"):
+    with pytest.raises(WeightsUnavailableError, match="local path") as info:
         load_clip("ViT-B-32", "openai", "cpu")
     assert time.monotonic() - start < 30
+    message = str(info.value)
+    # the whole reason on one line: what to download, from which hub repo, and the random-weights way
+    assert "\n" not in message and message.endswith("(a smoke run: the labels are meaningless)"), message
+    assert "open_clip_pytorch_model.bin from Hugging Face hub repo timm/vit_base_patch32_clip_224.openai" in message
+    assert "pretrained 'none'" in message
+
+
+def test_library_errors_name_the_argument_not_a_command_line_flag(tmp_path):
+    """A Python user calls load_clip(pretrained=...): no message tells them to pass a flag."""
+    (tmp_path / "empty.pt").write_bytes(b"")
+    from gem.loading import check_checkpoint_file
+    cases = [lambda: load_clip("ViT-B-32", "openai", "cpu"), lambda: load_clip("ViT-B-16", "not-a-tag", "cpu"),
+             lambda: check_checkpoint_file(str(tmp_path / "empty.pt"))]
+    for case in cases:
+        with pytest.raises(WeightsUnavailableError) as info:
+            case()
+        assert "--" not in str(info.value) and "pretrained" in str(info.value), info.value
 
 
 def test_non_vit_models_are_rejected_naming_what_is_supported():

@@ -58,7 +58,7 @@ def test_folder_layout_keys_match_packed_images(tmp_path):
     gt = folder_ground_truth(str(VOC_VAL), None, str(VOC_VAL / "classes.txt"), "_image", "_target")
     samples = list(gt.samples())
     assert gt.count == len(samples) == 6 and gt.class_names == CLASSES
-    shards = pack_images(str(VOC_VAL), Location(str(tmp_path / "packed")), pattern="*_image.png")
+    shards = pack_images(str(VOC_VAL), Location(str(tmp_path / "packed")), pattern="*_image.png").shards
     packed = [raw["__key__"] for raw in iter_tar_samples(Location(shards[0]))]
     assert [s.key for s in samples] == packed  # labels and masks meet by these keys
     for sample in samples:

@@ -202,3 +202,28 @@ def test_http_input(base_config, tmp_path):
         server.shutdown()
     assert (summary.shards_done, summary.shards_failed, summary.images) == (2, 1, 6)
     assert {row["shard"] for row in all_rows(config.output)} == {f"{base}/shard-0000.tar", f"{base}/shard-0001.tar"}
+
+
+def test_the_driver_says_each_phase_and_counts_images(base_config, tmp_path):
+    """Starting the workers, loading the model, the text embeddings (encoded, then from the cache
+    on a rerun over new shards) are each said as they happen; the bar counts images, with their
+    rate, and shards beside them."""
+    import io
+    write_shards(tmp_path / "in", shards=2, per_shard=3)
+    settings = {**base_config, "input": [str(tmp_path / "in" / "*.tar")], "progress": True}
+    out = io.StringIO()
+    run_labeling(load_config(None, settings), out=out)
+    text = out.getvalue()
+    phases = ["gemlabel: starting 1 worker(s); each loads model gemtest-micro (pretrained: ",
+              "gemlabel: 1 worker(s) loaded the model in ", "gemlabel: text embeddings: 4 prompts (4 names x 1 templates)",
+              "gemlabel: text embeddings: 4 prompts encoded in ", "gemlabel: 2 of 2 shards to label"]
+    positions = [text.find(phase) for phase in phases]
+    assert -1 not in positions and positions == sorted(positions), text
+    final = text.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("6img [") and "img/s" in final and "shards=2/2" in final, final
+    write_shards(tmp_path / "more", shards=1, per_shard=2, stem="more")
+    out = io.StringIO()
+    run_labeling(load_config(None, {**settings, "input": [*settings["input"], str(tmp_path / "more" / "*.tar")]}),
+                 out=out)
+    assert "gemlabel: text embeddings read from the cache (no prompts encoded)" in out.getvalue()
+    assert "2img [" in out.getvalue() and "shards=1/1" in out.getvalue()

@@ -169,16 +169,18 @@ def torchmetrics_miou(rows: list[dict], class_map: dict) -> float:
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_pack_label_eval_calibrate(base_config, tmp_path):
+def test_pack_label_eval_calibrate(base_config, tmp_path, capsys):
     class_map = write_class_map(tmp_path)
     # pack + label, as a user would, then eval the output
-    shards = pack_images(str(VOC_VAL), Location(str(tmp_path / "shards" / "voc")), pattern="*_image.png")
+    shards = pack_images(str(VOC_VAL), Location(str(tmp_path / "shards" / "voc")), pattern="*_image.png").shards
     config = load_config(None, {**label_config(base_config, tmp_path), "input": shards})
     assert run_labeling(config).images == 6
     assert main(["eval", *GT_FLAGS, "--labels", config.output, "--class-map", class_map,
                  "--report", str(tmp_path / "scored"), "--no-progress"]) == 0
     scored = json.loads((tmp_path / "scored" / "report.json").read_text())
     assert scored["images"]["scored"] == 6
+    printed = capsys.readouterr()  # results on stdout, as label's summary; progress alone on stderr
+    assert f"gemlabel eval: 6 images, mIoU {scored['summary']['mIoU']}" in printed.out and "mIoU" not in printed.err
     assert scored["summary"]["mIoU"] == round(100 * torchmetrics_miou(all_rows(config.output), CLASS_MAP), 2)
 
     # eval labelling by itself with the same config: the same labels, the same scores
@@ -236,6 +238,19 @@ def test_pack_label_eval_calibrate(base_config, tmp_path):
     assert merged.gem.depth == 3 and merged.vocab == VOCAB
     assert merged.templates == record["best"]["templates"]  # the compared sets' best goes in the fragment too
     assert (report / "calibration.png").stat().st_size > 0
+    printed = capsys.readouterr()
+    assert "gemlabel calibrate: best of 24 settings on 6 images" in printed.out and "mIoU" not in printed.err
+
+    # best.yaml alone (with where to read and write) labels what calibrate scored best
+    relabelled, rescored = tmp_path / "relabelled", tmp_path / "rescored"
+    assert main(["label", "--config", str(report / "best.yaml"), "--input", *shards, "--output", str(relabelled)]) == 0
+    assert main(["eval", *GT_FLAGS, "--labels", str(relabelled), "--class-map", class_map,
+                 "--report", str(rescored), "--no-progress"]) == 0
+    rescored_summary = json.loads((rescored / "report.json").read_text())["summary"]
+    assert rescored_summary["mIoU"] == pytest.approx(100 * record["best"]["mIoU"], abs=0.01)
+    assert rescored_summary["aAcc"] == pytest.approx(100 * record["best"]["aAcc"], abs=0.01)
+    written = yaml.safe_load((report / "best.yaml").read_text())
+    assert written["model"] == "gemtest-micro" and "input" not in written and "output" not in written
 
 
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Storage, listing and packing details that keep labels complete and readable (issues 7, 8):
 no Ray needed; object-store cases run on the moto S3 server."""
+import json
 import io
 import threading
 
@@ -124,13 +125,59 @@ def test_pack_keeps_every_file_and_never_overwrites(tmp_path, capsys):
     assert main(["pack", str(tmp_path / "images"), prefix, "--per-shard", "0"]) == 2
     assert "--per-shard" in capsys.readouterr().err and not (tmp_path / "shards").exists()
     assert main(["pack", str(tmp_path / "images"), prefix, "--per-shard", "4"]) == 0
-    assert main(["pack", str(tmp_path / "images"), prefix, "--per-shard", "4"]) == 0  # more shards, none replaced
     shards = sorted((tmp_path / "shards").glob("p-*.tar"))
-    assert [s.name for s in shards] == [f"p-{i:06d}.tar" for i in range(4)]
-    samples = [s for shard in shards[:2] for s in iter_tar_samples(Location(str(shard)))]
+    assert [s.name for s in shards] == [f"p-{i:06d}.tar" for i in range(2)]
+    out = capsys.readouterr().out
+    assert out.count(str(shards[0])) == 1 and out.count(str(shards[1])) == 1, out
+    samples = [s for shard in shards for s in iter_tar_samples(Location(str(shard)))]
     keys = [s["__uid__"] for s in samples]
     assert len(samples) == len(names) and len(set(keys)) == len(names), keys
     assert all("#" not in key and "." not in key for key in keys)
+
+
+def _packed_bytes(shards) -> list[bytes]:
+    return sorted(s[ext] for shard in shards for s in iter_tar_samples(Location(str(shard)))
+                  for ext in ("jpg", "png") if ext in s)
+
+
+def test_packing_again_skips_what_is_packed_and_adds_changes_as_new_shards(tmp_path, capsys):
+    """Rerunning a pack makes no second copy; a changed file goes into a new shard (the old shard
+    is never rewritten) and a new file too, each exactly once."""
+    names = image_folder(tmp_path / "images")
+    prefix = str(tmp_path / "shards" / "p")
+    assert main(["pack", str(tmp_path / "images"), prefix, "--per-shard", "4"]) == 0
+    first = {p: p.read_bytes() for p in (tmp_path / "shards").glob("p-*.tar")}
+    capsys.readouterr()
+    assert main(["pack", str(tmp_path / "images"), prefix, "--per-shard", "4"]) == 0
+    assert f"wrote 0 shard(s) with 0 file(s); skipped {len(names)} file(s) already packed" in capsys.readouterr().out
+    assert sorted((tmp_path / "shards").glob("p-*.tar")) == sorted(first)
+
+    changed = encode(photo(99, (30, 30)), "JPEG")
+    (tmp_path / "images" / "x.jpg").write_bytes(changed)
+    (tmp_path / "images" / "new.jpg").write_bytes(encode(photo(98, (30, 30)), "JPEG"))
+    assert main(["pack", str(tmp_path / "images"), prefix, "--per-shard", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"with 2 file(s): {tmp_path / 'shards' / 'p-000002.tar'}; skipped {len(names) - 1}" in out
+    assert out.count("p-000002.tar") == 1, out  # one shard: its path once
+    assert all(path.read_bytes() == data for path, data in first.items())  # never overwritten
+    added = [s for s in iter_tar_samples(Location(str(tmp_path / "shards" / "p-000002.tar")))]
+    assert sorted(s["__key__"] for s in added) == ["new", "x"] and changed in [s.get("jpg") for s in added]
+    record = json.loads((tmp_path / "shards" / "p-000002.packed.json").read_text())
+    assert sorted(e["path"] for e in record["files"]) == ["new.jpg", "x.jpg"]
+
+
+def test_shards_packed_without_a_record_are_not_packed_again(tmp_path, capsys):
+    """Shards an older pack wrote (or a pack killed before its record) are read to learn what
+    they hold, so packing the same folder into that prefix adds nothing."""
+    image_folder(tmp_path / "images")
+    prefix = str(tmp_path / "shards" / "p")
+    assert main(["pack", str(tmp_path / "images"), prefix, "--per-shard", "4"]) == 0
+    for record in (tmp_path / "shards").glob("*.packed.json"):
+        record.unlink()
+    before = _packed_bytes((tmp_path / "shards").glob("p-*.tar"))
+    assert main(["pack", str(tmp_path / "images"), prefix, "--per-shard", "4"]) == 0
+    assert _packed_bytes((tmp_path / "shards").glob("p-*.tar")) == before
+    assert "wrote 0 shard(s)" in capsys.readouterr().out
 
 
 def test_pack_to_an_object_store(tmp_path, s3, s3_endpoint, monkeypatch):
@@ -140,8 +187,9 @@ def test_pack_to_an_object_store(tmp_path, s3, s3_endpoint, monkeypatch):
     fs.mkdir("packed")
     names = image_folder(tmp_path / "images")
     args = ["pack", str(tmp_path / "images"), "s3://packed/shards/p", "--per-shard", "5", "--s3-endpoint", s3_endpoint]
-    assert main(args) == 0 and main(args) == 0
-    assert sorted(fs.ls("packed/shards")) == [f"packed/shards/p-{i:06d}.tar" for i in range(4)]
+    assert main(args) == 0 and main(args) == 0  # the second packs nothing: all there
+    assert sorted(fs.ls("packed/shards")) == [f"packed/shards/p-{i:06d}{ext}" for i in range(2)
+                                              for ext in (".packed.json", ".tar")]
     options = {"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}}
     samples = [s for i in range(2) for s in iter_tar_samples(Location(f"s3://packed/shards/p-{i:06d}.tar", options))]
     assert len(samples) == len(names)

@@ -154,3 +154,37 @@ def test_jpeg_draft_labels_large_photos_at_their_own_size(base_config, tmp_path)
     assert drafted.tensor.shape == full.tensor.shape and not torch.equal(drafted.tensor, full.tensor)
     assert "jpeg_draft" not in build_spec(plain).source and build_spec(config).source["jpeg_draft"] is True
     assert build_spec(plain).fingerprint != build_spec(config).fingerprint
+
+
+def test_each_phase_is_said_and_a_cache_hit_too(base_config, tmp_path, capsys):
+    """Loading the model and encoding the prompts take minutes on a CPU: each says so as it
+    happens, the encoding with its count of prompts; a second worker says it read the cache."""
+    from tests.shards import write_shards
+    url = str(write_shards(tmp_path / "in", shards=1, per_shard=2)[0])
+    config = load_config(None, {**base_config, "input": [url], "templates": "imagenet80"})
+    ShardLabeler(build_spec(config), device="cpu", torch_threads=1).label_shard(Shard(url, "s-0"))
+    err = capsys.readouterr().err
+    prompts = 4 * 80
+    assert "gemlabel: loading model gemtest-micro (pretrained: " in err and "gemlabel: model gemtest-micro loaded in" in err
+    assert f"gemlabel: encoding {prompts} prompts (4 names x 80 templates): 0/{prompts}" in err
+    assert f"gemlabel: encoding {prompts} prompts (4 names x 80 templates): {prompts}/{prompts}" in err
+    ShardLabeler(build_spec(config), device="cpu", torch_threads=1).shared_vocabulary()
+    err = capsys.readouterr().err
+    assert "gemlabel: text embeddings read from the cache " in err and "encoding" not in err
+
+
+def test_images_done_mid_shard_are_published_for_the_driver(ray_session, base_config, tmp_path):
+    """Workers publish each shard attempt's image count in Ray's key-value store; the driver
+    counts those of shards it has no marker for yet, so one long shard shows images as it goes."""
+    from pipeline.worker.progress import clear_progress, images_in_flight
+    from tests.shards import write_shards
+    urls = [str(u) for u in write_shards(tmp_path / "in", shards=2, per_shard=3)]
+    config = load_config(None, {**base_config, "input": urls})
+    labeler = ShardLabeler(build_spec(config), device="cpu", torch_threads=1, run_id="run-x")
+    assert images_in_flight("run-x", []) == 0
+    for i, url in enumerate(urls):
+        labeler.label_shard(Shard(url, f"s-{i}"))
+    assert images_in_flight("run-x", []) == 6
+    assert images_in_flight("run-x", ["s-0"]) == 3  # s-0's marker is counted instead
+    clear_progress("run-x")
+    assert images_in_flight("run-x", []) == 0

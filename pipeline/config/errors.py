@@ -5,10 +5,13 @@ from pipeline.io.redact import redact_text
 
 
 
-
-
 class ConfigError(ValueError):
-    """The configuration is invalid; the message says which key and why."""
+    """The configuration is invalid; the message says which key and why. ``key`` names the config
+    key a message refers to by name, so the command line can add the flag that sets it."""
+
+    def __init__(self, message: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def first_line(err: BaseException) -> str:

@@ -26,6 +26,7 @@ def connect_ray(config: LabelConfig) -> None:
     kwargs = {"namespace": NAMESPACE, "log_to_driver": True}
     if not address or address == "local":  # start a local cluster: no dashboard needed
         kwargs["include_dashboard"] = False
+        quiet_local_auth()
     else:
         _check_reachable(address)
     try:
@@ -33,6 +34,15 @@ def connect_ray(config: LabelConfig) -> None:
     except (ConnectionError, TimeoutError, RuntimeError) as err:
         raise ConfigError(f"ray_address: cannot connect to the Ray cluster at {address}: "
                           f"{first_line(err)}") from None
+
+
+def quiet_local_auth() -> None:
+    """A local cluster this process starts keeps Ray's default, token authentication (RAY_AUTH_MODE
+    as the user set it, if at all), without Ray's notices about it ("Token authentication is
+    enabled for this Ray cluster", "Generated new authentication token and saved to
+    ~/.ray/auth_token"): nothing in a local run needs the token or anything from the user."""
+    import logging
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

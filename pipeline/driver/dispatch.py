@@ -27,11 +27,13 @@ log = logging.getLogger(__name__)
 
 
 def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary: RunSummary,
-                 on_result: Callable[[Shard, Optional[dict]], None]) -> None:
+                 on_result: Callable[[Shard, Optional[dict]], None],
+                 on_tick: Optional[Callable[[], None]] = None, tick_s: float = 1.0) -> None:
     """Dispatch shards to the started actors until each is done or has failed for good. Each
     actor holds up to ``shards_per_worker`` shards (``_next_slot``). A replacement actor gets
     shards only once it has started, so when a node is lost (and its replacement cannot be placed
-    yet) the surviving actors take its shards."""
+    yet) the surviving actors take its shards. ``on_tick`` is called about every ``tick_s``
+    seconds while shards are in flight (to show images done mid-shard)."""
     config = pool.config
     queue: deque[Shard] = deque(todo)
     attempts: Counter = Counter()
@@ -68,7 +70,11 @@ def label_shards(pool: WorkerPool, actors: list, todo: Iterable[Shard], summary:
             # its worker clears up what the last one (killed while committing it) may have left
             redo = attempts[shard] > 0 or shard in suspects
             inflight[actor.label_shard.remote(shard, attempts[shard], redo)] = (actor, shard)
-        ready, _ = ray.wait([*inflight, *starting], num_returns=1)
+        waiting = {"timeout": tick_s} if on_tick else {}
+        ready, _ = ray.wait([*inflight, *starting], num_returns=1, **waiting)
+        if not ready:
+            on_tick()
+            continue
         if ready[0] in starting:
             actor = starting.pop(ready[0])
             try:

@@ -62,7 +62,8 @@ def check_model(config: LabelConfig) -> None:
         check_weights_available(config.model, config.pretrained)
         check_checkpoint_file(config.pretrained)
     except (ValueError, WeightsUnavailableError) as err:  # UnsupportedModelError is a ValueError
-        raise ConfigError(f"model: {err}") from None
+        raise ConfigError(f"model: {err}", key="pretrained" if isinstance(err, WeightsUnavailableError) else "") \
+            from None
     vision = vision_config(config.model)
     if not vision:
         return

@@ -3,6 +3,7 @@ sharing one encoded vocabulary through the object store, and replaced when they 
 from __future__ import annotations
 
 import logging
+import time
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -52,7 +53,7 @@ class WorkerPool:
         name = f"{WORKER_PREFIX}-{self.run_id}-{len(self._actors)}"
         actor = self._remote.options(name=name, max_restarts=0, max_concurrency=self.config.shards_per_worker,
                                      **self.resources).remote(
-            self.spec, None, self.torch_threads, self._vocabulary, self.sizing)
+            self.spec, None, self.torch_threads, self._vocabulary, self.sizing, self.run_id)
         self._actors.append(actor)
         return actor
 
@@ -71,10 +72,14 @@ class WorkerPool:
         for actor in self._actors:
             ray.kill(actor)
 
-    def start(self, summary: "RunSummary") -> list:
+    def start(self, summary: "RunSummary", out=None) -> list:
         """Start the workers and wait until each has loaded the model. The same error from an
         actor's constructor is a model problem (WorkerStartError, exit 2); an actor that died
-        while loading (killed, OOM, node lost) is replaced, counting against max_actor_restarts."""
+        while loading (killed, OOM, node lost) is replaced, counting against max_actor_restarts.
+        Each phase (loading, the text embeddings) is said on ``out`` as it starts and ends."""
+        config, began = self.config, time.perf_counter()
+        say(out, f"starting {self.size} worker(s); each loads model {config.model} "
+                 f"(pretrained: {config.pretrained})")
         pending = {actor.describe.remote(): actor for actor in (self.new_actor() for _ in range(self.size))}
         started = []
         while pending:
@@ -96,7 +101,15 @@ class WorkerPool:
                 pending[replacement.describe.remote()] = replacement
                 continue
             started.append(actor)
+        say(out, f"{len(started)} worker(s) loaded the model in {time.perf_counter() - began:.1f}s")
+        began = time.perf_counter()
+        prompts = (len(self.spec.class_names) + len(config.background)) * len(self.spec.templates)
+        say(out, f"text embeddings: {prompts} prompts ({len(self.spec.class_names) + len(config.background)} "
+                 f"names x {len(self.spec.templates)} templates), from the output's cache or encoded on one worker")
         self._share_vocabulary(started)
+        source = ray.get(started[0].describe.remote()).get("text_source")
+        say(out, "text embeddings read from the cache (no prompts encoded)" if source == "cache" else
+            f"text embeddings: {prompts} prompts encoded in {time.perf_counter() - began:.1f}s")
         return started
 
     def _share_vocabulary(self, actors: list) -> None:
@@ -111,6 +124,11 @@ class WorkerPool:
         except (RayActorError, RayTaskError) as err:
             cause = getattr(err, "cause", None) or err
             raise WorkerStartError(f"workers could not start: {ray_error_text(cause)}") from None
+
+
+def say(out, text: str) -> None:
+    if out is not None:
+        print(f"gemlabel: {text}", file=out, flush=True)
 
 
 def ray_error_text(err: BaseException) -> str:

@@ -15,7 +15,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, LabelConfig
-from pipeline.store.layout import OutputLayout, prepare_output, read_markers, verify_markers
+from pipeline.store.layout import OutputLayout, check_output_claim, prepare_output, read_markers, verify_markers
 from pipeline.driver.resolve import resolve_paths
 from pipeline.io.shards import Shard, list_shards
 from pipeline.io.redact import redact_url
@@ -27,6 +27,7 @@ from pipeline.driver.plan import build_spec, check_model, check_output_location,
 from pipeline.driver.pool import WorkerPool
 from pipeline.driver.records import RunInterrupted, RunSummary, record_run
 from pipeline.driver.signals import stop_on_sigterm
+from pipeline.worker.progress import clear_progress, images_in_flight
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     spec = build_spec(config)
     layout = OutputLayout(config.location(config.output))
     check_storage_options(config)
+    check_output_claim(layout, spec.fingerprint, spec.source, config.overwrite)  # before Ray starts
     try:
         shards = list_shards([config.location(pattern) for pattern in config.input])
     except (ValueError, OSError) as err:
@@ -79,7 +81,7 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     wall = time.perf_counter()
     try:
         if pool is not None:
-            _label_with_progress(pool, todo, summary, wall, len(shards), config, out)
+            _label_with_progress(pool, todo, summary, len(shards), config, out)
             summary.text_encodes = pool.text_encodes()
         summary.status = "failed" if summary.shards_failed else "ok"
     except KeyboardInterrupt:
@@ -98,18 +100,29 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     return summary
 
 
-def _label_with_progress(pool: WorkerPool, todo: list[Shard], summary: RunSummary, wall: float, total: int,
+def _label_with_progress(pool: WorkerPool, todo: list[Shard], summary: RunSummary, total: int,
                          config: LabelConfig, out) -> None:
-    actors = pool.start(summary)
+    """The bar counts images (those of finished shards and those done so far in shards in flight,
+    which workers publish: ``pipeline.worker.progress``), its rate images/s, shards beside them."""
+    actors = pool.start(summary, out)
     print(f"gemlabel: {len(todo)} of {total} shards to label with {pool.size} worker(s) "
           f"({pool.resources}); {summary.shards_skipped} already done", file=out, flush=True)
-    with tqdm(total=len(todo), unit="shard", file=out, disable=not config.progress, dynamic_ncols=True) as bar:
+    finished: set[str] = set()
+    with tqdm(total=None, unit="img", file=out, disable=not config.progress, dynamic_ncols=True) as bar:
+        def show() -> None:
+            images = summary.images + images_in_flight(pool.run_id, finished)
+            bar.set_postfix_str(f"shards={summary.shards_done + summary.shards_failed}/{len(todo)}, "
+                                f"failed_shards={summary.shards_failed}, bad_images={summary.image_errors}",
+                                refresh=False)
+            bar.update(max(0, images - bar.n))
+
         def on_result(shard: Shard, marker: Optional[dict]) -> None:
-            elapsed = time.perf_counter() - wall
-            bar.set_postfix(images=summary.images, img_s=f"{summary.images / max(elapsed, 1e-9):.2f}",
-                            failed_shards=summary.shards_failed, bad_images=summary.image_errors)
-            bar.update(1)
+            finished.add(shard.shard_id)
+            show()
             if not config.progress:
                 state = "failed" if marker is None else f"{marker['samples']} images, {marker['errors']} errors"
                 print(f"gemlabel: {shard.shard_id}: {state}", file=out, flush=True)
-        label_shards(pool, actors, todo, summary, on_result)
+        try:
+            label_shards(pool, actors, todo, summary, on_result, on_tick=show if config.progress else None)
+        finally:
+            clear_progress(pool.run_id)

@@ -209,21 +209,41 @@ def best_miou(calibration: Calibration) -> float:
     return float(calibration.miou[calibration.best])
 
 
+NOT_IN_BEST = ("input", "output", "overwrite", "retry_failed", "storage_options", "ray_address")
+"""Keys best.yaml leaves out: where to read and write (the user's next run's own), and storage
+options, which may hold credentials."""
+
+
+def best_config(settings: dict, calibration: "Calibration", template_specs: Optional[dict[str, object]]) -> dict:
+    """A complete labelling config: every key in effect when calibrating (``settings``, the
+    config's ``to_dict()``), its thresholds and templates replaced by the best, so that labelling
+    with it alone (plus --input/--output) reproduces the labels that were scored."""
+    config = {key: value for key, value in settings.items() if key not in NOT_IN_BEST and value is not None}
+    config["thresholds"] = {**settings.get("thresholds", {}), **calibration.best_thresholds}
+    if template_specs and calibration.templates in template_specs:
+        config["templates"] = template_specs[calibration.templates]
+    return config
+
+
 def write_calibration(calibrations: list[Calibration], report_dir: str, extra: Optional[dict] = None,
-                      template_specs: Optional[dict[str, object]] = None) -> dict:
-    """best.yaml (a config fragment: the best thresholds, and the best template set when several
-    were compared: ``template_specs`` maps set name -> its ``templates:`` value), calibration.json,
-    calibration.png (the best set's grid)."""
+                      template_specs: Optional[dict[str, object]] = None, settings: Optional[dict] = None) -> dict:
+    """best.yaml (the labelling config that scored best: ``best_config`` of ``settings``; without
+    them, a fragment of the best thresholds and templates; ``template_specs`` maps set name -> its
+    ``templates:`` value), calibration.json, calibration.png (the best set's grid)."""
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     calibration = max(calibrations, key=best_miou)  # the first best on ties
     best_point = calibration.points[int(np.ravel_multi_index(calibration.best, calibration.miou.shape))]
-    fragment: dict = {"thresholds": calibration.best_thresholds}
-    if template_specs and len(calibrations) > 1:
-        fragment["templates"] = template_specs[calibration.templates]
+    if settings is not None:
+        fragment = best_config(settings, calibration, template_specs)
+    else:
+        fragment = {"thresholds": calibration.best_thresholds}
+        if template_specs and len(calibrations) > 1:
+            fragment["templates"] = template_specs[calibration.templates]
     header = (f"# gemlabel calibrate: best of {calibration.grid.size * len(calibrations)} settings on "
-              f"{calibration.images} images (mIoU {100 * best_point['mIoU']:.2f}%). Use: gemlabel label "
-              "--config this.yaml ... (or paste it into your config)\n")
+              f"{calibration.images} images (mIoU {100 * best_point['mIoU']:.2f}%).\n"
+              "# Use: gemlabel label --config this.yaml --input SHARDS --output OUT (every labelling key is here;\n"
+              "# storage_options and ray_address are not: give them as for any run)\n")
     (out / "best.yaml").write_text(header + yaml.safe_dump(fragment, sort_keys=False), encoding="utf-8")
     record = {"best": {**calibration.best_thresholds, "templates": calibration.templates,
                        **{k: best_point[k] for k in ("mIoU", "aAcc", "fwIoU")}},

@@ -200,6 +200,31 @@ def _claim_ended(layout: OutputLayout, claim: dict) -> bool:
     return bool(run_id) and layout.run_file(run_id).exists()
 
 
+def _refusal(layout: OutputLayout, existing: dict, source: dict) -> ConfigError:
+    changed = ", ".join(_changed_keys(existing.get("settings", {}), source)) or "unknown"
+    return ConfigError(f"output {layout.root} holds labels made with other settings, or is being labelled with "
+                       f"them (changed: {changed}); write to a new --output, or pass --overwrite to replace them")
+
+
+def _refuses(layout: OutputLayout, existing: dict, fingerprint: str) -> bool:
+    """A readable claim of other settings holds unless its run ended having labelled nothing."""
+    return existing["fingerprint"] != fingerprint and (_has_labels(layout) or not _claim_ended(layout, existing))
+
+
+def check_output_claim(layout: OutputLayout, fingerprint: str, source: dict, overwrite: bool) -> None:
+    """Refuse an output claimed with other settings, reading only: the driver calls it before it
+    starts or joins Ray, so a changed config fails in a second, not after the cluster is up.
+    ``prepare_output`` still makes the claim (and decides races) atomically later."""
+    if overwrite:
+        return
+    try:
+        existing = read_output_config(layout)
+    except (FileNotFoundError, PermissionError) as err:
+        raise ConfigError(f"output: cannot read {layout.root}: {err}") from None
+    if existing is not None and _refuses(layout, existing, fingerprint):
+        raise _refusal(layout, existing, source)
+
+
 def prepare_output(layout: OutputLayout, fingerprint: str, source: dict, overwrite: bool, run_id: str = "") -> None:
     """Claim the output for this config. The claim is a create-if-absent write of
     ``_config.json``, so of two runs started at once on a fresh output with different settings
@@ -223,13 +248,10 @@ def prepare_output(layout: OutputLayout, fingerprint: str, source: dict, overwri
                                   "labels made with other settings; write to a new --output, or pass --overwrite")
             layout.config_file.write_bytes_atomic(record)
             return
-        if existing["fingerprint"] == fingerprint:
-            return
-        if not _has_labels(layout) and _claim_ended(layout, existing):
-            layout.config_file.write_bytes_atomic(record)
+        if not _refuses(layout, existing, fingerprint):
+            if existing["fingerprint"] != fingerprint:
+                layout.config_file.write_bytes_atomic(record)
             return
     except (FileNotFoundError, PermissionError) as err:
         raise ConfigError(f"output: cannot write to {layout.root}: {err}") from None
-    changed = ", ".join(_changed_keys(existing.get("settings", {}), source)) or "unknown"
-    raise ConfigError(f"output {layout.root} holds labels made with other settings, or is being labelled with "
-                      f"them (changed: {changed}); write to a new --output, or pass --overwrite to replace them")
+    raise _refusal(layout, existing, source)

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -44,6 +45,7 @@ from pipeline.worker.stages import ReadingTurns, ShardStages, StageSettings
 from pipeline.io.storage import file_identity
 from pipeline.worker.text_cache import (cache_source, check_rows, probe_words, read_cached, source_key,
                                         text_cache_file, write_cached)
+from pipeline.worker.progress import ShardProgress, progress_key
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,12 @@ def load_segmenter(spec: RunSpec, device: torch.device, batch_size: Optional[int
                                         inference=inference)
 
 
+def say(text: str) -> None:
+    """A phase line on the worker's stderr (Ray shows it in the driver's terminal): loading a
+    model or encoding the prompts takes minutes on a CPU, and must not be silent."""
+    print(f"gemlabel: {text}", file=sys.stderr, flush=True)
+
+
 def on_device(vocabulary: Vocabulary, device: torch.device) -> Vocabulary:
     """The same vocabulary with its embeddings (float32, as the similarities are) on ``device``."""
     return dataclasses.replace(vocabulary, embeddings=vocabulary.embeddings.float().to(device))
@@ -98,7 +106,8 @@ def on_device(vocabulary: Vocabulary, device: torch.device) -> Vocabulary:
 
 class ShardLabeler:
     def __init__(self, spec: RunSpec, device: Optional[str] = None, torch_threads: Optional[int] = None,
-                 vocabulary: Optional[Vocabulary] = None, sizing: Optional[Sizing] = None):
+                 vocabulary: Optional[Vocabulary] = None, sizing: Optional[Sizing] = None,
+                 run_id: Optional[str] = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.spec, self.config = spec, spec.config
@@ -106,7 +115,11 @@ class ShardLabeler:
         # Ray hides the GPUs from actors that asked for none, so this follows the actor's resources.
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         sizing = sizing or local_sizing(self.config, self.device.type == "cuda")
+        self.run_id = run_id  # names this run's progress counts (pipeline.worker.progress)
+        loading = time.perf_counter()
+        say(f"loading model {self.config.model} (pretrained: {self.config.pretrained}) on {self.device}")
         self.segmenter = load_segmenter(spec, self.device, sizing.batch_size)
+        say(f"model {self.config.model} loaded in {time.perf_counter() - loading:.1f}s")
         self.text_encodes, self.text_source = 0, None  # how this worker got its vocabulary
         self._vocabulary: Optional[Vocabulary] = None
         if vocabulary is not None:
@@ -140,14 +153,20 @@ class ShardLabeler:
             cached, problem = read_cached(file, source)
             if cached is not None:
                 problem = check_rows(cached, self._probe(cached))
+            names, templates = len(self.spec.class_names) + len(config.background), len(self.spec.templates)
             if cached is not None and problem is None:
+                say(f"text embeddings read from the cache {file} ({names} names x {templates} templates: "
+                    "no prompts to encode)")
                 self.set_vocabulary(cached, source="cache")
             else:
                 if problem:
                     log.warning("the text-embedding cache %s is not this run's vocabulary (%s): encoding it "
                                 "again and rewriting it", file, problem)
+
+                def progress(done: int, total: int) -> None:
+                    say(f"encoding {total} prompts ({names} names x {templates} templates): {done}/{total}")
                 self.set_vocabulary(self.segmenter.vocabulary(self.spec.class_names, self.spec.templates,
-                                                              config.background), source="encoded")
+                                                              config.background, progress), source="encoded")
                 self.text_encodes += 1
                 write_cached(file, self._vocabulary, source)
         return on_device(self._vocabulary, torch.device("cpu"))
@@ -257,15 +276,21 @@ class ShardLabeler:
         source = self.config.location(shard.url)
         input_identity = file_identity(source.stat())
         timings: Counter = Counter()
+        progress = ShardProgress(progress_key(self.run_id, shard.shard_id) if self.run_id else None)
+
+        def counted(row: dict) -> dict:
+            progress.add(1)
+            return row
         waited = time.perf_counter()
         with self._reading_turns.turn() as read_done:
             started, wall = datetime.now(timezone.utc), time.perf_counter()
             timings["read_turn_wait_s"] += wall - waited
             stages = ShardStages(self.stage_settings, self._decode_for_stages,
                                  lambda batch: self._launch(batch, timings),
-                                 lambda sample, output: self._postprocess_row(shard, sample, output, timings),
-                                 lambda sample: self._row(shard, sample), timings)
+                                 lambda sample, output: counted(self._postprocess_row(shard, sample, output, timings)),
+                                 lambda sample: counted(self._row(shard, sample)), timings)
             rows = stages.run(iter_tar_samples(source, self.config.read_timeout_s), read_done)
+        progress.publish()  # every image of the attempt, until the driver has the marker
         errors = Counter(row.pop("_kind") for row in rows if row["status"] == "error")
         for row in rows:
             row.pop("_index")
