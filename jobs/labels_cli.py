@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Optional
 
-from jobs.flags import EXIT_CONFIG, EXIT_FAILED_SHARDS, EXIT_OK
+from jobs.flags import EXIT_CONFIG, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED, EXIT_OK
 
 
 def add_commands(commands: argparse._SubParsersAction) -> dict:
@@ -24,9 +24,12 @@ def add_commands(commands: argparse._SubParsersAction) -> dict:
     export.add_argument("--background-index", type=int, default=255,
                         help="semantic: value of background pixels (255 = ignore; 0 shifts classes to 1..C)")
     export.add_argument("--splits", help="NAME=GLOB,... on input shard URLs, e.g. 'train=*train-*,val=*val-*' "
-                                         "(default: everything is train)")
+                                         "(default: everything is train); a shard no glob matches is an error "
+                                         "unless a catch-all is given, e.g. 'train=*train-*,rest=*'")
     export.add_argument("--cpus-per-task", type=float, default=0.5, help="Ray CPUs per shard task")
-    export.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS or a local cluster")
+    export.add_argument("--ray-address", default=None,
+                        help="export on this Ray cluster ('local' starts one); default: RAY_ADDRESS if set, "
+                             "else local processes")
     export.add_argument("--s3-endpoint", default=None)
     export.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -45,16 +48,15 @@ def add_commands(commands: argparse._SubParsersAction) -> dict:
     return {"export": _export, "show": _show}
 
 
-def _connect_ray(address: Optional[str]) -> None:
+def _use_ray(address: Optional[str]) -> bool:
+    """Ray when asked (--ray-address, RAY_ADDRESS) or already joined; else local processes."""
     import ray
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, namespace="gemlabel", **({} if address else {"include_dashboard": False}))
+    return bool(address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.export.common import ExportError, ExportOptions, parse_splits
+    from pipeline.config import ConfigError
+    from pipeline.export.common import ExportError, ExportOptions, assign_splits, parse_splits
     from pipeline.export.runner import default_dest, run_export
     from pipeline.store.labelset import NotAnOutputError, open_labelset
     from jobs.flags import location
@@ -65,19 +67,32 @@ def _export(args: argparse.Namespace) -> int:
         options = ExportOptions(args.format, dest, args.instances, args.min_area, args.images, args.image_format,
                                 args.background_index, parse_splits(args.splits), args.cpus_per_task)
         options.check(len(labelset.class_names))
-    except (NotAnOutputError, ExportError) as err:
+        assign_splits(labelset, options.splits)
+        use_ray = _use_ray(args.ray_address)
+        if use_ray:
+            from pipeline.driver.cluster import connect
+            connect(args.ray_address, "--ray-address")
+        summary = run_export(labelset, options, progress=args.progress, use_ray=use_ray)
+    except (NotAnOutputError, ExportError, ConfigError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    _connect_ray(args.ray_address)
-    summary = run_export(labelset, options, progress=args.progress)
+    except KeyboardInterrupt:
+        print("gemlabel: export interrupted; the shards exported so far are kept, rerun the same command to "
+              "finish", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as err:  # storage failing before any shard ran (reading the labels, the done markers)
+        from jobs.flags import error_line
+        print(f"gemlabel: error: export to {args.dest or 'OUTPUT/exports'}: {error_line(err)}", file=sys.stderr)
+        return EXIT_FAILED_SHARDS
     print(summary.text())
-    return EXIT_FAILED_SHARDS if summary.shards_failed else EXIT_OK
+    return EXIT_FAILED_SHARDS if summary.shards_failed or summary.merge_failed else EXIT_OK
 
 
 def _show(args: argparse.Namespace) -> int:
     from pipeline.look.gallery import show_output
+    from pipeline.store.destination import prepare_destination, remove_temps
     from pipeline.store.labelset import NotAnOutputError, open_labelset
-    from jobs.flags import location
+    from jobs.flags import error_line, location
     output = location(args.output, args.s3_endpoint)
     try:
         if not 0.0 <= args.alpha <= 1.0:
@@ -90,10 +105,23 @@ def _show(args: argparse.Namespace) -> int:
                              f"({', '.join(labelset.class_names)})")
         if "class" in args.pick and args.class_name is None:
             raise ValueError("--pick class: give the class with --class NAME")
-    except (NotAnOutputError, ValueError) as err:
+        dest = output.at(args.dest)
+        prepare_destination(dest)
+        remove_temps(dest)
+    except (NotAnOutputError, ValueError) as err:  # DestinationError is a ValueError
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    urls = show_output(labelset, output.at(args.dest), args.pick, args.count, args.seed, args.class_name,
-                       args.alpha, args.boxes)
+    problems: dict[str, str] = {}
+    try:
+        urls = show_output(labelset, dest, args.pick, args.count, args.seed, args.class_name,
+                           args.alpha, args.boxes, problems)
+    except KeyboardInterrupt:
+        print("gemlabel: show interrupted; the gallery is not complete", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as err:  # a full disk, an outage: what was written is whole, the gallery is not
+        print(f"gemlabel: error: writing the gallery to {dest}: {error_line(err)}", file=sys.stderr)
+        return EXIT_FAILED_SHARDS
+    for message in problems.values():
+        print(f"gemlabel: error: images not shown: {message}", file=sys.stderr)
     print(f"gemlabel: gallery {urls['index']}, contact sheet {urls['contact_sheet']}")
-    return EXIT_OK
+    return EXIT_FAILED_SHARDS if problems else EXIT_OK

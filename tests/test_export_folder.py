@@ -1,0 +1,233 @@
+"""The read side trusts nothing it did not check (issue 18): flat names that never collide, an
+export folder that holds exactly one export, input shards replaced after labelling, splits that
+match nothing (issue 19), Ray addresses that do not answer, and exports without a cluster
+(issue 20). Real tar shards, real Parquet outputs, real exports read back."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from pycocotools.coco import COCO
+
+from jobs.cli import main
+from pipeline.export.common import ExportOptions
+from pipeline.export.runner import run_export
+from pipeline.store.labelset import open_labelset
+from pipeline.io.storage import Location
+from tests.conftest import free_port
+from tests.known_output import write_known_output
+from tests.shards import encode, photo, write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+ODD_KEYS = ["a/b", "a__b", "x" * 250, "plain", "sub/dir/deep"]
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def odd_output(tmp_path):
+    (tmp_path / "shards").mkdir()
+    known = write_known_output(str(tmp_path / "shards"), str(tmp_path / "out"), keys=ODD_KEYS)
+    return str(tmp_path / "out"), known
+
+
+def test_flat_names_never_collide_and_long_keys_export(odd_output, tmp_path):
+    """Members a/b.jpg and a__b.jpg were one file in every export (`/` -> `__`), and a 250-character
+    key failed its whole shard with `File name too long`."""
+    output, known = odd_output
+    for fmt, folder, ext in (("yolo-seg", "labels", "txt"), ("semantic", "ann_dir", "png")):
+        dest = tmp_path / fmt
+        assert main(["export", output, "--format", fmt, "--dest", str(dest), "--images", "--no-progress"]) == 0
+        labels = list((dest / folder / "train").glob(f"*.{ext}"))
+        copied = list((dest / ("img_dir" if fmt == "semantic" else "images") / "train").glob("*.jpg"))
+        assert len(labels) == len(copied) == len(ODD_KEYS)
+        assert all(len(p.name.encode()) <= 255 for p in labels + copied)
+    dest = tmp_path / "coco"
+    assert main(["export", output, "--format", "coco", "--dest", str(dest), "--images", "--no-progress"]) == 0
+    coco = COCO(str(dest / "annotations" / "train.json"))
+    names = [image["file_name"] for image in coco.dataset["images"]]
+    assert len(set(names)) == len(names) == len(ODD_KEYS)
+    for image in coco.dataset["images"]:  # each file is its own image
+        with Image.open(dest / "images" / "train" / image["file_name"]) as copied:
+            assert copied.size == (image["width"], image["height"])
+    assert {image["sample_id"] for image in coco.dataset["images"]} == set(known)
+
+    show = tmp_path / "show"
+    assert main(["show", output, "--dest", str(show), "--pick", "random", "--count", "10"]) == 0
+    picks = json.loads((show / "picks.json").read_text())
+    overlays = [p["overlay"] for p in picks if p["overlay"]]
+    assert len(set(overlays)) == len(overlays) == len(ODD_KEYS)
+    assert all((show / name).is_file() for name in overlays)
+
+
+def test_an_export_folder_holds_exactly_one_export(tmp_path, capsys):
+    """Other --splits left the old split's files; a relabel with fewer shards and another
+    vocabulary left the dropped shard's files beside the new classes.json."""
+    (tmp_path / "shards").mkdir()
+    output = str(tmp_path / "out")
+    write_known_output(str(tmp_path / "shards"), output, shard_name="train-0000.tar")
+    write_known_output(str(tmp_path / "shards"), output, shard_name="val-0000.tar")
+    dest = tmp_path / "yolo"
+    flags = ["export", output, "--format", "yolo-seg", "--dest", str(dest), "--no-progress"]
+    assert main([*flags, "--splits", "train=*train-*,val=*val-*"]) == 0
+    assert yaml.safe_load((dest / "data.yaml").read_text())["val"] == "images/val"
+    assert len(list((dest / "labels" / "val").iterdir())) == 3
+    assert main([*flags, "--splits", "train=*"]) == 0  # everything is train now
+    assert not (dest / "labels" / "val").exists()
+    assert len(list((dest / "labels" / "train").iterdir())) == 6
+    assert "val" not in yaml.safe_load((dest / "data.yaml").read_text())
+
+    # A done shard the labels no longer hold: its files go, the other shard's stay.
+    labelset = open_labelset(Location(output))
+    val_id = next(s for s, m in labelset.markers.items() if "val-" in m["shard"])
+    marker_file = labelset.layout.marker_file(val_id)
+    Path(marker_file.url).unlink()
+    assert main([*flags, "--splits", "train=*"]) == 0
+    assert len(list((dest / "labels" / "train").iterdir())) == 3
+    assert not any(val_id in name for name in files_under(dest))
+
+    # Relabelled with another vocabulary and fewer shards: the folder is emptied first.
+    sem = tmp_path / "sem"
+    sem_flags = ["export", output, "--format", "semantic", "--dest", str(sem), "--no-progress"]
+    assert main(sem_flags) == 0
+    before = files_under(sem)
+    write_known_output(str(tmp_path / "shards"), output, shard_name="other-0000.tar", vocab=["a", "b", "c", "d"],
+                       fingerprint="relabelled")
+    train_id = next(s for s, m in labelset.markers.items() if "train-" in m["shard"])
+    Path(labelset.layout.marker_file(train_id).url).unlink()
+    assert main(sem_flags) == 0
+    after = files_under(sem)
+    assert not any(train_id in name for name in after) and any(train_id in name for name in before)
+    assert json.loads((sem / "classes.json").read_text())["classes"] == ["a", "b", "c", "d"]
+    assert len(list((sem / "ann_dir" / "train").iterdir())) == 3
+
+    # A folder that is not an export is refused, nothing in it touched; a stray _done JSON is not done.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main(["export", output, "--format", "coco", "--dest", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a gemlabel export folder" in err
+    assert files_under(mine) == {"notes.txt"}
+    (sem / "_done" / "stray.json").write_text('{"shard_id": ')
+    (sem / "_done" / f"{next(iter(open_labelset(Location(output)).markers))}.json").write_text("{trunc")
+    assert main(sem_flags) == 0
+    assert "stray.json" not in os.listdir(sem / "_done") and len(list((sem / "ann_dir" / "train").iterdir())) == 3
+
+
+def test_input_replaced_after_labelling_is_that_shards_failure(tmp_path, capsys):
+    """export --images copied the new pictures under the old annotations (exit 0); show crashed."""
+    (tmp_path / "shards").mkdir()
+    output = str(tmp_path / "out")
+    write_known_output(str(tmp_path / "shards"), output, shard_name="a-0000.tar")
+    write_known_output(str(tmp_path / "shards"), output, shard_name="b-0000.tar")
+    time.sleep(0.01)
+    write_shard(tmp_path / "shards" / "b-0000.tar",  # same keys, other pictures (50x90, not 160x120)
+                [{"__key__": f"k{i}", "jpg": encode(photo(i, (50, 90)), "JPEG")} for i in range(3)])
+    dest = tmp_path / "coco"
+    capsys.readouterr()
+    assert main(["export", output, "--format", "coco", "--dest", str(dest), "--images", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "b-0000.tar: the input shard changed since it was labelled" in out and "relabel" in out
+    copied = list((dest / "images" / "train").iterdir())
+    assert len(copied) == 3 and all(p.name.startswith("a-") for p in copied)
+    assert all(Image.open(p).size == (160, 120) for p in copied)
+
+    show = tmp_path / "show"
+    assert main(["show", output, "--dest", str(show), "--pick", "random", "--count", "10"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "b-0000.tar: the input shard changed" in err
+    picks = json.loads((show / "picks.json").read_text())
+    assert sum(1 for p in picks if p["overlay"]) == 3
+    assert all("changed since it was labelled" in p["error"] for p in picks if p["status"] == "error")
+
+    (tmp_path / "shards" / "b-0000.tar").unlink()  # deleted: one line too
+    assert main(["show", output, "--dest", str(show), "--pick", "random", "--count", "10"]) == 1
+    assert "input shard is gone" in capsys.readouterr().err
+
+
+def test_splits_that_match_nothing_are_refused(tmp_path, capsys):
+    """--splits 'train=*train-*,val=*val-*' on shards named otherwise put everything in an
+    undocumented split `other`, and data.yaml named one split as both train and val."""
+    (tmp_path / "shards").mkdir()
+    output = str(tmp_path / "out")
+    write_known_output(str(tmp_path / "shards"), output)
+    dest = tmp_path / "yolo"
+    assert main(["export", output, "--format", "yolo-seg", "--dest", str(dest),
+                 "--splits", "train=*train-*,val=*val-*"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "known-0000.tar" in err and "catch-all" in err
+    assert not dest.exists()
+    assert main(["export", output, "--format", "yolo-seg", "--dest", str(dest), "--no-progress",
+                 "--splits", "val=*val-*,train=*"]) == 0
+    data = yaml.safe_load((dest / "data.yaml").read_text())
+    assert data["train"] == "images/train" and "val" not in data
+
+
+@pytest.mark.parametrize("address, message", [("127.0.0.1:{port}", "nothing answers"),
+                                              ("not an address", "expected HOST:PORT")])
+def test_export_with_an_unreachable_ray_address_fails_at_once(tmp_path, capsys, address, message):
+    """export --ray-address 127.0.0.1:9 hung (> 600 s); 'not an address' was a traceback."""
+    (tmp_path / "shards").mkdir()
+    output = str(tmp_path / "out")
+    write_known_output(str(tmp_path / "shards"), output)
+    start = time.monotonic()
+    assert main(["export", output, "--format", "coco", "--dest", str(tmp_path / "coco"),
+                 "--ray-address", address.format(port=free_port())]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "--ray-address" in err
+    assert not (tmp_path / "coco").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under-file", "proc"])
+def test_show_and_export_dest_that_cannot_be_a_folder(tmp_path, capsys, where):
+    (tmp_path / "shards").mkdir()
+    output = str(tmp_path / "out")
+    write_known_output(str(tmp_path / "shards"), output)
+    (tmp_path / "afile").write_text("x")
+    dest = {"file": tmp_path / "afile", "under-file": tmp_path / "afile" / "sub", "proc": Path("/proc/gemlabel")}[where]
+    for command in (["show", output, "--dest", str(dest)], ["export", output, "--format", "coco", "--dest", str(dest)]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(dest) in err, err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_export_runs_on_local_processes_without_a_cluster(tmp_path):
+    """Without --ray-address or RAY_ADDRESS an export starts no Ray cluster (38-86 s for 23
+    images on 2 cores, most of it Ray's start-up): the same per-shard work runs in local processes."""
+    (tmp_path / "shards").mkdir()
+    output = str(tmp_path / "out")
+    for name in ("a-0000.tar", "b-0000.tar", "c-0000.tar"):
+        write_known_output(str(tmp_path / "shards"), output, shard_name=name)
+    dest = tmp_path / "coco"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    script = ("import sys, ray; from jobs.cli import main; code = main(sys.argv[1:]); "
+              "assert not ray.is_initialized(); sys.exit(code)")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script, "export", output, "--format", "coco", "--dest", str(dest),
+                           "--images", "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    seconds = time.monotonic() - start
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(p.read_text()) for p in (dest / "_done").iterdir()]
+    assert len(records) == 3
+    assert len(COCO(str(dest / "annotations" / "train.json")).dataset["images"]) == 9
+    print(f"local export of 3 shards / 9 images: {seconds:.1f}s wall")
+    assert seconds < 30
+    # The runner alone, asked for local processes: the same files again (a rerun skips all shards).
+    labelset = open_labelset(Location(output))
+    again = run_export(labelset, ExportOptions("coco", Location(str(dest)), images=True), progress=False,
+                       use_ray=False)
+    assert (again.shards_skipped, again.images) == (3, 9)
