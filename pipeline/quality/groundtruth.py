@@ -43,6 +43,8 @@ class GroundTruthSample:
     image: bytes
     image_ext: str                # jpg, png, ...: how reader.decode_sample finds it
     target: np.ndarray            # (H, W) uint8 class indices, 255 = ignore
+    shard: Optional[str] = None   # the shard URL and the sample's name in it (``__uid__``), for
+    uid: Optional[str] = None     # ground truth in shards: their keys may repeat across shards
 
     def raw(self) -> dict:
         """As a webdataset sample, for pipeline.worker.decode.decode_sample."""
@@ -253,7 +255,8 @@ def shard_ground_truth(inputs: list[Location], classes_file: Location) -> Ground
                     raise GroundTruthError(f"sample {key} of {url} has no image ({'/'.join(IMAGE_EXTENSIONS)})")
                 name = f"{url}:{key}.{MASK_ENTRY}"
                 yield GroundTruthSample(key, raw[ext], ext,
-                                        _check_indices(decode_mask_png(raw[MASK_ENTRY], name), classes, name))
+                                        _check_indices(decode_mask_png(raw[MASK_ENTRY], name), classes, name),
+                                        url, raw.get("__uid__", key))
 
     return GroundTruth(classes, samples, shards=shards)
 
