@@ -8,6 +8,8 @@ input (one line saying what to fix; nothing written).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,10 +107,27 @@ def _grid_values(text: Optional[str], kind: type, name: str) -> Optional[list]:
     if text is None:
         return None
     try:
-        return [kind(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise GroundTruthError(f"{name}: expected comma-separated {'integers' if kind is int else 'numbers'}, "
                                f"got {text!r}") from None
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise GroundTruthError(f"{name}: values must be finite numbers, got {bad[0]}")
+    return values
+
+
+def _check_report_folder(report: str) -> None:
+    """--report must be a folder that is or can be made: checked before any work (nothing made yet)."""
+    from pipeline.quality.groundtruth import GroundTruthError
+    path = Path(report)
+    if path.exists() and not path.is_dir():
+        raise GroundTruthError(f"--report {report}: is a file, not a folder")
+    ancestor = path if path.exists() else next((p for p in path.absolute().parents if p.exists()), None)
+    if ancestor is None or not ancestor.is_dir():
+        raise GroundTruthError(f"--report {report}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise GroundTruthError(f"--report {report}: cannot write in {ancestor}")
 
 
 def _template_sets(configured, compare: Optional[str]) -> dict:
@@ -130,7 +149,9 @@ def _run(handler, args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
     from pipeline.quality.groundtruth import GroundTruthError
     from pipeline.driver.pool import WorkersLostError, WorkerStartError
+    from jobs.flags import EXIT_INTERRUPTED, error_line
     try:
+        _check_report_folder(args.report)
         return handler(args)
     except (ConfigError, GroundTruthError, WorkerStartError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
@@ -138,6 +159,12 @@ def _run(handler, args: argparse.Namespace) -> int:
     except (WorkersLostError, RuntimeError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as err:  # storage failing mid-way (a full disk, an outage)
+        print(f"gemlabel: error: {args.command}: {error_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"gemlabel: {args.command} interrupted; rerun the same command", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _eval(args: argparse.Namespace) -> int:
