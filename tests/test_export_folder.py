@@ -231,3 +231,73 @@ def test_export_runs_on_local_processes_without_a_cluster(tmp_path):
     again = run_export(labelset, ExportOptions("coco", Location(str(dest)), images=True), progress=False,
                        use_ray=False)
     assert (again.shards_skipped, again.images) == (3, 9)
+
+
+def test_ctrl_c_during_an_export_keeps_whole_shards_and_a_rerun_finishes(tmp_path):
+    """SIGINT to the export's process group (a terminal's Ctrl-C) was a traceback: now one line,
+    exit 130, every done shard whole, no temp files, and the rerun exports only the rest."""
+    import signal
+    (tmp_path / "shards").mkdir()
+    output = str(tmp_path / "out")
+    for s in range(12):
+        write_known_output(str(tmp_path / "shards"), output, shard_name=f"s{s:02d}-0000.tar", images=6)
+    dest = tmp_path / "coco"
+    command = [sys.executable, "-m", "jobs.cli", "export", output, "--format", "coco", "--instances", "--images",
+               "--dest", str(dest), "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not ((dest / "_done").is_dir() and any((dest / "_done").iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, (out, err)
+    assert err.strip().splitlines() == ["gemlabel: export interrupted; the shards exported so far are kept, "
+                                        "rerun the same command to finish"]
+    done = [json.loads(p.read_text()) for p in (dest / "_done").iterdir()]
+    assert 1 <= len(done) < 12
+    for record in done:  # whole shards: every file it lists is there
+        assert all((dest / name).is_file() for name in record["files"])
+    assert not [p for p in dest.rglob(".*tmp-*")]
+    again = run_export(open_labelset(Location(output)), ExportOptions("coco", Location(str(dest)), instances=True,
+                                                                      images=True), progress=False, use_ray=False)
+    assert (again.shards_skipped, again.shards_done, again.images) == (len(done), 12 - len(done), 72)
+
+
+def test_a_failed_merge_step_is_recorded_and_exit_1(tmp_path):
+    """Storage failing in the merge step (an S3 outage, a full disk) was a traceback: it is the
+    summary's failure, exit 1, and the rerun merges again. A full disk is a file size limit here
+    (RLIMIT_FSIZE): each shard's part fits, the merged COCO JSON does not."""
+    import resource
+    import signal
+    (tmp_path / "shards").mkdir()
+    output = str(tmp_path / "out")
+    for s in range(4):
+        write_known_output(str(tmp_path / "shards"), output, shard_name=f"s{s}-0000.tar")
+    scratch = tmp_path / "scratch"
+    run_export(open_labelset(Location(output)), ExportOptions("coco", Location(str(scratch))), progress=False,
+               use_ray=False)
+    part = max(p.stat().st_size for p in (scratch / "_parts").iterdir())
+    merged = (scratch / "annotations" / "train.json").stat().st_size
+    assert merged > 3 * part
+    limit = 2 * part
+
+    def full_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    dest = tmp_path / "coco"
+    command = [sys.executable, "-m", "jobs.cli", "export", output, "--format", "coco", "--dest", str(dest),
+               "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=full_disk)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "FAILED merge step (rerun the same command): OSError: [Errno 27] File too large" in done.stdout
+    assert "Traceback" not in done.stderr
+    assert len(list((dest / "_done").iterdir())) == 4 and not (dest / "annotations" / "train.json").exists()
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "0 exported, 4 already done" in again.stdout
+    assert (dest / "annotations" / "train.json").read_bytes() == (scratch / "annotations" / "train.json").read_bytes()
+    assert not [p for p in dest.rglob(".*tmp-*")]
