@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Optional
 
-from jobs.flags import EXIT_CONFIG, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED, EXIT_OK
+from jobs.flags import EXIT_CONFIG, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED, EXIT_OK, add_storage_flags
 
 
 def add_commands(commands: argparse._SubParsersAction) -> dict:
@@ -30,7 +30,7 @@ def add_commands(commands: argparse._SubParsersAction) -> dict:
     export.add_argument("--ray-address", default=None,
                         help="export on this Ray cluster ('local' starts one); default: RAY_ADDRESS if set, "
                              "else local processes")
-    export.add_argument("--s3-endpoint", default=None)
+    add_storage_flags(export)
     export.add_argument("--no-progress", dest="progress", action="store_false")
 
     from pipeline.look.show import PICKS
@@ -44,7 +44,7 @@ def add_commands(commands: argparse._SubParsersAction) -> dict:
     show.add_argument("--seed", type=int, default=0)
     show.add_argument("--alpha", type=float, default=0.5, help="mask opacity, 0..1")
     show.add_argument("--boxes", action="store_true", help="draw boxes too")
-    show.add_argument("--s3-endpoint", default=None)
+    add_storage_flags(show)
     return {"export": _export, "show": _show}
 
 
@@ -59,9 +59,9 @@ def _export(args: argparse.Namespace) -> int:
     from pipeline.export.common import ExportError, ExportOptions, assign_splits, parse_splits
     from pipeline.export.runner import default_dest, run_export
     from pipeline.store.labelset import NotAnOutputError, open_labelset
-    from jobs.flags import location
-    output = location(args.output, args.s3_endpoint)
+    from jobs.flags import reader_location
     try:
+        output = reader_location(args.output, args)
         labelset = open_labelset(output)
         dest = output.at(args.dest) if args.dest else default_dest(output, args.format)
         options = ExportOptions(args.format, dest, args.instances, args.min_area, args.images, args.image_format,
@@ -92,9 +92,10 @@ def _show(args: argparse.Namespace) -> int:
     from pipeline.look.gallery import show_output
     from pipeline.store.destination import prepare_destination, remove_temps
     from pipeline.store.labelset import NotAnOutputError, open_labelset
-    from jobs.flags import error_line, location
-    output = location(args.output, args.s3_endpoint)
+    from pipeline.config import ConfigError
+    from jobs.flags import error_line, reader_location
     try:
+        output = reader_location(args.output, args)
         if not 0.0 <= args.alpha <= 1.0:
             raise ValueError(f"--alpha: must be in [0, 1], got {args.alpha}")
         if args.count < 1:
@@ -108,7 +109,7 @@ def _show(args: argparse.Namespace) -> int:
         dest = output.at(args.dest)
         prepare_destination(dest)
         remove_temps(dest)
-    except (NotAnOutputError, ValueError) as err:  # DestinationError is a ValueError
+    except (NotAnOutputError, ValueError, ConfigError) as err:  # DestinationError is a ValueError
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     problems: dict[str, str] = {}
