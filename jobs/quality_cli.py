@@ -184,6 +184,7 @@ def _eval(args: argparse.Namespace) -> int:
         config = _label_config(args, str(Path(args.report) / "labels"))
         _mapping(args, ground_truth.class_names, class_labels(build_spec(config).class_names))
         check_model(config)
+        _check_ray_address(config.ray_address)
         output, seconds = label_ground_truth(ground_truth, config, args.report)
         storage_options = config.storage_options
     vocab, rows = read_output_rows(Location(output, storage_options))
@@ -198,6 +199,15 @@ def _eval(args: argparse.Namespace) -> int:
           f"fwIoU {summary['fwIoU']}, point precision {summary['point_precision']} -> {args.report}/report.md",
           file=sys.stderr)
     return EXIT_OK
+
+
+def _check_ray_address(address: Optional[str]) -> None:
+    """The cluster eval labels on must answer before the ground truth is packed into shards."""
+    import os
+    from pipeline.driver.cluster import check_reachable
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        check_reachable(address)
 
 
 def _check_calibratable(config) -> None:

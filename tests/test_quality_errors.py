@@ -120,3 +120,19 @@ def test_malformed_coco_ground_truth(labels, tmp_path, capsys, damage, message):
     err = one_line(capsys)
     assert message in err and str(annotations) in err, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("address, message", [("127.0.0.1:{port}", "nothing answers"),
+                                              ("not an address", "expected HOST:PORT")])
+def test_eval_with_an_unreachable_ray_address_fails_before_any_work(base_config, tmp_path, capsys, address,
+                                                                    message):
+    """eval labels on the cluster at --ray-address: one that does not answer was found only after
+    the ground truth had been packed into shards under --report."""
+    from tests.conftest import free_port
+    from tests.test_quality import config_file, label_config
+    config = config_file(tmp_path, label_config(base_config, tmp_path))
+    report = tmp_path / "report"
+    assert main(["eval", *GT_FLAGS, "--config", config, "--report", str(report), "--no-progress",
+                 "--ray-address", address.format(port=free_port())]) == 2
+    assert message in one_line(capsys)
+    assert not report.exists()
