@@ -301,3 +301,46 @@ def test_a_failed_merge_step_is_recorded_and_exit_1(tmp_path):
     assert again.returncode == 0 and "0 exported, 4 already done" in again.stdout
     assert (dest / "annotations" / "train.json").read_bytes() == (scratch / "annotations" / "train.json").read_bytes()
     assert not [p for p in dest.rglob(".*tmp-*")]
+
+
+def test_destinations_temp_files_are_removed_on_start(tmp_path):
+    """A killed export or show left its temp files in the destination and later runs never
+    cleaned them."""
+    from tests.outputs import leftover_temp
+    (tmp_path / "shards").mkdir()
+    output = str(tmp_path / "out")
+    write_known_output(str(tmp_path / "shards"), output)
+    dest, show = tmp_path / "yolo", tmp_path / "show"
+    assert main(["export", output, "--format", "yolo-seg", "--dest", str(dest), "--no-progress"]) == 0
+    assert main(["show", output, "--dest", str(show)]) == 0
+    temps = [leftover_temp(str(dest / "labels" / "train" / "x.txt"), time.time() - 60),
+             leftover_temp(str(dest / "data.yaml"), time.time() - 60),
+             leftover_temp(str(show / "overlays" / "y.png"), time.time() - 60)]
+    assert main(["export", output, "--format", "yolo-seg", "--dest", str(dest), "--no-progress"]) == 0
+    assert main(["show", output, "--dest", str(show)]) == 0
+    assert not any(t.exists() for t in temps)
+
+
+def test_show_on_a_full_disk_is_one_line_exit_1(tmp_path):
+    """show on a full disk was a traceback; a file size limit (RLIMIT_FSIZE) that the gallery's
+    index.html (every picture embedded) passes stands in for it."""
+    import resource
+    import signal
+    (tmp_path / "shards").mkdir()
+    output = str(tmp_path / "out")
+    write_known_output(str(tmp_path / "shards"), output)
+    assert main(["show", output, "--dest", str(tmp_path / "sized")]) == 0
+    limit = max(p.stat().st_size for p in (tmp_path / "sized" / "overlays").iterdir()) + 1000
+    assert (tmp_path / "sized" / "index.html").stat().st_size > limit
+
+    def full_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "show", output, "--dest", str(tmp_path / "show")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=full_disk)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gemlabel: error: writing the gallery to"), lines
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "show" / "index.html").exists()

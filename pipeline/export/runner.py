@@ -76,7 +76,7 @@ def export_shard(labelset: LabelSet, shard_id: str, options: ExportOptions, spli
     rows = labelset.rows(shard_id)
     ok_rows = [row for row in rows if row["status"] == "ok"]
     ctx = ShardContext(labelset, shard_id, split, options)
-    source = labelset.input_shard(labelset.markers[shard_id]["shard"]) if options.images and ok_rows else None
+    source = labelset.input_shard(shard_id) if options.images and ok_rows else None
     counts = writer.export_shard(ctx, ok_rows)
     if source is not None:
         folder_parts = writer.image_folder(split)

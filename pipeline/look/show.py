@@ -77,14 +77,16 @@ def fetch_picked_images(picks: list[Pick], labelset: LabelSet,
     was labelled or unreadable is noted in ``problems`` (shard URL -> why) and its picks become
     error rows saying why, so the gallery still shows the others."""
     by_shard: dict[str, dict[str, str]] = defaultdict(dict)
+    shard_ids: dict[str, str] = {}
     for pick in picks:
         if pick.row["status"] == "ok":
             by_shard[pick.row["shard"]][sample_uid(pick.row)] = pick.row["sample_id"]
+            shard_ids[pick.row["shard"]] = pick.row["sample_id"].split("/", 1)[0]
     images = {}
     for shard_url, uids in by_shard.items():
         found = {}
         try:
-            for uid, image in fetch_images(labelset.input_shard(shard_url), uids):
+            for uid, image in fetch_images(labelset.input_shard(shard_ids[shard_url]), uids):
                 found[uids[uid]] = image
         except Exception as err:  # this shard's pictures only: gone, replaced, truncated, unreachable
             message = str(err) if isinstance(err, InputChangedError) else f"{shard_url}: {type(err).__name__}: {err}"

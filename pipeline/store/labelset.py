@@ -55,11 +55,12 @@ class LabelSet:
         for shard_id in self.shard_ids():
             yield from self.rows(shard_id, columns)
 
-    def input_shard(self, shard_url: str) -> Location:
-        """The input shard whose images a consumer is about to read, checked against the identity
-        (size, etag or mtime) its marker recorded when it was labelled."""
+    def input_shard(self, shard_id: str) -> Location:
+        """The input shard of a labels shard, whose images a consumer is about to read, checked
+        against the identity (size, etag or mtime) its marker recorded when it was labelled."""
+        shard_url = self.markers[shard_id]["shard"]
         shard = self.root.at(shard_url)
-        recorded = next((m.get("input") for m in self.markers.values() if m["shard"] == shard_url), None)
+        recorded = self.markers[shard_id].get("input")
         info = shard.stat()
         if info is None or info.get("type") == "directory":
             raise InputChangedError(f"{shard_url}: the input shard is gone (moved or deleted since it was labelled)")
