@@ -80,9 +80,9 @@ def _export(args: argparse.Namespace) -> int:
         print("gemlabel: export interrupted; the shards exported so far are kept, rerun the same command to "
               "finish", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except OSError as err:  # storage failing before any shard ran (reading the labels, the done markers)
+    except Exception as err:  # storage failing before any shard ran (botocore, aiohttp, OSError...)
         from jobs.flags import error_line
-        print(f"gemlabel: error: export to {args.dest or 'OUTPUT/exports'}: {error_line(err)}", file=sys.stderr)
+        print(f"gemlabel: error: export of {args.output}: {error_line(err)}", file=sys.stderr)
         return EXIT_FAILED_SHARDS
     print(summary.text())
     return EXIT_FAILED_SHARDS if summary.shards_failed or summary.merge_failed else EXIT_OK
