@@ -344,3 +344,24 @@ def test_show_on_a_full_disk_is_one_line_exit_1(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("gemlabel: error: writing the gallery to"), lines
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "show" / "index.html").exists()
+
+
+def test_records_read_back_from_the_folder_remove_nothing_outside_it(tmp_path):
+    """A stray done marker or _export.json naming files outside the export (absolute, ../) is not
+    obeyed: only files inside the export folder are ever removed."""
+    (tmp_path / "shards").mkdir()
+    output = str(tmp_path / "out")
+    write_known_output(str(tmp_path / "shards"), output)
+    dest = tmp_path / "yolo"
+    assert main(["export", output, "--format", "yolo-seg", "--dest", str(dest), "--no-progress"]) == 0
+    victims = [tmp_path / "victim-abs.txt", tmp_path / "victim-rel.txt"]
+    for victim in victims:
+        victim.write_text("keep")
+    names = [str(victims[0]), "../victim-rel.txt", "labels/../../victim-rel.txt"]
+    (dest / "_done" / "gone-0000-12345678.json").write_text(json.dumps({"shard_id": "gone-0000-12345678",
+                                                                        "files": names}))
+    record = json.loads((dest / "_export.json").read_text())
+    (dest / "_export.json").write_text(json.dumps({**record, "files": [*record["files"], *names]}))
+    assert main(["export", output, "--format", "yolo-seg", "--dest", str(dest), "--no-progress"]) == 0
+    assert all(victim.read_text() == "keep" for victim in victims)
+    assert not (dest / "_done" / "gone-0000-12345678.json").exists()

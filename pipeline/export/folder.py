@@ -87,12 +87,24 @@ def claim(dest: Location, identity: dict) -> list[str]:
     return kept
 
 
+def _own_file(dest: Location, name: object) -> Optional[Location]:
+    """The file a record names, if it is inside ``dest`` (records are read back from the folder:
+    a stray one naming ``/etc/passwd`` or ``../x`` removes nothing)."""
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "://" in name:
+        return None
+    if any(part in ("", ".", "..") for part in name.replace("\\", "/").split("/")):
+        return None
+    file = dest.child(name)
+    return file if file.url.startswith(dest.url.rstrip("/") + "/") else None
+
+
 def finish_claim(dest: Location, identity: dict, previous_files: list[str], files: list[str]) -> None:
     """After the merge step: remove the previous run's merge files not written again, record these."""
     written = {relative(dest, dest.at(url)) for url in files}
     for name in previous_files:
-        if name not in written:
-            dest.child(name).remove()
+        file = _own_file(dest, name)
+        if name not in written and file is not None:
+            file.remove()
     dest.child(EXPORT_RECORD).write_bytes_atomic(json.dumps({**identity, "files": sorted(written)},
                                                             indent=1).encode())
 
@@ -112,7 +124,9 @@ def read_done_markers(dest: Location) -> dict[str, dict]:
 
 def drop_shard(dest: Location, record: dict, marker: Location) -> None:
     """Remove what one exported shard wrote, then its done marker."""
-    for name in record.get("files") or []:
-        if isinstance(name, str) and ".." not in name.split("/"):
-            dest.child(name).remove()
+    files = record.get("files")
+    for name in files if isinstance(files, list) else []:
+        file = _own_file(dest, name)
+        if file is not None:
+            file.remove()
     marker.remove()
