@@ -360,8 +360,11 @@ def test_records_read_back_from_the_folder_remove_nothing_outside_it(tmp_path):
     names = [str(victims[0]), "../victim-rel.txt", "labels/../../victim-rel.txt"]
     (dest / "_done" / "gone-0000-12345678.json").write_text(json.dumps({"shard_id": "gone-0000-12345678",
                                                                         "files": names}))
+    (tmp_path / "victim-marker.json").write_text("keep")  # a marker whose shard id points outside
+    (dest / "_done" / "odd.json").write_text(json.dumps({"shard_id": "../../victim-marker", "files": []}))
+    victims.append(tmp_path / "victim-marker.json")
     record = json.loads((dest / "_export.json").read_text())
     (dest / "_export.json").write_text(json.dumps({**record, "files": [*record["files"], *names]}))
     assert main(["export", output, "--format", "yolo-seg", "--dest", str(dest), "--no-progress"]) == 0
     assert all(victim.read_text() == "keep" for victim in victims)
-    assert not (dest / "_done" / "gone-0000-12345678.json").exists()
+    assert not (dest / "_done" / "gone-0000-12345678.json").exists() and not (dest / "_done" / "odd.json").exists()

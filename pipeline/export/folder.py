@@ -109,16 +109,16 @@ def finish_claim(dest: Location, identity: dict, previous_files: list[str], file
                                                             indent=1).encode())
 
 
-def read_done_markers(dest: Location) -> dict[str, dict]:
-    """shard_id -> done marker; unreadable markers are removed (their shards are not done)."""
-    done = {}
+def read_done_markers(dest: Location) -> list[tuple[Location, dict]]:
+    """(file, done marker) for each marker; unreadable ones are removed (their shards are not done)."""
+    done = []
     for file in dest.child("_done").list_files(".json"):
         record = _read_json(file)
         if record is None or not isinstance(record.get("shard_id"), str):
             log.warning("%s is not a done marker (truncated or stray): removed, its shard is redone", file)
             file.remove()
             continue
-        done[record["shard_id"]] = record
+        done.append((file, record))
     return done
 
 

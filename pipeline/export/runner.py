@@ -131,11 +131,13 @@ def read_done(labelset: LabelSet, options: ExportOptions) -> dict[str, dict]:
     """shard_id -> done marker, for the shards already exported with these options and labels;
     the files of every other marker (shards no longer in the labels, relabelled ones) are removed."""
     done = {}
-    for shard_id, record in folder.read_done_markers(options.dest).items():
-        if shard_id in labelset.markers and record == {**record, **_done_record(labelset, shard_id, options)}:
+    for file, record in folder.read_done_markers(options.dest):
+        shard_id = record["shard_id"]
+        if shard_id in labelset.markers and file.url == done_file(options.dest, shard_id).url \
+                and record == {**record, **_done_record(labelset, shard_id, options)}:
             done[shard_id] = record
         else:
-            folder.drop_shard(options.dest, record, done_file(options.dest, shard_id))
+            folder.drop_shard(options.dest, record, file)
     return done
 
 
