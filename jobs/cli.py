@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import gemlabel
 from jobs.flags import (EXIT_CONFIG, EXIT_FAILED_SHARDS, EXIT_INTERRUPTED, EXIT_OK, add_config_flags,
-                         config_error_text, error_line, location, overrides)
+                         add_storage_flags, config_error_text, error_line, location, overrides, reader_location)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL for an s3:// output prefix")
     report = commands.add_parser("report", help="summarise an output from its markers")
     report.add_argument("output", help="an output prefix gemlabel label wrote (local path, s3://, gs://, ...)")
-    report.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, R2, ...)")
+    add_storage_flags(report)
     report.add_argument("--input", nargs="+", default=None,
                         help="the run's input (shard URLs, globs, .txt lists): also count the shards still pending")
     report.add_argument("--json", action="store_true", help="print JSON")
@@ -71,15 +71,17 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError
     from pipeline.store.report import format_report, summarize_output
     try:
-        report = summarize_output(location(args.output, args.s3_endpoint), args.input)
-    except FileNotFoundError as err:
+        report = summarize_output(reader_location(args.output, args), args.input)
+    except (FileNotFoundError, ConfigError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as err:  # storage back ends raise their own kinds (botocore, aiohttp, ...)
         hint = ("; for MinIO, R2 or Ceph pass --s3-endpoint URL, for AWS set its credentials"
-                if args.output.startswith("s3") and not args.s3_endpoint else "")
+                if args.output.startswith("s3") and not (args.s3_endpoint or args.storage_options or args.config)
+                else "")
         print(f"gemlabel: error: cannot read {args.output}: {error_line(err)}{hint}", file=sys.stderr)
         return EXIT_CONFIG
     print(json.dumps(report, indent=1) if args.json else format_report(report))

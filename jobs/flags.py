@@ -51,6 +51,38 @@ def location(url: str, endpoint: Optional[str]):
     return Location(url, storage_options(endpoint))
 
 
+def add_storage_flags(parser) -> None:
+    """How a command that reads an output (export, show, report) reaches it, as ``label`` does:
+    a config file's ``storage_options``, ``--storage-options`` JSON over it, ``--s3-endpoint`` last."""
+    parser.add_argument("--config", help="a label YAML config: its storage_options are used (other keys ignored)")
+    parser.add_argument("--storage-options", dest="storage_options", default=None, metavar="JSON",
+                        help="fsspec options per protocol, as for label, e.g. "
+                             "'{\"s3\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'")
+    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, R2, ...)")
+
+
+def reader_options(args: argparse.Namespace) -> dict:
+    """The storage options of ``add_storage_flags``' flags; ConfigError when malformed."""
+    from pipeline.config import ConfigError, load_storage_options
+    given = None
+    if args.storage_options is not None:
+        try:
+            given = json.loads(args.storage_options)
+        except ValueError:
+            raise ConfigError("storage_options: --storage-options expects JSON, e.g. "
+                              "'{\"s3\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'") from None
+    options = load_storage_options(args.config, given)
+    if args.s3_endpoint:
+        options = {**options, "s3": {**options.get("s3", {}), "endpoint_url": args.s3_endpoint}}
+    return options
+
+
+def reader_location(url: str, args: argparse.Namespace):
+    """An output URL given to export, show or report, with its storage options."""
+    from pipeline.io.storage import Location
+    return Location(url, reader_options(args))
+
+
 def vocab_item(text: str) -> str | list[str]:
     """One class of --vocab: a name, or synonyms joined by '|' (the first is the label)."""
     names = [name.strip() for name in text.split("|")]

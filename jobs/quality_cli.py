@@ -8,6 +8,8 @@ input (one line saying what to fix; nothing written).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,10 +107,27 @@ def _grid_values(text: Optional[str], kind: type, name: str) -> Optional[list]:
     if text is None:
         return None
     try:
-        return [kind(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise GroundTruthError(f"{name}: expected comma-separated {'integers' if kind is int else 'numbers'}, "
                                f"got {text!r}") from None
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise GroundTruthError(f"{name}: values must be finite numbers, got {bad[0]}")
+    return values
+
+
+def _check_report_folder(report: str) -> None:
+    """--report must be a folder that is or can be made: checked before any work (nothing made yet)."""
+    from pipeline.quality.groundtruth import GroundTruthError
+    path = Path(report)
+    if path.exists() and not path.is_dir():
+        raise GroundTruthError(f"--report {report}: is a file, not a folder")
+    ancestor = path if path.exists() else next((p for p in path.absolute().parents if p.exists()), None)
+    if ancestor is None or not ancestor.is_dir():
+        raise GroundTruthError(f"--report {report}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise GroundTruthError(f"--report {report}: cannot write in {ancestor}")
 
 
 def _template_sets(configured, compare: Optional[str]) -> dict:
@@ -131,7 +150,9 @@ def _run(handler, args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
     from pipeline.quality.groundtruth import GroundTruthError
     from pipeline.driver.pool import WorkersLostError, WorkerStartError
+    from jobs.flags import EXIT_INTERRUPTED, error_line
     try:
+        _check_report_folder(args.report)
         return handler(args)
     except (ConfigError, GroundTruthError, WorkerStartError) as err:
         print(f"gemlabel: error: {config_error_text(err)}", file=sys.stderr)
@@ -139,6 +160,12 @@ def _run(handler, args: argparse.Namespace) -> int:
     except (WorkersLostError, RuntimeError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as err:  # storage failing mid-way (a full disk, an outage)
+        print(f"gemlabel: error: {args.command}: {error_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"gemlabel: {args.command} interrupted; rerun the same command", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -158,6 +185,7 @@ def _eval(args: argparse.Namespace) -> int:
         config = _label_config(args, str(Path(args.report) / "labels"))
         _mapping(args, ground_truth.class_names, class_labels(build_spec(config).class_names))
         check_model(config)
+        _check_ray_address(config.ray_address)
         output, seconds = label_ground_truth(ground_truth, config, args.report)
         storage_options = config.storage_options
     vocab, rows = read_output_rows(Location(output, storage_options))
@@ -171,6 +199,15 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"gemlabel eval: {result.images_scored} images, mIoU {summary['mIoU']}, aAcc {summary['aAcc']}, "
           f"fwIoU {summary['fwIoU']}, point precision {summary['point_precision']} -> {args.report}/report.md")
     return EXIT_OK
+
+
+def _check_ray_address(address: Optional[str]) -> None:
+    """The cluster eval labels on must answer before the ground truth is packed into shards."""
+    import os
+    from pipeline.driver.cluster import check_reachable
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        check_reachable(address)
 
 
 def _check_calibratable(config) -> None:

@@ -16,7 +16,7 @@ from pipeline.store.layout import OutputLayout, write_json
 from pipeline.store.marker import shard_marker
 from pipeline.store.schema import table_from_rows
 from pipeline.io.shards import shard_id_for
-from pipeline.io.storage import Location, join
+from pipeline.io.storage import Location, file_identity, join
 from tests.shards import encode, photo, write_shard
 
 CLASSES = ["person", "dog", "sofa", "car"]
@@ -48,12 +48,18 @@ def label_for(class_id: int, mask: np.ndarray) -> dict:
 
 
 def write_known_output(shard_folder: str, output: str, images: int = 3, storage_options: Optional[dict] = None,
-                       local_tmp: Optional[Path] = None, nan_scores: bool = False) -> dict[str, dict[int, np.ndarray]]:
-    """One shard of ``images`` photos plus an error sample; returns sample_id -> known masks.
-    ``nan_scores``: the first image's labels score NaN, as an overflowing model's do."""
-    samples = [{"__key__": f"k{i}", "jpg": encode(photo(i, SIZE), "JPEG", quality=95)} for i in range(images)]
+                       local_tmp: Optional[Path] = None, nan_scores: bool = False, keys: Optional[list[str]] = None,
+                       shard_name: str = "known-0000.tar", vocab: Optional[list[str]] = None,
+                       fingerprint: str = "known") -> dict[str, dict[int, np.ndarray]]:
+    """One shard of ``images`` photos (keys ``keys``, default k0, k1, ...) plus an error sample,
+    with its input identity recorded as the worker records it; returns sample_id -> known masks.
+    ``nan_scores``: the first image's labels score NaN, as an overflowing model's do. Called again
+    with another ``shard_name``, it adds a shard to the same output."""
+    keys = keys or [f"k{i}" for i in range(images)]
+    images = len(keys)
+    samples = [{"__key__": key, "jpg": encode(photo(i, SIZE), "JPEG", quality=95)} for i, key in enumerate(keys)]
     samples.append({"__key__": "broken", "jpg": b"\xff\xd8 not an image"})
-    shard_url = join(shard_folder, "known-0000.tar")
+    shard_url = join(shard_folder, shard_name)
     if local_tmp is not None:  # build locally, then upload
         local = write_shard(local_tmp / "known-0000.tar", samples)
         Location(shard_url, storage_options or {}).write_bytes_atomic(local.read_bytes())
@@ -63,22 +69,25 @@ def write_known_output(shard_folder: str, output: str, images: int = 3, storage_
     known, rows = {}, []
     for i in range(images):
         masks = blob_masks(i)
-        sample_id = f"{shard_id}/k{i}"
+        sample_id = f"{shard_id}/{keys[i]}"
         known[sample_id] = masks
         labels = [label_for(c, m) for c, m in sorted(masks.items())]
         if nan_scores and i == 0:
             labels = [{**label, "score": float("nan"), "peak_score": float("nan")} for label in labels]
-        rows.append({"sample_id": sample_id, "key": f"k{i}", "shard": shard_url, "width": SIZE[0], "height": SIZE[1],
+        rows.append({"sample_id": sample_id, "key": keys[i], "shard": shard_url, "width": SIZE[0], "height": SIZE[1],
                      "status": "ok", "error": None, "labels": labels})
     rows.append({"sample_id": f"{shard_id}/broken", "key": "broken", "shard": shard_url, "width": 0, "height": 0,
                  "status": "error", "error": "decode jpg: UnidentifiedImageError: cannot identify image file",
                  "labels": []})
     layout = OutputLayout(Location(output, storage_options or {}))
-    write_json(layout.config_file, {"fingerprint": "known", "settings": {"vocab": CLASSES}})
+    vocab = vocab or CLASSES
+    write_json(layout.config_file, {"fingerprint": fingerprint, "settings": {"vocab": vocab}})
     buffer = io.BytesIO()
-    pq.write_table(table_from_rows(rows, {"vocab": CLASSES}), buffer)
+    pq.write_table(table_from_rows(rows, {"vocab": vocab}), buffer)
     layout.labels_file(shard_id).write_bytes_atomic(buffer.getvalue())
-    marker = shard_marker(shard_url, shard_id, "known", rows, buffer.getbuffer().nbytes,
-                          {"decode:UnidentifiedImageError": 1}, started=datetime.now(timezone.utc), total_s=0.0)
+    identity = file_identity(Location(shard_url, storage_options or {}).stat())
+    marker = shard_marker(shard_url, shard_id, fingerprint, rows, buffer.getbuffer().nbytes,
+                          {"decode:UnidentifiedImageError": 1}, started=datetime.now(timezone.utc), total_s=0.0,
+                          input_identity=identity)
     write_json(layout.marker_file(shard_id), marker)
     return known

@@ -133,7 +133,8 @@ def test_yolo_polygons_rasterise_back_to_the_masks(known_output, tmp_path):
     dest = tmp_path / "yolo"
     assert main(["export", output, "--format", "yolo-seg", "--dest", str(dest), "--images", "--no-progress"]) == 0
     data = yaml.safe_load((dest / "data.yaml").read_text())
-    assert data["names"] == dict(enumerate(CLASSES)) and data["train"] == "images/train" == data["val"]
+    assert data["names"] == dict(enumerate(CLASSES)) and data["train"] == "images/train"
+    assert "val" not in data  # one split is never named as both train and val (issue 19)
     assert data["path"] == str(dest)
     for sample_id, masks in known.items():
         stem = sample_id.replace("/", "__")

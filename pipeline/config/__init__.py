@@ -11,8 +11,8 @@ from pipeline.config.errors import ConfigError
 from pipeline.config.keys import ConfigKey, config_keys, default_text, markdown_table
 from pipeline.config.label_config import (SCHEMA_VERSION, DecodeMode, GEMConfig, LabelConfig, PAMRConfig, SlideConfig,
                                           ThresholdConfig, class_labels, fingerprint)
-from pipeline.config.load import error_message, load_config
+from pipeline.config.load import error_message, load_config, load_storage_options
 
 __all__ = ["SCHEMA_VERSION", "ConfigError", "ConfigKey", "DecodeMode", "GEMConfig", "LabelConfig", "PAMRConfig",
            "SlideConfig", "ThresholdConfig", "class_labels", "config_keys", "default_text", "error_message",
-           "fingerprint", "load_config", "markdown_table"]
+           "fingerprint", "load_config", "load_storage_options", "markdown_table"]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from pipeline.config.errors import ConfigError
@@ -96,6 +96,22 @@ def _read_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def load_storage_options(path: Optional[str] = None, given: Optional[dict] = None) -> dict:
+    """The ``storage_options`` of a config file (if given), replaced by ``given`` (the
+    --storage-options flag) when set, validated as ``label`` validates them: for the commands
+    that read an output (export, show, report), which need no other key."""
+    options = given if given is not None else (_read_yaml(path).get("storage_options") if path else None)
+    field = LabelConfig.__pydantic_fields__["storage_options"]
+    try:
+        return TypeAdapter(field.annotation).validate_python(options or {})
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        where = _dotted(("storage_options",) + tuple(first["loc"]))
+        return_text = _PHRASES.get(first["type"], first["msg"])
+        raise ConfigError(f"{where}: {return_text}, got {first.get('input')!r:.60} (expected "
+                          "{protocol: {option: value}}, e.g. {s3: {endpoint_url: http://127.0.0.1:9000}})") from None
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> LabelConfig:

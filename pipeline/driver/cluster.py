@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import time
+from typing import Optional
 
 import ray
 
@@ -18,21 +19,29 @@ NAMESPACE = "gemlabel"
 
 
 def connect_ray(config: LabelConfig) -> None:
-    """Join the cluster at ray_address / RAY_ADDRESS, or start a local one; an address that does
-    not answer is a ConfigError within seconds, not Ray's minute of retries."""
+    """Join the cluster at ray_address / RAY_ADDRESS, or start a local one (see ``connect``)."""
+    connect(config.ray_address)
+
+
+def connect(address: Optional[str], name: str = "ray_address") -> None:
+    """Join the cluster at ``address`` / RAY_ADDRESS, or start a local one; an address that does
+    not answer is a ConfigError (naming the setting ``name``) within seconds, not Ray's minute of
+    retries. Every command that uses Ray joins through here (label, eval, export)."""
+    if address and address != "local":  # checked even when joined: a wrong address is never ignored
+        check_reachable(address, name)
     if ray.is_initialized():
         return
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     kwargs = {"namespace": NAMESPACE, "log_to_driver": True}
     if not address or address == "local":  # start a local cluster: no dashboard needed
         kwargs["include_dashboard"] = False
         quiet_local_auth()
     else:
-        _check_reachable(address)
+        check_reachable(address, name)
     try:
         ray.init(address=address, **kwargs)
-    except (ConnectionError, TimeoutError, RuntimeError) as err:
-        raise ConfigError(f"ray_address: cannot connect to the Ray cluster at {address}: "
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"{name}: cannot connect to the Ray cluster at {address}: "
                           f"{first_line(err)}") from None
 
 
@@ -45,18 +54,18 @@ def quiet_local_auth() -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
+def check_reachable(address: str, name: str = "ray_address", timeout: float = 5.0) -> None:
     """A host:port (or ray://host:port) address must accept a TCP connection."""
     if address == "auto" or address.startswith("local"):
         return
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"ray_address: expected HOST:PORT (e.g. 10.0.0.1:6379) or ray://HOST:10001, got {address!r}")
+    if not host or not port.isdigit() or any(ch.isspace() for ch in hostport):
+        raise ConfigError(f"{name}: expected HOST:PORT (e.g. 10.0.0.1:6379) or ray://HOST:10001, got {address!r}")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as err:
-        raise ConfigError(f"ray_address: nothing answers at {hostport} ({err.strerror or err}); "
+    except (OSError, ValueError, OverflowError) as err:
+        raise ConfigError(f"{name}: nothing answers at {hostport} ({getattr(err, 'strerror', None) or err}); "
                           "is the Ray head running there?") from None
 
 

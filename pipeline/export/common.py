@@ -18,6 +18,7 @@ from typing import Optional
 from PIL import Image
 
 from pipeline.store.labelset import LabelSet
+from pipeline.store.names import sample_stem
 from pipeline.io.storage import Location
 
 FORMATS = ("coco", "semantic", "yolo-seg")
@@ -82,17 +83,30 @@ def parse_splits(text: Optional[str]) -> dict[str, str]:
     return splits
 
 
-def split_of(shard_url: str, splits: dict[str, str]) -> str:
-    """The first split whose glob matches the input shard's URL; everything is 'train' by default."""
+def split_of(shard_url: str, splits: dict[str, str]) -> Optional[str]:
+    """The first split whose glob matches the input shard's URL (None: no split does);
+    everything is 'train' by default."""
     for name, pattern in splits.items():
         if fnmatch.fnmatch(shard_url, pattern):
             return name
-    return "train" if not splits else "other"
+    return "train" if not splits else None
+
+
+def assign_splits(labelset: LabelSet, splits: dict[str, str]) -> dict[str, str]:
+    """shard_id -> split for every shard; shards no glob matches are an ExportError naming them
+    (give a catch-all such as ``rest=*`` to put them somewhere)."""
+    assigned = {shard_id: split_of(marker["shard"], splits) for shard_id, marker in labelset.markers.items()}
+    unmatched = sorted(labelset.markers[s]["shard"] for s, split in assigned.items() if split is None)
+    if unmatched:
+        more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
+        raise ExportError(f"--splits: {len(unmatched)} shard(s) match no split: {', '.join(unmatched[:5])}{more}; "
+                          f"fix the globs or add a catch-all split, e.g. 'rest=*'")
+    return assigned
 
 
 def image_stem(sample_id: str) -> str:
-    """A flat, unique file name stem for a sample (detectron2 does not look into subfolders)."""
-    return sample_id.replace("/", "__")
+    """A flat, unique file name stem for a sample (see ``pipeline.store.names``)."""
+    return sample_stem(sample_id)
 
 
 def image_file(sample_id: str, options: ExportOptions) -> str:
@@ -118,6 +132,10 @@ class ShardContext:
     shard_id: str
     split: str
     options: ExportOptions
+    written: list[str] = field(default_factory=list)  # the files' paths under dest, for the done marker
 
     def out(self, *parts: str) -> Location:
+        """Where one of this shard's files goes (recorded: a later export that no longer covers
+        the shard removes it)."""
+        self.written.append("/".join(parts))
         return self.options.dest.child(*parts)

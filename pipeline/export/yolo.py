@@ -40,10 +40,17 @@ def image_folder(split: str) -> tuple[str, ...]:
 
 
 def finish(labelset: LabelSet, shard_ids: list[str], options, splits: set[str] = frozenset()) -> list[str]:
+    """data.yaml: train is the split named train (else the first), val the split named val (else
+    another split); one split is never both: with a single split there is no val entry."""
     names = sorted(splits) or ["train"]
-    data = {"path": normalize_url(options.dest.url), "train": f"images/{'train' if 'train' in names else names[0]}",
-            "val": f"images/{'val' if 'val' in names else ('train' if 'train' in names else names[0])}",
-            "names": dict(enumerate(labelset.class_names))}
+    train = "train" if "train" in names else names[0]
+    others = [name for name in names if name != train]
+    data = {"path": normalize_url(options.dest.url), "train": f"images/{train}"}
+    if others:
+        data["val"] = f"images/{'val' if 'val' in others else others[0]}"
+    if "test" in others and data["val"] != "images/test":
+        data["test"] = "images/test"
+    data["names"] = dict(enumerate(labelset.class_names))
     file = options.dest.child("data.yaml")
     file.write_bytes_atomic(yaml.safe_dump(data, sort_keys=False).encode())
     return [file.url]

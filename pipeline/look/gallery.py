@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.masks.palette import hex_color
 from pipeline.look.show import Pick
+from pipeline.store.names import sample_stem
 from pipeline.io.storage import Location
 
 
@@ -35,7 +36,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def file_stem(sample_id: str) -> str:
-    return sample_id.replace("/", "__")
+    return sample_stem(sample_id)
 
 
 def contact_sheet(drawn: list[Drawn], columns: int = 6, cell: int = 200) -> Image.Image:
@@ -162,11 +163,13 @@ def gallery_link(index_url: str, sample_id: str) -> str:
 
 
 def show_output(labelset, dest: Location, picks: list[str], count: int = 12, seed: int = 0,
-                class_name: Optional[str] = None, alpha: float = 0.5, boxes: bool = False) -> dict[str, str]:
-    """Pick, fetch (one pass per shard), draw and write the gallery of an output."""
+                class_name: Optional[str] = None, alpha: float = 0.5, boxes: bool = False,
+                problems: Optional[dict] = None) -> dict[str, str]:
+    """Pick, fetch (one pass per shard), draw and write the gallery of an output; input shards
+    whose images cannot be shown go in ``problems`` (see ``fetch_picked_images``)."""
     from pipeline.look.show import draw_overlay, fetch_picked_images, pick_samples
     chosen = pick_samples(labelset.all_rows(), picks, count, seed, class_name)
-    images = fetch_picked_images(chosen, labelset)
+    images = fetch_picked_images(chosen, labelset, problems)
     drawn = []
     for pick in chosen:
         image = images.get(pick.row["sample_id"])

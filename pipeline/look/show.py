@@ -14,7 +14,8 @@ from typing import Iterable, Optional
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.store.labelset import LabelSet, fetch_images, sample_uid, label_mask, label_points
+from pipeline.store.labelset import (InputChangedError, LabelSet, fetch_images, label_mask, label_points,
+                                     sample_uid)
 from pipeline.masks.palette import class_color
 
 PICKS = ("random", "class", "lowest", "highest", "errors")
@@ -70,16 +71,31 @@ def pick_samples(rows: Iterable[dict], picks: list[str], count: int, seed: int =
     return list(chosen.values())
 
 
-def fetch_picked_images(picks: list[Pick], labelset: LabelSet) -> dict[str, Image.Image]:
-    """sample_id -> image, reading each shard once."""
+def fetch_picked_images(picks: list[Pick], labelset: LabelSet,
+                        problems: Optional[dict[str, str]] = None) -> dict[str, Image.Image]:
+    """sample_id -> image, reading each shard once. An input shard that is gone, changed since it
+    was labelled or unreadable is noted in ``problems`` (shard URL -> why) and its picks become
+    error rows saying why, so the gallery still shows the others."""
     by_shard: dict[str, dict[str, str]] = defaultdict(dict)
+    shard_ids: dict[str, str] = {}
     for pick in picks:
         if pick.row["status"] == "ok":
             by_shard[pick.row["shard"]][sample_uid(pick.row)] = pick.row["sample_id"]
+            shard_ids[pick.row["shard"]] = pick.row["sample_id"].split("/", 1)[0]
     images = {}
     for shard_url, uids in by_shard.items():
-        for uid, image in fetch_images(labelset.root.at(shard_url), uids):
-            images[uids[uid]] = image
+        found = {}
+        try:
+            for uid, image in fetch_images(labelset.input_shard(shard_ids[shard_url]), uids):
+                found[uids[uid]] = image
+        except Exception as err:  # this shard's pictures only: gone, replaced, truncated, unreachable
+            message = str(err) if isinstance(err, InputChangedError) else f"{shard_url}: {type(err).__name__}: {err}"
+            (problems if problems is not None else {})[shard_url] = message.strip().splitlines()[0]
+            for pick in picks:
+                if pick.row["shard"] == shard_url and pick.row["status"] == "ok":
+                    pick.row = {**pick.row, "status": "error", "error": f"not shown: {message}"}
+            continue
+        images.update(found)
     return images
 
 

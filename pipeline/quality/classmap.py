@@ -65,6 +65,12 @@ def read_mapping_file(path: str) -> dict[str, list[str]]:
             data = yaml.safe_load(handle) or {}
     except FileNotFoundError:
         raise GroundTruthError(f"class map file not found: {path}") from None
+    except IsADirectoryError:
+        raise GroundTruthError(f"class map {path}: is a folder, not a YAML file") from None
+    except UnicodeDecodeError as err:
+        raise GroundTruthError(f"class map {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise GroundTruthError(f"class map {path}: cannot read it: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise GroundTruthError(f"class map {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):

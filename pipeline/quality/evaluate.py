@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,10 @@ from tqdm import tqdm
 from pipeline.quality.classmap import ClassMapping
 from pipeline.config import LabelConfig, class_labels
 from pipeline.store.rle import decode_mask
-from pipeline.quality.groundtruth import GroundTruth, GroundTruthError
+from pipeline.quality.groundtruth import GroundTruth, GroundTruthError, GroundTruthSample
 from pipeline.store.layout import OutputLayout, read_markers, read_output_config
 from pipeline.quality.metrics import SegmentationMetric
-from pipeline.io.storage import Location
+from pipeline.io.storage import Location, normalize_url
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +39,46 @@ class EvalResult:
     images_failed: list[str] = field(default_factory=list)    # labelled with status error
 
 
-def read_output_rows(output: Location) -> tuple[list[str], dict[str, dict]]:
-    """(class labels, key -> row) of every done shard of a gemlabel output."""
+class OutputRows:
+    """The rows of an output, found for a ground-truth sample by shard and name in the shard when
+    the ground truth is in shards (keys may repeat across shards), else by key."""
+
+    def __init__(self, rows: list[dict]):
+        self.by_shard: dict[tuple[str, str], dict] = {}
+        self.by_key: dict[str, dict] = {}
+        self.repeated: set[str] = set()
+        for row in rows:
+            self.by_shard[(normalize_url(row["shard"]), row["sample_id"].split("/", 1)[1])] = row
+            if row["key"] in self.by_key:
+                self.repeated.add(row["key"])
+            else:
+                self.by_key[row["key"]] = row
+        self._warned = False
+
+    def find(self, sample: GroundTruthSample) -> Optional[dict]:
+        if sample.shard is not None:
+            row = self.by_shard.get((normalize_url(sample.shard), sample.uid or sample.key))
+            if row is not None:
+                return row
+        if sample.key in self.repeated and not self._warned:
+            self._warned = True
+            log.warning("key %s (and maybe others) is in more than one labelled shard; scoring the first", sample.key)
+        return self.by_key.get(sample.key)
+
+
+def read_output_rows(output: Location) -> tuple[list[str], OutputRows]:
+    """(class labels, the rows) of every done shard of a gemlabel output."""
     layout = OutputLayout(output)
     config = read_output_config(layout)
     markers = read_markers(layout)
     if config is None or not markers:
         raise GroundTruthError(f"--labels {output}: not a gemlabel output with labelled shards")
-    rows: dict[str, dict] = {}
+    rows: list[dict] = []
     for marker in sorted(markers.values(), key=lambda m: m["shard_id"]):
         fs, path = layout.root.child(marker["parquet"]).fs_path
         with fs.open(path, "rb") as handle:
-            for row in pq.read_table(handle).to_pylist():
-                if row["key"] in rows:
-                    log.warning("key %s is in more than one shard; scoring the first", row["key"])
-                    continue
-                rows[row["key"]] = row
-    return class_labels(config["settings"]["vocab"]), rows
+            rows.extend(pq.read_table(handle).to_pylist())
+    return class_labels(config["settings"]["vocab"]), OutputRows(rows)
 
 
 def prediction_from_row(row: dict, mapping: ClassMapping) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
@@ -69,14 +93,14 @@ def prediction_from_row(row: dict, mapping: ClassMapping) -> tuple[np.ndarray, l
     return pred, points
 
 
-def score_rows(ground_truth: GroundTruth, rows: dict[str, dict], mapping: ClassMapping,
+def score_rows(ground_truth: GroundTruth, rows: OutputRows, mapping: ClassMapping,
                progress: bool = True) -> EvalResult:
     metric = SegmentationMetric(len(mapping.class_names))
     result = EvalResult(metric, mapping)
     lookup = mapping.ground_truth_lookup()
     for sample in tqdm(ground_truth.samples(), total=ground_truth.count, unit="image", desc="scoring",
                        disable=not progress, file=sys.stderr):
-        row = rows.get(sample.key)
+        row = rows.find(sample)
         if row is None:
             result.images_missing.append(sample.key)
             continue

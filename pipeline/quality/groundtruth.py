@@ -43,6 +43,8 @@ class GroundTruthSample:
     image: bytes
     image_ext: str                # jpg, png, ...: how reader.decode_sample finds it
     target: np.ndarray            # (H, W) uint8 class indices, 255 = ignore
+    shard: Optional[str] = None   # the shard URL and the sample's name in it (``__uid__``), for
+    uid: Optional[str] = None     # ground truth in shards: their keys may repeat across shards
 
     def raw(self) -> dict:
         """As a webdataset sample, for pipeline.worker.decode.decode_sample."""
@@ -80,7 +82,12 @@ def _voc_colour_lookup() -> dict[int, int]:
 
 def decode_mask_png(data: bytes, name: str) -> np.ndarray:
     """Index PNG (L / P) -> its values; RGB in the VOC palette -> the palette's indices."""
-    image = Image.open(io.BytesIO(data))
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # corrupt, truncated
+        raise GroundTruthError(f"mask {name}: not a readable image ({type(err).__name__}: "
+                               f"{str(err).strip().splitlines()[0] if str(err).strip() else 'unreadable'})") from None
     if image.mode in ("P", "L"):
         return np.asarray(image, dtype=np.uint8)
     if image.mode in ("I", "I;16"):
@@ -107,6 +114,12 @@ def read_class_list(source: Location) -> list[str]:
         text = source.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise GroundTruthError(f"class list file not found: {path}") from None
+    except IsADirectoryError:
+        raise GroundTruthError(f"class list {path}: is a folder, not a file (one class name a line)") from None
+    except UnicodeDecodeError as err:
+        raise GroundTruthError(f"class list {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise GroundTruthError(f"class list {path}: cannot read it: {err.strerror or err}") from None
     names = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not names:
         raise GroundTruthError(f"class list {path} is empty")
@@ -167,6 +180,50 @@ def folder_ground_truth(images: str, masks: Optional[str], classes_file: str, im
     return GroundTruth(classes, samples, count=len(pairs))
 
 
+def _entries(data: dict, name: str, required: dict[str, tuple], file: str) -> list[dict]:
+    """data[name] as a list of objects each with the required fields of the required types."""
+    items = data[name]
+    if not isinstance(items, list):
+        raise GroundTruthError(f"{file}: '{name}' must be a list, got {type(items).__name__}")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise GroundTruthError(f"{file}: {name}[{i}] must be an object, got {type(item).__name__}")
+        for field_name, types in required.items():
+            if field_name not in item:
+                raise GroundTruthError(f"{file}: {name}[{i}] has no '{field_name}'")
+            if not isinstance(item[field_name], types) or isinstance(item[field_name], bool):
+                raise GroundTruthError(f"{file}: {name}[{i}].{field_name} must be "
+                                       f"{' or '.join(t.__name__ for t in types)}, got {item[field_name]!r:.60}")
+    return items
+
+
+def check_coco(data: dict, file: str) -> None:
+    """What the reading below relies on, checked up front: one line naming the entry at fault."""
+    categories = _entries(data, "categories", {"id": (int,), "name": (str,)}, file)
+    _entries(data, "images", {"id": (int, str), "file_name": (str,), "width": (int,), "height": (int,)}, file)
+    ids = {c["id"] for c in categories}
+    panoptic = bool(data["annotations"]) and isinstance(data["annotations"], list) and \
+        isinstance(data["annotations"][0], dict) and "segments_info" in data["annotations"][0]
+    if panoptic:
+        for i, ann in enumerate(_entries(data, "annotations", {"image_id": (int, str), "file_name": (str,),
+                                                               "segments_info": (list,)}, file)):
+            for segment in ann["segments_info"]:
+                if not isinstance(segment, dict) or segment.get("category_id") not in ids or "id" not in segment:
+                    raise GroundTruthError(f"{file}: annotations[{i}].segments_info has an entry without an id "
+                                           f"or with an unknown category_id: {segment!r:.80}")
+        return
+    for i, ann in enumerate(_entries(data, "annotations", {"image_id": (int, str), "category_id": (int,)}, file)):
+        if ann["category_id"] not in ids:
+            raise GroundTruthError(f"{file}: annotations[{i}] has category_id {ann['category_id']}, "
+                                   f"which no category has")
+        segmentation = ann.get("segmentation")
+        if not isinstance(segmentation, (list, dict)):
+            raise GroundTruthError(f"{file}: annotations[{i}].segmentation must be polygons (a list) or RLE "
+                                   f"(an object), got {type(segmentation).__name__}")
+        if isinstance(segmentation, dict) and not {"size", "counts"} <= set(segmentation):
+            raise GroundTruthError(f"{file}: annotations[{i}].segmentation RLE needs 'size' and 'counts'")
+
+
 def coco_ground_truth(annotations: str, images: str, panoptic_masks: Optional[str] = None) -> GroundTruth:
     """COCO instances or panoptic JSON -> semantic maps; class 0 is ``background``, then the
     categories in id order."""
@@ -175,10 +232,17 @@ def coco_ground_truth(annotations: str, images: str, panoptic_masks: Optional[st
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise GroundTruthError(f"COCO annotation file not found: {annotations}") from None
+    except IsADirectoryError:
+        raise GroundTruthError(f"COCO annotation file {annotations}: is a folder, not a JSON file") from None
+    except UnicodeDecodeError as err:
+        raise GroundTruthError(f"COCO annotation file {annotations}: not UTF-8 (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise GroundTruthError(f"COCO annotation file {annotations} is not JSON: {err}") from None
+    except OSError as err:
+        raise GroundTruthError(f"COCO annotation file {annotations}: cannot read it: {err.strerror or err}") from None
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
         raise GroundTruthError(f"{annotations}: not a COCO file (needs images, annotations, categories)")
+    check_coco(data, annotations)
     categories = sorted(data["categories"], key=lambda c: c["id"])
     if len(categories) + 1 >= IGNORE_INDEX:
         raise GroundTruthError(f"{annotations}: {len(categories)} categories; at most {IGNORE_INDEX - 2}")
@@ -253,7 +317,8 @@ def shard_ground_truth(inputs: list[Location], classes_file: Location) -> Ground
                     raise GroundTruthError(f"sample {key} of {url} has no image ({'/'.join(IMAGE_EXTENSIONS)})")
                 name = f"{url}:{key}.{MASK_ENTRY}"
                 yield GroundTruthSample(key, raw[ext], ext,
-                                        _check_indices(decode_mask_png(raw[MASK_ENTRY], name), classes, name))
+                                        _check_indices(decode_mask_png(raw[MASK_ENTRY], name), classes, name),
+                                        url, raw.get("__uid__", key))
 
     return GroundTruth(classes, samples, shards=shards)
 

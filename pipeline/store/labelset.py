@@ -17,11 +17,16 @@ from PIL import Image, ImageOps
 from pipeline.config import class_labels
 from pipeline.store.rle import decode_mask
 from pipeline.store.layout import OutputLayout, read_markers, read_output_config
-from pipeline.io.storage import Location
+from pipeline.io.storage import Location, file_identity, same_file_version
 
 
 class NotAnOutputError(FileNotFoundError):
     """The given prefix holds no gemlabel output."""
+
+
+class InputChangedError(RuntimeError):
+    """An input shard is gone, or is not the file that was labelled: its images would not match
+    its labels."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,21 @@ class LabelSet:
     def all_rows(self, columns: Optional[list[str]] = None) -> Iterator[dict]:
         for shard_id in self.shard_ids():
             yield from self.rows(shard_id, columns)
+
+    def input_shard(self, shard_id: str) -> Location:
+        """The input shard of a labels shard, whose images a consumer is about to read, checked
+        against the identity (size, etag or mtime) its marker recorded when it was labelled."""
+        shard_url = self.markers[shard_id]["shard"]
+        shard = self.root.at(shard_url)
+        recorded = self.markers[shard_id].get("input")
+        info = shard.stat()
+        if info is None or info.get("type") == "directory":
+            raise InputChangedError(f"{shard_url}: the input shard is gone (moved or deleted since it was labelled)")
+        now = file_identity(info)
+        if not same_file_version(recorded, now):
+            raise InputChangedError(f"{shard_url}: the input shard changed since it was labelled (then {recorded}, "
+                                    f"now {now}); relabel it (rerun gemlabel label) before using its images")
+        return shard
 
 
 def open_labelset(output: Location) -> LabelSet:

@@ -1,0 +1,65 @@
+"""export, show and report reach an output the way label did (issue 18's limitation): the
+storage options of --config or --storage-options (S3 keys, an endpoint), not only --s3-endpoint.
+A real S3 server (moto) on loopback whose credentials are in the options alone."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from pycocotools.coco import COCO
+
+from jobs.cli import main
+from tests.conftest import S3_CREDENTIALS
+from tests.known_output import write_known_output
+
+
+@pytest.fixture
+def s3_output(s3_endpoint, tmp_path, monkeypatch):
+    import s3fs
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, **S3_CREDENTIALS)
+    fs.mkdir("reader-bucket")
+    options = {"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}}
+    known = write_known_output("s3://reader-bucket/shards", "s3://reader-bucket/labels", storage_options=options,
+                               local_tmp=tmp_path)
+    return "s3://reader-bucket/labels", options, known
+
+
+def test_export_show_report_take_storage_options_and_config(s3_output, tmp_path, capsys):
+    output, options, known = s3_output
+    as_json = json.dumps(options)
+    config = tmp_path / "label.yaml"
+    config.write_text(yaml.safe_dump({"storage_options": options, "vocab": ["ignored"]}))
+
+    dest = tmp_path / "coco"
+    assert main(["export", output, "--format", "coco", "--images", "--dest", str(dest), "--no-progress",
+                 "--storage-options", as_json]) == 0
+    coco = COCO(str(dest / "annotations" / "train.json"))
+    assert {image["sample_id"] for image in coco.dataset["images"]} == set(known)
+    assert all((dest / "images" / "train" / image["file_name"]).is_file() for image in coco.dataset["images"])
+
+    show = tmp_path / "show"
+    assert main(["show", output, "--dest", str(show), "--config", str(config)]) == 0
+    picks = json.loads((show / "picks.json").read_text())
+    assert sum(1 for p in picks if p["overlay"]) == 3
+
+    capsys.readouterr()
+    assert main(["report", output, "--json", "--storage-options", as_json]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_done"] == 1
+
+    # Without them the output is unreachable (no credentials anywhere): one line, not a traceback.
+    assert main(["report", output, "--s3-endpoint", options["s3"]["endpoint_url"]]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    # Malformed options: one line, exit 2, nothing written.
+    for command in (["export", output, "--format", "coco", "--dest", str(tmp_path / "x")],
+                    ["show", output, "--dest", str(tmp_path / "x")], ["report", output]):
+        assert main([*command, "--storage-options", '{"s3": "not a mapping"}']) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("gemlabel: error: storage_options.s3:"), err
+        assert main([*command, "--storage-options", "{not json"]) == 2
+        assert "expects JSON" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
