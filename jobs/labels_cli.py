@@ -23,6 +23,9 @@ def add_commands(commands: argparse._SubParsersAction) -> dict:
     export.add_argument("--image-format", default="jpg", help="jpg | png, for copied images")
     export.add_argument("--background-index", type=int, default=255,
                         help="semantic: value of background pixels (255 = ignore; 0 shifts classes to 1..C)")
+    export.add_argument("--palette", action="store_true",
+                        help="semantic: palette PNGs, coloured for viewing (default: 8-bit grey class indices, "
+                             "which every loader reads as indices)")
     export.add_argument("--splits", help="NAME=GLOB,... on input shard URLs, e.g. 'train=*train-*,val=*val-*' "
                                          "(default: everything is train)")
     export.add_argument("--cpus-per-task", type=float, default=0.5, help="Ray CPUs per shard task")
@@ -63,7 +66,7 @@ def _export(args: argparse.Namespace) -> int:
         labelset = open_labelset(output)
         dest = output.at(args.dest) if args.dest else default_dest(output, args.format)
         options = ExportOptions(args.format, dest, args.instances, args.min_area, args.images, args.image_format,
-                                args.background_index, parse_splits(args.splits), args.cpus_per_task)
+                                args.background_index, args.palette, parse_splits(args.splits), args.cpus_per_task)
         options.check(len(labelset.class_names))
     except (NotAnOutputError, ExportError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)

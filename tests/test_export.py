@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 
 from jobs.cli import main
 from pipeline.masks.components import components, polygons, rasterize
+from pipeline.masks.palette import class_color
 from pipeline.export.common import ExportOptions
 from pipeline.export.runner import run_export
 from pipeline.store.labelset import label_mask, open_labelset
@@ -104,7 +105,20 @@ def test_coco_instances_are_the_components_and_union_to_the_class_mask(known_out
     assert len(coco.getAnnIds(catIds=[4])) == 3  # the car's speck is gone, one ellipse per image
 
 
-def test_semantic_export_writes_palette_label_maps(known_output, tmp_path):
+def detectron2_read_sem_seg(path) -> np.ndarray:
+    """detectron2's DatasetMapper: ``utils.read_image(file, "L").squeeze(2)``, i.e. PIL open, EXIF
+    orientation applied, ``convert("L")``, as an (H, W, 1) array (detectron2 itself does not install
+    here: this is its ``read_image`` / ``convert_PIL_to_numpy`` for format "L", line for line)."""
+    from PIL import ImageOps
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image).convert("L")
+        return np.expand_dims(np.asarray(image), -1).squeeze(2)
+
+
+def test_semantic_export_label_maps_read_as_class_indices_by_pil_cv2_and_detectron2(known_output, tmp_path):
+    """Grey 8-bit PNGs by default: every loader gets the class indices (a palette PNG gave
+    detectron2 luminance and cv2 colours); --palette keeps a viewer's palette PNG."""
+    import cv2
     output, known = known_output
     for background, offset in ((255, 0), (0, 1)):
         dest = tmp_path / f"sem{background}"
@@ -115,14 +129,24 @@ def test_semantic_export_writes_palette_label_maps(known_output, tmp_path):
         assert (dest / "classes.txt").read_text().split("\n")[:4] == CLASSES
         for sample_id, masks in known.items():
             stem = sample_id.replace("/", "__")
-            with Image.open(dest / "ann_dir" / "train" / f"{stem}.png") as png:
-                assert png.mode == "P"
-                values = np.asarray(png)
+            png = dest / "ann_dir" / "train" / f"{stem}.png"
             assert (dest / "img_dir" / "train" / f"{stem}.jpg").is_file()
-            expected = np.full(values.shape, background)
+            expected = np.full(masks[1].shape, background, dtype=np.uint8)
             for class_id, mask in masks.items():
                 expected[mask] = class_id + offset
-            assert np.array_equal(values, expected)
+            with Image.open(png) as image:
+                assert image.mode == "L"
+                pil = np.asarray(image)
+            unchanged = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+            assert unchanged.dtype == np.uint8 and unchanged.shape == expected.shape
+            for values in (pil, unchanged, detectron2_read_sem_seg(png)):
+                assert np.array_equal(values, expected)
+    dest = tmp_path / "viewing"
+    assert main(["export", output, "--format", "semantic", "--dest", str(dest), "--palette", "--no-progress"]) == 0
+    sample_id, masks = next(iter(known.items()))
+    with Image.open(dest / "ann_dir" / "train" / f"{sample_id.replace('/', '__')}.png") as image:
+        assert image.mode == "P" and image.getpalette()[3 * 1:3 * 2] == list(class_color(1))
+        assert np.array_equal(np.asarray(image) == 1, masks[1])
     assert main(["export", output, "--format", "semantic", "--dest", str(tmp_path / "bad"),
                  "--background-index", "2"]) == 2
     assert not (tmp_path / "bad").exists()

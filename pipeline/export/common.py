@@ -37,6 +37,7 @@ class ExportOptions:
     images: bool = False                 # copy the images out of the shards
     image_format: str = "jpg"            # jpg | png for copied images (EXIF orientation applied)
     background_index: int = 255          # semantic: label map value of background / ignored pixels
+    palette: bool = False                # semantic: palette PNGs (for viewing) instead of grey class indices
     splits: dict[str, str] = field(default_factory=dict)  # split name -> glob on the shard URL
     cpus_per_task: float = 0.5
 
