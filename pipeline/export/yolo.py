@@ -3,6 +3,13 @@
     DEST/images/<split>/<stem>.<ext>   with --images
     DEST/labels/<split>/<stem>.txt     one line per instance: class x1 y1 x2 y2 ... (0..1)
     DEST/data.yaml                     path, train/val folders, class names
+
+A vertex is a boundary pixel's centre in the image's 0..1 frame, ((x + 0.5) / W, (y + 0.5) / H):
+every side sits half a pixel inside the mask's edge, and Ultralytics' ``polygon2mask`` (which
+truncates to pixel indices and fills boundary pixels too) draws the mask back pixel for pixel.
+Polygons through pixel corners would grow each mask by a row and a column there (mean IoU 0.961
+on VOC masks against 0.9996). Holes are bridged into their outline (``polygons``), so they stay
+empty rather than covering another class.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ def label_lines(row: dict, min_area: int) -> list[str]:
     for label in row["labels"]:
         for component in components(label_mask(label), min_area):
             for polygon in polygons(component.mask):
-                coords = " ".join(f"{x / width:.6f} {y / height:.6f}" for x, y in polygon)
+                coords = " ".join(f"{(x + 0.5) / width:.6f} {(y + 0.5) / height:.6f}" for x, y in polygon)
                 lines.append(f"{label['class_id']} {coords}")
     return lines
 

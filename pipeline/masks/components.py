@@ -1,7 +1,7 @@
 """Connected components of a class mask: instances, their outlines (polygons) and prompt points.
 
 GEM gives one region per class; detectors and SAM want instances. OpenCV does the pixel work
-(8-connected components, external contours, distance transform).
+(8-connected components, contours with their holes, distance transform).
 """
 from __future__ import annotations
 
@@ -41,17 +41,42 @@ def interior_point(mask: np.ndarray) -> tuple[int, int]:
 
 
 def polygons(mask: np.ndarray) -> list[np.ndarray]:
-    """Outer contours of a mask as (N >= 3, 2) float arrays of (x, y) pixel centres; holes are
-    filled. A contour of one or two pixels becomes the rectangle around them."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    """Outlines of a mask as (N >= 3, 2) float arrays of (x, y) pixel indices: each outer contour
+    through its boundary pixels' centres, with its holes spliced in by a zero-width bridge (as
+    Ultralytics' ``merge_multi_segment`` joins segments), so a filled polygon leaves the holes
+    empty instead of covering what lies in them. ``cv2.fillPoly`` (boundary pixels included, as
+    Ultralytics' ``polygon2mask`` draws) gives the mask back. A contour of one or two pixels
+    becomes the rectangle around them."""
+    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return []
+    links = hierarchy[0]  # per contour: next, previous, first child (a hole), parent
     found = []
-    for contour in contours:
+    for index, contour in enumerate(contours):
+        if links[index][3] != -1:
+            continue  # a hole: spliced into its outer contour
         points = contour.reshape(-1, 2).astype(np.float64)
+        hole = links[index][2]
+        while hole != -1:
+            points = _bridge(points, contours[hole].reshape(-1, 2).astype(np.float64))
+            hole = links[hole][0]
         if len(points) < 3:
             (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0)
             points = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
         found.append(points)
     return found
+
+
+def _bridge(outline: np.ndarray, hole: np.ndarray, candidates: int = 64) -> np.ndarray:
+    """The outline with the hole spliced in: out along a bridge between their nearest vertices
+    (among up to ``candidates`` of the hole's, so the cost stays linear in the outline), around
+    the hole (traced the other way round by OpenCV), back along the same bridge."""
+    sample = np.arange(0, len(hole), max(1, len(hole) // candidates))
+    distance = ((outline[:, None, :] - hole[None, sample, :]) ** 2).sum(axis=-1)
+    at, to = np.unravel_index(int(np.argmin(distance)), distance.shape)
+    start = int(sample[to])
+    loop = np.concatenate((np.roll(hole, -start, axis=0), hole[start:start + 1]))
+    return np.concatenate((outline[:at + 1], loop, outline[at:at + 1], outline[at + 1:]))
 
 
 def rasterize(polygon_list: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
