@@ -209,7 +209,7 @@ def test_yolo_polygons_of_voc_masks_match_them_under_ultralytics_polygon2mask(tm
         assert set(drawn) == set(masks)
         assert not (np.sum(list(drawn.values()), axis=0) > 1).any()  # no hole covers another class
         ious += [(drawn[c] & mask).sum() / (drawn[c] | mask).sum() for c, mask in masks.items()]
-    assert len(ious) == 9 and np.mean(ious) >= 0.97 and min(ious) >= 0.99, ious
+    assert len(ious) == 9 and np.mean(ious) >= 0.97 and min(ious) >= 0.999, ious  # measured: all 1.0
 
 
 def test_polygons_of_blobs():
@@ -224,6 +224,25 @@ def test_polygons_of_blobs():
         back = rasterize(outline, mask.shape)
         assert (back & component.mask).sum() / (back | component.mask).sum() > 0.97
         assert component.mask[component.point[1], component.point[0]]
+
+
+def test_polygons_keep_holes_exactly_however_many():
+    """Holes (hundreds, one pixel, side by side, a one-pixel-thick ring, holes hanging from holes
+    above them) are bridged, and filling the polygons gives each component back pixel for pixel."""
+    import cv2
+    rng = np.random.default_rng(0)
+    mask = np.ones((300, 400), np.uint8)
+    for _ in range(300):
+        x, y, r = int(rng.integers(5, 395)), int(rng.integers(5, 295)), int(rng.integers(0, 4))
+        cv2.circle(mask, (x, y), r, 0, -1)
+    mask[100:140, 100:140] = 0
+    cv2.rectangle(mask, (105, 105), (134, 134), 1, 1)  # a one-pixel ring inside a hole: an island
+    mask[200:210, 50:60], mask[212:220, 52:58] = 0, 0   # one hole straight under another
+    mask[0, :] = 0
+    found = components(mask.astype(bool))
+    assert len(found) >= 2
+    for component in found:
+        assert np.array_equal(rasterize(polygons(component.mask), mask.shape), component.mask)
 
 
 def test_export_refuses_bad_input(tmp_path, capsys):
