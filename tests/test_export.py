@@ -87,12 +87,20 @@ def test_coco_instances_are_the_components_and_union_to_the_class_mask(known_out
                          progress=False)
     assert (summary.shards_done, summary.images, summary.error_rows) == (1, 3, 1)
     coco = COCO(str(Path(dest) / "annotations" / "train.json"))
+    rows = {row["sample_id"]: row for row in all_rows(output)}
     for image in coco.loadImgs(coco.getImgIds()):
         masks = known[image["sample_id"]]
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
         per_class = {c: [a for a in anns if a["category_id"] == c + 1] for c in masks}
         assert [len(per_class[c]) for c in (1, 2, 3)] == [2, 1, 2]  # two discs, a ring, an ellipse + speck
         assert all(isinstance(a["segmentation"]["counts"], str) for a in anns)  # compressed RLE
+        label_of = {label["class_id"]: label for label in rows[image["sample_id"]]["labels"]}
+        for class_id, class_anns in per_class.items():  # the peak's instance: the peak's score
+            label = label_of[class_id]
+            holds_peak = [coco.annToMask(a)[label["point_y"], label["point_x"]] == 1 for a in class_anns]
+            assert sum(holds_peak) == 1
+            assert [a["score"] for a in class_anns] == [
+                pytest.approx(label["peak_score"] if peak else label["score"]) for peak in holds_peak]
         union = coco_masks(coco, image["id"])
         for class_id, mask in masks.items():
             assert np.array_equal(union[class_id + 1], mask)

@@ -143,19 +143,15 @@ def prompt_points(mask: np.ndarray, peak: tuple[int, int], peak_score: float, me
                   mode: str = "peak", max_points: int = 1) -> list[dict]:
     """Prompt points for a class region, as {x, y, score} (e.g. for SAM).
 
-    ``peak``: the class's peak. ``per_component``: one point per connected component, largest
-    first, at most ``max_points``: the peak for its own component (score: the probability there),
-    the pixel deepest inside each other one (score: the class's mean probability, since
-    per-pixel probabilities are not kept)."""
+    ``peak``: the class's peak. ``per_component``: one point per connected component, at most
+    ``max_points``: the peak first, for its own component (score: the probability there), then the
+    pixel deepest inside each other component, largest first (score: the class's mean probability,
+    since per-pixel probabilities are not kept)."""
     peak_point = {"x": int(peak[0]), "y": int(peak[1]), "score": float(peak_score)}
     if mode == "peak":
         return [peak_point]
     if mode != "per_component":
         raise ValueError(f"points: one of {', '.join(POINT_MODES)}; got {mode!r}")
-    points = []
-    for component in components(mask)[:max_points]:
-        if component.mask[peak[1], peak[0]]:
-            points.append(peak_point)
-        else:
-            points.append({"x": component.point[0], "y": component.point[1], "score": float(mean_score)})
-    return points
+    others = [{"x": c.point[0], "y": c.point[1], "score": float(mean_score)}
+              for c in components(mask) if not c.mask[peak[1], peak[0]]]
+    return [peak_point, *others][:max_points]
