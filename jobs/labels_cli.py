@@ -18,7 +18,9 @@ def add_commands(commands: argparse._SubParsersAction) -> dict:
     export.add_argument("--format", required=True, choices=FORMATS)
     export.add_argument("--dest", help="export folder (default: OUTPUT/exports/FORMAT)")
     export.add_argument("--instances", action="store_true", help="coco: one annotation per connected component")
-    export.add_argument("--min-area", type=int, default=1, help="instances smaller than this (pixels) are dropped")
+    export.add_argument("--min-area", type=int, default=None,
+                        help="instances smaller than this (pixels) are dropped (default: the labelling run's "
+                             "thresholds.min_area)")
     export.add_argument("--images", action="store_true", help="copy the images out of the shards")
     export.add_argument("--image-format", default="jpg", help="jpg | png, for copied images")
     export.add_argument("--background-index", type=int, default=255,

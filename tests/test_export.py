@@ -123,6 +123,30 @@ def detectron2_read_sem_seg(path) -> np.ndarray:
         return np.expand_dims(np.asarray(image), -1).squeeze(2)
 
 
+def test_export_min_area_defaults_to_the_labelling_runs(tmp_path):
+    """Labelled with thresholds.min_area 16, instances under 16 pixels are left out unless
+    --min-area asks for them (the default was 1 whatever the run had used)."""
+    from tests.known_output import blob_masks
+    from tests.shards import photo
+    (tmp_path / "shards").mkdir()
+    output = str(tmp_path / "out")
+    write_masks_output(str(tmp_path / "shards"), output, {f"k{i}": (photo(i, (160, 120)), blob_masks(i))
+                                                          for i in range(2)},
+                       CLASSES, {"thresholds": {"logit_scale": 100.0, "background_threshold": 0.5, "min_area": 16}})
+    areas = {}
+    for flags in ([], ["--min-area", "1"]):
+        dest = tmp_path / f"coco{len(flags)}"
+        assert main(["export", output, "--format", "coco", "--instances", "--dest", str(dest), "--no-progress",
+                     *flags]) == 0
+        areas[len(flags)] = sorted(a["area"] for a in json.loads((dest / "annotations" / "train.json").read_text())
+                                   ["annotations"])
+        lines = ["yolo-seg", "--dest", str(tmp_path / f"yolo{len(flags)}")]
+        assert main(["export", output, "--format", *lines, "--no-progress", *flags]) == 0
+        stems = sorted((tmp_path / f"yolo{len(flags)}" / "labels" / "train").iterdir())
+        assert sum(len(p.read_text().splitlines()) for p in stems) == len(areas[len(flags)])
+    assert areas[0] == [a for a in areas[2] if a >= 16] and areas[2][:2] == [3, 3]  # the car's specks
+
+
 def test_semantic_export_label_maps_read_as_class_indices_by_pil_cv2_and_detectron2(known_output, tmp_path):
     """Grey 8-bit PNGs by default: every loader gets the class indices (a palette PNG gave
     detectron2 luminance and cv2 colours); --palette keeps a viewer's palette PNG."""

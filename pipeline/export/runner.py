@@ -98,6 +98,7 @@ def read_done(labelset: LabelSet, options: ExportOptions) -> dict[str, dict]:
 
 def run_export(labelset: LabelSet, options: ExportOptions, progress: bool = True) -> ExportSummary:
     """Export every done labels shard not yet exported, in parallel on the current Ray cluster."""
+    options = options.resolved(labelset)
     options.check(len(labelset.class_names))
     start = time.perf_counter()
     summary = ExportSummary(options.dest.url)
