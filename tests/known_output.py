@@ -86,17 +86,17 @@ def write_known_output(shard_folder: str, output: str, images: int = 3, storage_
 
 def write_masks_output(shard_folder: str, output: str, images: dict[str, tuple[Image.Image, dict[int, np.ndarray]]],
                        classes: list[str], settings: Optional[dict] = None,
-                       label_fields: Optional[dict] = None) -> dict[str, dict[int, np.ndarray]]:
+                       label_fields: Optional[dict[str, dict[int, dict]]] = None) -> dict[str, dict[int, np.ndarray]]:
     """One shard of the given photos, labelled with the given masks (key -> (image, class_id ->
     mask)); ``settings`` go into ``_config.json`` beside the vocabulary; ``label_fields``
-    (class_id -> fields) overrides a label's fields (score, points, ...). Returns sample_id -> masks."""
+    (key -> class_id -> fields) overrides labels' fields (score, points, ...). Returns sample_id -> masks."""
     shard_url = join(shard_folder, "masks-0000.tar")
     write_shard(Path(shard_url), [{"__key__": key, "png": encode(image, "PNG")} for key, (image, _) in images.items()])
     shard_id = shard_id_for(shard_url)
     known, rows = {}, []
     for key, (image, masks) in images.items():
         known[f"{shard_id}/{key}"] = masks
-        labels = [{**label_for(c, m, classes[c]), **(label_fields or {}).get(c, {})}
+        labels = [{**label_for(c, m, classes[c]), **(label_fields or {}).get(key, {}).get(c, {})}
                   for c, m in sorted(masks.items())]
         rows.append({"sample_id": f"{shard_id}/{key}", "key": key, "shard": shard_url, "width": image.width,
                      "height": image.height, "status": "ok", "error": None, "labels": labels})
