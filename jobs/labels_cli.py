@@ -18,11 +18,16 @@ def add_commands(commands: argparse._SubParsersAction) -> dict:
     export.add_argument("--format", required=True, choices=FORMATS)
     export.add_argument("--dest", help="export folder (default: OUTPUT/exports/FORMAT)")
     export.add_argument("--instances", action="store_true", help="coco: one annotation per connected component")
-    export.add_argument("--min-area", type=int, default=1, help="instances smaller than this (pixels) are dropped")
+    export.add_argument("--min-area", type=int, default=None,
+                        help="instances smaller than this (pixels) are dropped (default: the labelling run's "
+                             "thresholds.min_area)")
     export.add_argument("--images", action="store_true", help="copy the images out of the shards")
     export.add_argument("--image-format", default="jpg", help="jpg | png, for copied images")
     export.add_argument("--background-index", type=int, default=255,
                         help="semantic: value of background pixels (255 = ignore; 0 shifts classes to 1..C)")
+    export.add_argument("--palette", action="store_true",
+                        help="semantic: palette PNGs, coloured for viewing (default: 8-bit grey class indices, "
+                             "which every loader reads as indices)")
     export.add_argument("--splits", help="NAME=GLOB,... on input shard URLs, e.g. 'train=*train-*,val=*val-*' "
                                          "(default: everything is train); a shard no glob matches is an error "
                                          "unless a catch-all is given, e.g. 'train=*train-*,rest=*'")
@@ -65,7 +70,7 @@ def _export(args: argparse.Namespace) -> int:
         labelset = open_labelset(output)
         dest = output.at(args.dest) if args.dest else default_dest(output, args.format)
         options = ExportOptions(args.format, dest, args.instances, args.min_area, args.images, args.image_format,
-                                args.background_index, parse_splits(args.splits), args.cpus_per_task)
+                                args.background_index, args.palette, parse_splits(args.splits), args.cpus_per_task)
         options.check(len(labelset.class_names))
         assign_splits(labelset, options.splits)
         use_ray = _use_ray(args.ray_address)

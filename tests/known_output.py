@@ -37,11 +37,11 @@ def blob_masks(index: int) -> dict[int, np.ndarray]:
     return {c: np.asarray(m, dtype=bool) for c, m in canvases.items()}
 
 
-def label_for(class_id: int, mask: np.ndarray) -> dict:
+def label_for(class_id: int, mask: np.ndarray, name: Optional[str] = None) -> dict:
     ys, xs = np.nonzero(mask)
     rle = encode_mask(mask)
     x, y = int(xs[len(xs) // 2]), int(ys[len(ys) // 2])
-    return {"class_id": class_id, "name": CLASSES[class_id], "score": 0.5 + 0.1 * class_id, "peak_score": 0.95,
+    return {"class_id": class_id, "name": name or CLASSES[class_id], "score": 0.5 + 0.1 * class_id, "peak_score": 0.95,
             "area": int(mask.sum()), "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
                                               int(ys.max() - ys.min() + 1)],
             "point_x": x, "point_y": y, "rle_size": rle["size"], "rle_counts": rle["counts"]}
@@ -89,5 +89,32 @@ def write_known_output(shard_folder: str, output: str, images: int = 3, storage_
     marker = shard_marker(shard_url, shard_id, fingerprint, rows, buffer.getbuffer().nbytes,
                           {"decode:UnidentifiedImageError": 1}, started=datetime.now(timezone.utc), total_s=0.0,
                           input_identity=identity)
+    write_json(layout.marker_file(shard_id), marker)
+    return known
+
+
+def write_masks_output(shard_folder: str, output: str, images: dict[str, tuple[Image.Image, dict[int, np.ndarray]]],
+                       classes: list[str], settings: Optional[dict] = None,
+                       label_fields: Optional[dict[str, dict[int, dict]]] = None) -> dict[str, dict[int, np.ndarray]]:
+    """One shard of the given photos, labelled with the given masks (key -> (image, class_id ->
+    mask)); ``settings`` go into ``_config.json`` beside the vocabulary; ``label_fields``
+    (key -> class_id -> fields) overrides labels' fields (score, points, ...). Returns sample_id -> masks."""
+    shard_url = join(shard_folder, "masks-0000.tar")
+    write_shard(Path(shard_url), [{"__key__": key, "png": encode(image, "PNG")} for key, (image, _) in images.items()])
+    shard_id = shard_id_for(shard_url)
+    known, rows = {}, []
+    for key, (image, masks) in images.items():
+        known[f"{shard_id}/{key}"] = masks
+        labels = [{**label_for(c, m, classes[c]), **(label_fields or {}).get(key, {}).get(c, {})}
+                  for c, m in sorted(masks.items())]
+        rows.append({"sample_id": f"{shard_id}/{key}", "key": key, "shard": shard_url, "width": image.width,
+                     "height": image.height, "status": "ok", "error": None, "labels": labels})
+    layout = OutputLayout(Location(output))
+    write_json(layout.config_file, {"fingerprint": "masks", "settings": {"vocab": classes, **(settings or {})}})
+    buffer = io.BytesIO()
+    pq.write_table(table_from_rows(rows, {"vocab": classes}), buffer)
+    layout.labels_file(shard_id).write_bytes_atomic(buffer.getvalue())
+    marker = shard_marker(shard_url, shard_id, "masks", rows, buffer.getbuffer().nbytes, {},
+                          started=datetime.now(timezone.utc), total_s=0.0)
     write_json(layout.marker_file(shard_id), marker)
     return known

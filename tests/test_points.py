@@ -19,16 +19,19 @@ from tests.outputs import all_rows, check_labels
 from tests.shards import write_shards
 
 
-def test_one_point_per_component_largest_first():
+def test_one_point_per_component_the_peak_first_then_largest_first():
     mask = np.zeros((60, 90), bool)
     mask[5:25, 5:35] = True      # 600 px, holds the peak
     mask[30:55, 50:85] = True    # 875 px
     mask[40:44, 5:9] = True      # 16 px
     points = prompt_points(mask, (10, 10), 0.9, 0.6, "per_component", max_points=2)
-    assert points[0]["x"] in range(50, 85) and points[0]["y"] in range(30, 55) and points[0]["score"] == 0.6
-    assert points[1] == {"x": 10, "y": 10, "score": 0.9}  # the peak stands for its own component
+    assert points[0] == {"x": 10, "y": 10, "score": 0.9}  # the peak stands for its own component
+    assert points[1]["x"] in range(50, 85) and points[1]["y"] in range(30, 55) and points[1]["score"] == 0.6
     assert len(prompt_points(mask, (10, 10), 0.9, 0.6, "per_component", max_points=5)) == 3
     assert prompt_points(mask, (10, 10), 0.9, 0.6, "peak", max_points=5) == [{"x": 10, "y": 10, "score": 0.9}]
+    # the peak in the smallest component is still there, first (it was dropped: not among the largest 2)
+    small_peak = prompt_points(mask, (6, 41), 0.9, 0.6, "per_component", max_points=2)
+    assert small_peak[0] == {"x": 6, "y": 41, "score": 0.9} and small_peak[1]["x"] in range(50, 85)
     ring = np.zeros((40, 40), bool)
     ring[5:35, 5:35] = True
     ring[12:28, 12:28] = False

@@ -1,6 +1,8 @@
 """gemlabel show: picking, drawing, the gallery in a real headless Chromium, local and S3 outputs."""
 from __future__ import annotations
 
+import html
+import json
 import re
 import shutil
 import subprocess
@@ -54,14 +56,19 @@ def test_gallery_in_a_browser_shows_the_class_colours(known_output, tmp_path):
 
     sample_id = sorted(known)[1]
     shot = tmp_path / "shot.png"
-    chromium("--virtual-time-budget=5000", "--window-size=900,700", f"--screenshot={shot}",
-             gallery_link(index.as_uri(), sample_id))
+    link = gallery_link(index.as_uri(), sample_id)
+    chromium("--virtual-time-budget=5000", "--window-size=900,700", f"--screenshot={shot}", link)
+    scale = int(re.search(r'<img id="big"[^>]*data-scale="([0-9.]+)"',
+                          chromium("--virtual-time-budget=5000", "--window-size=900,700", "--dump-dom", link))[1])
+    assert scale >= 2  # a small picture: each of its pixels a scale x scale square
     screen = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
     overlay = np.asarray(Image.open(dest / "overlays" / f"{sample_id.replace('/', '__')}.png").convert("RGB"))
-    match = cv2.matchTemplate(screen.astype(np.uint8), overlay, cv2.TM_SQDIFF)
+    enlarged = overlay.repeat(scale, axis=0).repeat(scale, axis=1)
+    match = cv2.matchTemplate(screen.astype(np.uint8), enlarged, cv2.TM_SQDIFF)
     _, _, (left, top), _ = cv2.minMaxLoc(match)
-    shown = screen[top:top + overlay.shape[0], left:left + overlay.shape[1]]
-    assert np.abs(shown - overlay).max() <= 2  # the enlarged picture is on screen, pixel for pixel
+    on_screen = screen[top:top + enlarged.shape[0], left:left + enlarged.shape[1]]
+    assert np.abs(on_screen - enlarged).max() <= 2  # the enlarged picture is on screen, pixel for pixel
+    shown = on_screen[scale // 2::scale, scale // 2::scale]
 
     shard, key = sample_id.split("/")
     shard_file = Location(next(Path(output).parent.glob("shards/*.tar")).as_posix())
@@ -126,25 +133,107 @@ def test_show_reads_an_output_on_s3(s3_endpoint, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
+def gallery_figures(index: Path, query: str = "") -> list[dict]:
+    """The gallery's cards in page order, as the browser left them: key, shown, classes, the
+    image's score and each class's."""
+    dom = chromium("--virtual-time-budget=5000", "--dump-dom", index.as_uri() + query)
+    found = re.findall(r'<figure data-sample="([^"]*)" data-classes="([^"]*)" data-score="([^"]*)" '
+                       r'(?:data-scores="([^"]*)")?[^>]*?( hidden="")?>', dom)
+    return [{"sample": sample, "key": sample.rsplit("/", 1)[1], "shown": hidden == "", "classes": classes.split("|"),
+             "score": float(score), "scores": json.loads(html.unescape(scores or "{}"))}
+            for sample, classes, score, scores, hidden in found]
+
+
 @needs_chromium
 def test_gallery_filters_by_class_and_sorts_by_score(labelled_output, tmp_path):
     dest = tmp_path / "show"
     assert main(["show", labelled_output, "--dest", str(dest), "--count", "20", "--pick", "random"]) == 0
-    def figures(query: str) -> list[tuple[bool, str, float]]:
-        dom = chromium("--virtual-time-budget=5000", "--dump-dom", (dest / "index.html").as_uri() + query)
-        found = re.findall(r'<figure data-sample="[^"]*" data-classes="([^"]*)" data-score="([^"]*)"[^>]*?( hidden="")?>',
-                           dom)
-        return [(hidden == "", classes, float(score)) for classes, score, hidden in found]
-    everything = figures("")
-    assert len(everything) == 12 and all(shown for shown, _, _ in everything)
-    cars = figures("?class=car&sort=asc")
-    shown = [(classes, score) for visible, classes, score in cars if visible]
-    assert shown and all("car" in classes.split("|") for classes, _ in shown)
-    assert len(shown) == sum("car" in c.split("|") for _, c, _ in everything) < len(everything)
-    scores = [score for _, _, score in cars]
-    assert scores == sorted(scores)
-    descending = [score for _, _, score in figures("?sort=desc")]
+    everything = gallery_figures(dest / "index.html")
+    assert len(everything) == 12 and all(f["shown"] for f in everything)
+    cars = gallery_figures(dest / "index.html", "?class=car&sort=asc")
+    shown = [f for f in cars if f["shown"]]
+    assert shown and all("car" in f["classes"] for f in shown)
+    assert len(shown) == sum("car" in f["classes"] for f in everything) < len(everything)
+    car_scores = [f["scores"]["car"] for f in shown]
+    assert car_scores == sorted(car_scores)
+    descending = [f["score"] for f in gallery_figures(dest / "index.html", "?sort=desc")]
     assert descending == sorted(descending, reverse=True)
+
+
+# keys as long as a camera's file names: the captions wrap
+K0, K1, K2 = "k0-IMG_20240612_153045", "k1-IMG_20240612_153101", "k2-IMG_20240612_153122"
+SCORED = {K0: {1: 0.9, 2: 0.2, 3: 0.2}, K1: {1: 0.5, 2: 0.9, 3: 0.9}, K2: {1: 0.7, 2: 0.5, 3: 0.5}}
+
+
+@pytest.fixture(scope="module")
+def scored_output(tmp_path_factory):
+    """Three small photos whose dog scores run the other way round from their image scores."""
+    from tests.known_output import blob_masks, write_masks_output
+    from tests.shards import photo
+    root = tmp_path_factory.mktemp("scored")
+    (root / "shards").mkdir()
+    images = {key: (photo(i, (160, 120)), blob_masks(i)) for i, key in enumerate(SCORED)}
+    fields = {key: {c: {"score": v} for c, v in scores.items()} for key, scores in SCORED.items()}
+    write_masks_output(str(root / "shards"), str(root / "out"), images, ["person", "dog", "diningtable", "aeroplane"],
+                       label_fields=fields)
+    dest = root / "show"
+    assert main(["show", str(root / "out"), "--dest", str(dest), "--pick", "random", "--count", "5"]) == 0
+    return dest / "index.html"
+
+
+@needs_chromium
+def test_gallery_sorts_a_chosen_class_by_that_classs_score(scored_output):
+    by_image = [f["key"] for f in gallery_figures(scored_output, "?sort=asc")]
+    assert by_image == [K0, K2, K1]
+    dogs = gallery_figures(scored_output, "?class=dog&sort=asc")
+    assert [f["key"] for f in dogs] == [K1, K2, K0]  # 0.5, 0.7, 0.9 (it sorted by the image's)
+    assert [f["scores"]["dog"] for f in dogs] == pytest.approx([0.5, 0.7, 0.9])
+    assert [f["key"] for f in gallery_figures(scored_output, "?class=dog&sort=desc")] == [K0, K2, K1]
+
+
+MEASURE = """<script>
+window.addEventListener('load', () => setTimeout(() => {
+  const out = {split: [], captions: 0};
+  document.querySelectorAll('#grid figcaption').forEach(caption => {
+    out.captions++;
+    const width = caption.getBoundingClientRect().width;
+    const walker = document.createTreeWalker(caption, NodeFilter.SHOW_TEXT);
+    for (let node; (node = walker.nextNode());) {
+      for (const word of node.data.matchAll(/\\S+/g)) {
+        const range = document.createRange();
+        range.setStart(node, word.index); range.setEnd(node, word.index + word[0].length);
+        const rects = [...range.getClientRects()].filter(r => r.width > 0);
+        if (rects.length > 1 && rects.reduce((sum, r) => sum + r.width, 0) < width) out.split.push(word[0]);
+      }
+    }
+  });
+  const big = document.getElementById('big'), box = big.getBoundingClientRect();
+  Object.assign(out, {open: !document.getElementById('lightbox').hidden, caption: document.getElementById('bigcap').innerText,
+                      natural: [big.naturalWidth, big.naturalHeight], shown: [box.width, box.height],
+                      window: [innerWidth, innerHeight]});
+  document.body.dataset.measure = JSON.stringify(out);
+}, 0));
+</script>"""
+
+
+@needs_chromium
+def test_gallery_captions_keep_words_whole_and_the_enlarged_view_is_legible(scored_output, tmp_path):
+    """Layout measured in the browser: no word that fits a caption line is split over two (the
+    captions broke anywhere: "rando m"); the enlarged view keeps the caption's lines and chips
+    apart ("score 0.6456aeroplane 0.50") and enlarges a small picture by a whole factor."""
+    page = tmp_path / "index.html"
+    page.write_text(scored_output.read_text().replace("</body>", MEASURE + "</body>"))
+    first = gallery_figures(scored_output)[0]["sample"]
+    dom = chromium("--virtual-time-budget=5000", "--window-size=900,700", "--dump-dom", gallery_link(page.as_uri(), first))
+    measure = json.loads(html.unescape(re.search(r'data-measure="([^"]*)"', dom)[1]))
+    assert measure["captions"] == 3 and measure["split"] == []
+    assert measure["open"] and re.search(r"score \d\.\d{4}\s*\n\s*\w", measure["caption"]), measure["caption"]
+    assert re.search(r"\ndog 0\.\d0\s+diningtable 0\.\d0\s+aeroplane 0\.\d0$", measure["caption"]), measure["caption"]
+    (width, height), (shown_w, shown_h) = measure["natural"], measure["shown"]
+    scale = shown_w / width
+    assert scale == int(scale) >= 2 and shown_h == height * scale
+    assert shown_w <= 0.98 * measure["window"][0] and shown_h <= 0.92 * measure["window"][1]
+    assert (scale + 1) * height > 0.92 * measure["window"][1] - 30 or (scale + 1) * width > 0.98 * measure["window"][0]
 
 
 def test_a_nan_score_is_no_score_for_picks_and_gallery(tmp_path):

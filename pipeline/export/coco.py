@@ -7,13 +7,20 @@
 Annotations: ``segmentation`` {size, counts} (COCO compressed RLE), ``area`` (mask pixels),
 ``bbox`` [x, y, w, h], ``score``, ``point_coords`` [[x, y], ...] (SA-1B's prompt points),
 ``iscrowd`` 0. With ``instances`` each connected component is one annotation.
+
+``score`` is the class's mean probability over its mask. An instance's own mean is not known: the
+output keeps per-class sums, not per-pixel probabilities. So with ``instances`` the instance that
+holds the class's peak scores the peak probability (``peak_score``, the class's best pixel), every
+other instance the class's mean, and within a class the annotations run largest first, an order
+COCOeval's stable sort keeps among equal scores.
 """
 from __future__ import annotations
 
 import json
 import math
+from typing import Optional
 
-from pipeline.masks.components import components
+from pipeline.masks.components import Component, components
 from pipeline.store.rle import encode_mask
 from pipeline.export.common import ShardContext, image_file
 from pipeline.store.labelset import LabelSet, label_mask, label_points
@@ -23,11 +30,21 @@ def category_id(class_id: int) -> int:
     return class_id + 1  # COCO category ids start at 1; 0 is often taken for background
 
 
+def json_score(value) -> Optional[float]:
+    """NaN (an overflowing model) is not JSON: null."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def instance_score(label: dict, component: Component) -> Optional[float]:
+    """The class's peak probability for the instance holding the peak, its mean for the others."""
+    holds_peak = component.mask[label["point_y"], label["point_x"]]
+    return json_score(label["peak_score"] if holds_peak else label["score"])
+
+
 def annotations_for(label: dict, instances: bool, min_area: int) -> list[dict]:
     """A Parquet label -> COCO annotations (no ids yet): the class region, or its components."""
-    score = float(label["score"])  # NaN (an overflowing model) is not JSON: null
-    common = {"category_id": category_id(label["class_id"]), "score": score if math.isfinite(score) else None,
-              "iscrowd": 0}
+    common = {"category_id": category_id(label["class_id"]), "score": json_score(label["score"]), "iscrowd": 0}
     if not instances:
         return [{**common, "segmentation": {"size": list(label["rle_size"]), "counts": label["rle_counts"]},
                  "area": int(label["area"]), "bbox": [float(v) for v in label["bbox"]],
@@ -36,8 +53,8 @@ def annotations_for(label: dict, instances: bool, min_area: int) -> list[dict]:
     for c in components(label_mask(label), min_area):
         # the output's own points (peak, per component) where they fall in this instance
         points = [list(p) for p in label_points(label) if c.mask[p[1], p[0]]] or [list(c.point)]
-        annotations.append({**common, "segmentation": encode_mask(c.mask), "area": c.area,
-                            "bbox": [float(v) for v in c.bbox], "point_coords": points})
+        annotations.append({**common, "score": instance_score(label, c), "segmentation": encode_mask(c.mask),
+                            "area": c.area, "bbox": [float(v) for v in c.bbox], "point_coords": points})
     return annotations
 
 

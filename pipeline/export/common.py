@@ -12,13 +12,15 @@ import fnmatch
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 from PIL import Image
 
+from pipeline.config import ThresholdConfig
 from pipeline.store.labelset import LabelSet
 from pipeline.store.names import sample_stem
+from pipeline.store.layout import read_output_config
 from pipeline.io.storage import Location
 
 FORMATS = ("coco", "semantic", "yolo-seg")
@@ -34,17 +36,22 @@ class ExportOptions:
     format: str
     dest: Location                       # the export's folder, with the options to write it
     instances: bool = False              # coco: one annotation per connected component
-    min_area: int = 1                    # instances smaller than this are dropped
+    min_area: Optional[int] = None       # instances smaller than this are dropped; None: the labelling run's
     images: bool = False                 # copy the images out of the shards
     image_format: str = "jpg"            # jpg | png for copied images (EXIF orientation applied)
     background_index: int = 255          # semantic: label map value of background / ignored pixels
+    palette: bool = False                # semantic: palette PNGs (for viewing) instead of grey class indices
     splits: dict[str, str] = field(default_factory=dict)  # split name -> glob on the shard URL
     cpus_per_task: float = 0.5
+
+    def resolved(self, labelset: LabelSet) -> "ExportOptions":
+        """The options with ``min_area`` taken from the labelling run where not given."""
+        return self if self.min_area is not None else replace(self, min_area=labelling_min_area(labelset))
 
     def check(self, num_classes: int) -> None:
         if self.format not in FORMATS:
             raise ExportError(f"--format: one of {', '.join(FORMATS)}; got {self.format!r}")
-        if self.min_area < 1:
+        if self.min_area is not None and self.min_area < 1:
             raise ExportError(f"--min-area: must be at least 1, got {self.min_area}")
         if self.image_format not in IMAGE_FORMATS:
             raise ExportError(f"--image-format: one of {', '.join(IMAGE_FORMATS)}; got {self.image_format!r}")
@@ -68,6 +75,14 @@ class ExportOptions:
 
     def key_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def labelling_min_area(labelset: LabelSet) -> int:
+    """The labelling run's ``thresholds.min_area`` (from ``_config.json``): classes were kept only
+    from that size, so instances default to it too."""
+    config = read_output_config(labelset.layout) or {}
+    thresholds = config.get("settings", {}).get("thresholds") or {}
+    return int(thresholds.get("min_area", ThresholdConfig().min_area))
 
 
 def parse_splits(text: Optional[str]) -> dict[str, str]:

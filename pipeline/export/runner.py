@@ -188,6 +188,7 @@ def run_export(labelset: LabelSet, options: ExportOptions, progress: bool = True
                use_ray: Optional[bool] = None) -> ExportSummary:
     """Export every done labels shard not yet exported, in parallel: on the current Ray cluster
     when ``use_ray`` (default: when Ray is initialised), else in local processes."""
+    options = options.resolved(labelset)
     options.check(len(labelset.class_names))
     splits = assign_splits(labelset, options.splits)
     if use_ray is None:

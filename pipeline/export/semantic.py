@@ -1,12 +1,17 @@
 """Semantic segmentation label maps, the layout mmseg (img_dir/ann_dir) and detectron2 read.
 
-    DEST/ann_dir/<split>/<stem>.png    8-bit palette PNG: a class index per pixel
+    DEST/ann_dir/<split>/<stem>.png    8-bit single-channel PNG: a class index per pixel
     DEST/img_dir/<split>/<stem>.<ext>  with --images
     DEST/classes.json, classes.txt     index -> class name, background/ignore index, palette
 
 Classes are 0..C-1 and background (unlabelled) pixels take ``background_index`` (255 by
 default: mmseg's and detectron2's ignore value). With ``background_index`` 0 the classes are
 1..C instead, for trainers that learn background as a class.
+
+The PNGs are greyscale ("L") by default: PIL, ``cv2.imread(f, IMREAD_UNCHANGED)``, mmseg and
+detectron2 (``read_image(f, "L")``, i.e. PIL's ``convert("L")``) all read a grey PNG's values as
+they are, whereas a palette PNG's indices become colours (cv2) or luminance (detectron2).
+``palette`` writes palette PNGs for viewing; only PIL-mode-P readers (mmseg) get indices from those.
 """
 from __future__ import annotations
 
@@ -41,10 +46,12 @@ def label_map(row: dict, options) -> np.ndarray:
 
 
 def export_shard(ctx: ShardContext, rows: list[dict]) -> dict:
-    colors = palette(len(ctx.labelset.class_names), ctx.options)
+    colors = palette(len(ctx.labelset.class_names), ctx.options) if ctx.options.palette else None
     for row in rows:
-        image = Image.fromarray(label_map(row, ctx.options), mode="P")
-        image.putpalette(colors)
+        image = Image.fromarray(label_map(row, ctx.options))  # uint8 (H, W): mode "L"
+        if colors is not None:
+            image = image.convert("P")  # the same indices, a colour table for viewers
+            image.putpalette(colors)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         ctx.out("ann_dir", ctx.split, f"{image_stem(row['sample_id'])}.png").write_bytes_atomic(buffer.getvalue())

@@ -3,6 +3,14 @@
     DEST/images/<split>/<stem>.<ext>   with --images
     DEST/labels/<split>/<stem>.txt     one line per instance: class x1 y1 x2 y2 ... (0..1)
     DEST/data.yaml                     path, train/val folders, class names
+
+A vertex is a boundary pixel in the image's 0..1 frame at ((x + 0.25) / W, (y + 0.25) / H): a
+quarter pixel up-left of its centre, so that both the truncation to pixel indices of Ultralytics'
+``polygon2mask`` and the rounding of supervision's ``from_yolo`` land on that pixel (with room
+for float error), and their fill (boundary pixels included) draws the mask back pixel for pixel.
+Polygons through pixel corners would grow each mask by a column and a row (mean IoU 0.961 on the
+VOC val masks; these give 1.0). Holes are bridged into their outline (``polygons``), so they stay
+empty rather than covering another class.
 """
 from __future__ import annotations
 
@@ -14,13 +22,17 @@ from pipeline.store.labelset import LabelSet, label_mask
 from pipeline.io.storage import normalize_url
 
 
+VERTEX_OFFSET = 0.25  # in pixels: truncated or rounded, a vertex lands on its own pixel
+
+
 def label_lines(row: dict, min_area: int) -> list[str]:
     lines = []
     width, height = row["width"], row["height"]
     for label in row["labels"]:
         for component in components(label_mask(label), min_area):
             for polygon in polygons(component.mask):
-                coords = " ".join(f"{x / width:.6f} {y / height:.6f}" for x, y in polygon)
+                coords = " ".join(f"{(x + VERTEX_OFFSET) / width:.6f} {(y + VERTEX_OFFSET) / height:.6f}"
+                                  for x, y in polygon)
                 lines.append(f"{label['class_id']} {coords}")
     return lines
 

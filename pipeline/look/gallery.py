@@ -1,9 +1,10 @@
 """The pictures of ``gemlabel show``: overlay PNGs, a contact sheet, and a single-file
 ``index.html`` gallery (pictures embedded as data URIs; inline CSS and script, nothing fetched).
 
-Gallery: thumbnails in a grid, click one (or open ``index.html#<sample_id>``) to see it at full
-size; filter by class, sort by score (also as ``index.html?class=dog&sort=asc``, to share a
-view); error rows listed with their messages.
+Gallery: thumbnails in a grid, click one (or open ``index.html#<sample_id>``) to see it enlarged
+to the window (small pictures by a whole factor, so each pixel stays a sharp square); filter by
+class, sort by score, the chosen class's score once a class is chosen (also as
+``index.html?class=dog&sort=asc``, to share a view); error rows listed with their messages.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from urllib.parse import quote
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.masks.palette import hex_color
-from pipeline.look.show import Pick
+from pipeline.look.show import Pick, image_score
 from pipeline.store.names import sample_stem
 from pipeline.io.storage import Location
 
@@ -64,15 +65,15 @@ header h1{font-size:18px;margin:0 0 4px}
 main{display:flex;flex-wrap:wrap;gap:10px;padding:12px}
 figure{margin:0;background:#fff;border:1px solid #ccc;padding:4px;cursor:zoom-in;width:220px}
 figure img{display:block;max-width:220px;max-height:200px;margin:auto}
-figcaption{font-size:12px;word-break:break-all}
-.chip{display:inline-block;color:#fff;border-radius:3px;padding:0 4px;margin:1px;text-shadow:0 0 2px #000}
+figcaption{font-size:12px;overflow-wrap:anywhere}
+.chip{display:inline-block;white-space:nowrap;color:#fff;border-radius:3px;padding:0 4px;margin:1px;text-shadow:0 0 2px #000}
 #errors{padding:0 16px 16px}
 #errors td{border-bottom:1px solid #ddd;padding:2px 8px;font-size:13px;vertical-align:top}
 #lightbox{position:fixed;inset:0;background:rgba(0,0,0,.85);display:flex;flex-direction:column;
  align-items:center;justify-content:center;z-index:2;cursor:zoom-out}
 #lightbox[hidden]{display:none}
-#lightbox img{max-width:98vw;max-height:92vh;image-rendering:pixelated}
-#lightbox p{color:#fff;margin:4px}
+#lightbox img{image-rendering:pixelated}
+#lightbox p{color:#fff;margin:4px;max-width:98vw;text-align:center}
 """
 
 _SCRIPT = """
@@ -81,14 +82,26 @@ const cards=[...grid.querySelectorAll('figure')];
 function update(){
   const c=cls.value;
   cards.forEach(f=>{f.hidden=!!c && !f.dataset.classes.split('|').includes(c);});
-  const key=f=>parseFloat(f.dataset.score||'NaN');
+  const key=f=>{const v=c?JSON.parse(f.dataset.scores)[c]:parseFloat(f.dataset.score||'NaN');
+                 return v===null||v===undefined?NaN:v;};
   const ordered=[...cards].sort((a,b)=>sort.value==='pick'?a.dataset.order-b.dataset.order:
      (sort.value==='asc'?1:-1)*((isNaN(key(a))?-1:key(a))-(isNaN(key(b))?-1:key(b))));
   ordered.forEach(f=>grid.appendChild(f));
 }
 cls.onchange=update; sort.onchange=update;
 const box=document.getElementById('lightbox'), big=document.getElementById('big'), cap=document.getElementById('bigcap');
-function open(f){big.src=f.querySelector('img').src; cap.textContent=f.querySelector('figcaption').textContent; box.hidden=false;}
+function fit(){
+  // to the window: a small picture by a whole factor (its pixels stay squares), a large one down
+  const w=big.naturalWidth, h=big.naturalHeight; if(!w||!h) return;
+  const room=Math.min(innerWidth*0.98/w, (innerHeight*0.92-cap.offsetHeight)/h);
+  const scale=room>=1?Math.floor(room):room;
+  big.style.width=(w*scale)+'px'; big.style.height=(h*scale)+'px'; big.dataset.scale=scale;
+}
+function open(f){
+  cap.replaceChildren(...f.querySelector('figcaption').cloneNode(true).childNodes);  // its lines and chips
+  box.hidden=false; big.onload=fit; big.src=f.querySelector('img').src; if(big.complete) fit();
+}
+window.addEventListener('resize',()=>{if(!box.hidden) fit();});
 cards.forEach(f=>f.onclick=()=>{history.replaceState(null,'','#'+encodeURIComponent(f.dataset.sample)); open(f);});
 box.onclick=()=>{box.hidden=true; history.replaceState(null,'',location.pathname);};
 window.addEventListener('load',()=>{
@@ -121,9 +134,11 @@ def gallery_html(title: str, drawn: list[Drawn], class_names: list[str]) -> str:
         chips = "".join(f'<span class="chip" style="background:{hex_color(l["class_id"])}">{esc(l["name"])} '
                         f'{l["score"]:.2f}</span> ' for l in row["labels"])
         score = "" if item.pick.score is None else f"{item.pick.score:.4f}"
+        class_scores = json.dumps({name: image_score(row, name) for name in names})
         cards.append(f'<figure data-sample="{esc(row["sample_id"])}" data-classes="{esc("|".join(names))}" '
-                     f'data-score="{score}" data-order="{order}"><img alt="{esc(row["sample_id"])}" '
-                     f'src="data:image/png;base64,{data}"><figcaption>{esc(row["sample_id"])} · {item.pick.reason}'
+                     f'data-score="{score}" data-scores="{esc(class_scores)}" data-order="{order}">'
+                     f'<img alt="{esc(row["sample_id"])}" src="data:image/png;base64,{data}"><figcaption>'
+                     f'<span class="sample">{esc(row["sample_id"])}</span> · {item.pick.reason}'
                      f'{" · score " + score if score else ""}<br>{chips}</figcaption></figure>')
     error_table = (f'<section id="errors"><h2>Error rows ({len(errors)})</h2><table>'
                    f'<tr><th>sample</th><th>shard</th><th>error</th></tr>{"".join(errors)}</table></section>'
