@@ -7,6 +7,8 @@ installs (``gem``: the models; ``pipeline``: the data plane), whose module it na
     from gemlabel import GEMSegmenter, GEMSettings          # the model, as a library
     from gemlabel import load_config, run_labeling         # a labelling run, from Python
     labels = gemlabel.open_output("demo/labels")           # read an output back
+    for sample in labels.samples(classes=["dog"], min_score=0.5):
+        sample.image, sample.to_detections()               # PIL image, supervision.Detections
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ _WHERE = {
     "run_labeling": "pipeline.driver.run", "RunSummary": "pipeline.driver.records",
     # reading an output
     "LabelSet": "pipeline.store.labelset", "NotAnOutputError": "pipeline.store.labelset",
-    "open_output": "pipeline.store.labelset",
+    "open_output": "pipeline.store.labelset", "Sample": "pipeline.store.labelset",
 }
 __all__ = sorted([*_WHERE, "__version__"])
 
