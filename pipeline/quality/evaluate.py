@@ -14,15 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.quality.classmap import ClassMapping
-from pipeline.config import LabelConfig, class_labels
+from pipeline.config import LabelConfig
 from pipeline.store.rle import decode_mask
 from pipeline.quality.groundtruth import GroundTruth, GroundTruthError
-from pipeline.store.layout import OutputLayout, read_markers, read_output_config
+from pipeline.store.labelset import NotAnOutputError, open_labelset
 from pipeline.quality.metrics import SegmentationMetric
 from pipeline.io.storage import Location
 
@@ -39,22 +38,19 @@ class EvalResult:
 
 
 def read_output_rows(output: Location) -> tuple[list[str], dict[str, dict]]:
-    """(class labels, key -> row) of every done shard of a gemlabel output."""
-    layout = OutputLayout(output)
-    config = read_output_config(layout)
-    markers = read_markers(layout)
-    if config is None or not markers:
-        raise GroundTruthError(f"--labels {output}: not a gemlabel output with labelled shards")
+    """(class labels, key -> row) of every done shard of a gemlabel output, read as every consumer
+    reads one (``open_labelset``)."""
+    try:
+        labels = open_labelset(output)
+    except NotAnOutputError:
+        raise GroundTruthError(f"--labels {output}: not a gemlabel output with labelled shards") from None
     rows: dict[str, dict] = {}
-    for marker in sorted(markers.values(), key=lambda m: m["shard_id"]):
-        fs, path = layout.root.child(marker["parquet"]).fs_path
-        with fs.open(path, "rb") as handle:
-            for row in pq.read_table(handle).to_pylist():
-                if row["key"] in rows:
-                    log.warning("key %s is in more than one shard; scoring the first", row["key"])
-                    continue
-                rows[row["key"]] = row
-    return class_labels(config["settings"]["vocab"]), rows
+    for row in labels.all_rows():
+        if row["key"] in rows:
+            log.warning("key %s is in more than one shard; scoring the first", row["key"])
+            continue
+        rows[row["key"]] = row
+    return labels.class_names, rows
 
 
 def prediction_from_row(row: dict, mapping: ClassMapping) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
