@@ -101,3 +101,22 @@ def test_class_statistics_read_no_masks(tmp_path, monkeypatch, capsys):
     assert main(["report", str(tmp_path / "out"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["per_class"][1]["labels"] == 64
     assert 0 < read["bytes"] < 0.1 * parquet.stat().st_size
+
+
+def test_report_per_class_and_plots_on_s3(s3_endpoint, tmp_path, monkeypatch, capsys):
+    import s3fs
+    from tests.conftest import S3_CREDENTIALS
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_CREDENTIALS["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_CREDENTIALS["secret"])
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, **S3_CREDENTIALS)
+    fs.mkdir("report-bucket")
+    options = {"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}}
+    write_known_output("s3://report-bucket/shards", "s3://report-bucket/labels", storage_options=options,
+                       local_tmp=tmp_path)
+    assert main(["report", "s3://report-bucket/labels", "--s3-endpoint", s3_endpoint, "--json",
+                 "--plots", "s3://report-bucket/plots"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["images"]) for r in report["per_class"]] == [("person", 0), ("dog", 3), ("sofa", 3),
+                                                                       ("car", 3)]
+    fs.invalidate_cache()
+    assert sorted(fs.ls("report-bucket/plots")) == ["report-bucket/plots/classes.png", "report-bucket/plots/scores.png"]
