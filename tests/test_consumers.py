@@ -43,6 +43,12 @@ def test_hf_dataset_has_the_images_and_labels(three_shards, tmp_path):
             assert np.array_equal(mask_utils.decode(rle).astype(bool), truth[obj["category"]])
     dogs = gemlabel.to_hf_dataset(output, classes=["dog"], min_score=0.5, cache_dir=str(tmp_path / "hf"), num_proc=2)
     assert {o["category"] for row in dogs for o in row["objects"]} == {1} and len(dogs) == 9
+    # push_to_hub uploads Parquet shards of the dataset: written and read back, it is the same dataset
+    ds.to_parquet(str(tmp_path / "hub.parquet"))
+    hub = datasets.load_dataset("parquet", data_files=str(tmp_path / "hub.parquet"), split="train",
+                                cache_dir=str(tmp_path / "hf2"))
+    assert hub.features == ds.features and hub[0]["sample_id"] == ds[0]["sample_id"]
+    assert np.array_equal(np.asarray(hub[0]["image"]), np.asarray(ds[0]["image"]))
     torch_rows = ds.with_format("torch")
     assert torch_rows[0]["image"].shape == (3, SIZE[1], SIZE[0])  # datasets gives images channels first
 
