@@ -120,3 +120,18 @@ def test_report_per_class_and_plots_on_s3(s3_endpoint, tmp_path, monkeypatch, ca
                                                                        ("car", 3)]
     fs.invalidate_cache()
     assert sorted(fs.ls("report-bucket/plots")) == ["report-bucket/plots/classes.png", "report-bucket/plots/scores.png"]
+
+
+def test_a_parquet_file_damaged_after_its_marker_is_missing_and_the_rest_counted(output, capsys):
+    from pathlib import Path
+    files = sorted((Path(output) / "labels").glob("*.parquet"))
+    victim = files[0]
+    kept_labels = sum(len(r["labels"]) for f in files[1:] for r in pq.read_table(f).to_pylist())
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # same size: the markers-only check passes it
+    assert main(["report", output, "--no-classes", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["report", output, "--json"]) == 1  # as for any missing shard: a rerun relabels it
+    report = json.loads(capsys.readouterr().out)
+    assert report["shards_done"] == 2 and report["shards_missing"] == 1
+    assert "Parquet file unreadable" in next(iter(report["missing_shards"].values()))
+    assert sum(r["labels"] for r in report["per_class"]) == kept_labels  # the other two shards' labels

@@ -81,13 +81,23 @@ def shard_counts(layout: OutputLayout, shard_id: str, classes: int) -> ClassCoun
     return counts
 
 
-def count_classes(layout: OutputLayout, shard_ids: list[str], classes: int, threads: int = 16) -> ClassCounts:
-    """All shards' counts, summed; files read ``threads`` at a time."""
-    total = ClassCounts.zeros(classes)
+def count_classes(layout: OutputLayout, shard_ids: list[str], classes: int,
+                  threads: int = 16) -> tuple[ClassCounts, dict[str, str]]:
+    """All readable shards' counts, summed, and {shard_id: why not} for files that could not be
+    read (damaged since their marker was written); files read ``threads`` at a time."""
+    def one(shard_id: str):
+        try:
+            return shard_counts(layout, shard_id, classes)
+        except Exception as err:  # any unreadable file: named, the others still counted
+            return f"Parquet file unreadable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    total, unreadable = ClassCounts.zeros(classes), {}
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for counts in pool.map(lambda sid: shard_counts(layout, sid, classes), shard_ids):
-            total = total + counts
-    return total
+        for shard_id, counts in zip(shard_ids, pool.map(one, shard_ids)):
+            if isinstance(counts, str):
+                unreadable[shard_id] = counts
+            else:
+                total = total + counts
+    return total, unreadable
 
 
 def _quantile(histogram: np.ndarray, q: float) -> Optional[float]:

@@ -38,7 +38,7 @@ def summarize_output(output: Location, input_patterns: Optional[list[str]] = Non
         done = {k for k, m in markers.items() if m.get("fingerprint") == config["fingerprint"]}
         inputs = [output.at(pattern) for pattern in input_patterns]
         pending = sum(1 for shard in list_shards(inputs) if shard.shard_id not in done)
-    return {
+    report = {
         "output": output.url, "fingerprint": config["fingerprint"], "model": settings.get("model"),
         "pretrained": settings.get("pretrained"), "classes": len(settings.get("vocab", [])),
         "shards_done": len(markers), "shards_failed": len(failures), "shards_missing": len(missing),
@@ -53,18 +53,24 @@ def summarize_output(output: Location, input_patterns: Optional[list[str]] = Non
         "missing_shards": missing,
         "runs": [{k: r.get(k) for k in ("run_id", "started_at", "finished_at", "shards_done", "shards_skipped",
                                         "shards_failed", "images", "images_per_s")} for r in runs],
-        "per_class": _per_class(layout, sorted(markers), settings, counts) if per_class else None,
+        "per_class": None,
     }
+    if per_class:  # reading the files also finds one damaged since its marker: it is missing
+        report["per_class"], unreadable = _per_class(layout, sorted(markers), settings, counts)
+        report["missing_shards"].update({markers[k]["shard"]: why for k, why in unreadable.items()})
+        report["shards_missing"] = len(report["missing_shards"])
+        report["shards_done"] -= len(unreadable)
+    return report
 
 
 def _per_class(layout: OutputLayout, shard_ids: list[str], settings: dict,
-               sink: Optional[list[ClassCounts]]) -> list[dict]:
+               sink: Optional[list[ClassCounts]]) -> tuple[list[dict], dict[str, str]]:
     from pipeline.config import class_labels
     names = class_labels(settings.get("vocab", []))
-    counts = count_classes(layout, shard_ids, len(names))
+    counts, unreadable = count_classes(layout, shard_ids, len(names))
     if sink is not None:
         sink.append(counts)
-    return class_table(counts, names)
+    return class_table(counts, names), unreadable
 
 
 def format_report(report: dict) -> str:
