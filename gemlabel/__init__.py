@@ -7,6 +7,10 @@ installs (``gem``: the models; ``pipeline``: the data plane), whose module it na
     from gemlabel import GEMSegmenter, GEMSettings          # the model, as a library
     from gemlabel import load_config, run_labeling         # a labelling run, from Python
     labels = gemlabel.open_output("demo/labels")           # read an output back
+    for sample in labels.samples(classes=["dog"], min_score=0.5):
+        sample.image, sample.to_detections()               # PIL image, supervision.Detections
+    gemlabel.to_hf_dataset("demo/labels")                  # a datasets.Dataset with an Image column
+    gemlabel.LabelStream("demo/labels", "detection")       # a torch IterableDataset: image, target
 """
 from __future__ import annotations
 
@@ -23,7 +27,10 @@ _WHERE = {
     "run_labeling": "pipeline.driver.run", "RunSummary": "pipeline.driver.records",
     # reading an output
     "LabelSet": "pipeline.store.labelset", "NotAnOutputError": "pipeline.store.labelset",
-    "open_output": "pipeline.store.labelset",
+    "open_output": "pipeline.store.labelset", "Sample": "pipeline.store.labelset",
+    # the labels in other tools
+    "to_hf_dataset": "pipeline.export.hf", "LabelStream": "pipeline.export.torch_data",
+    "collate_detection": "pipeline.export.torch_data",
 }
 __all__ = sorted([*_WHERE, "__version__"])
 

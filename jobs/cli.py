@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--input", nargs="+", default=None,
                         help="the run's input (shard URLs, globs, .txt lists): also count the shards still pending")
     report.add_argument("--json", action="store_true", help="print JSON")
+    report.add_argument("--no-classes", action="store_true",
+                        help="skip the per-class table (it reads the class, score and area columns of every "
+                             "Parquet file; the totals come from the markers alone)")
+    report.add_argument("--plots", metavar="DIR", default=None,
+                        help="write classes.png (images per class) and scores.png (score histograms per class) "
+                             "to DIR (needs matplotlib: gemlabel[quality])")
     from jobs import labels_cli, quality_cli
     quality_cli.add_commands(commands)  # eval, calibrate
     parser.set_defaults(handlers={**labels_cli.add_commands(commands),  # show, export
@@ -73,8 +79,19 @@ def _label(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
     from pipeline.store.report import format_report, summarize_output
+    if args.plots is not None:
+        if args.no_classes:
+            print("gemlabel: error: --plots draws the per-class counts: drop --no-classes", file=sys.stderr)
+            return EXIT_CONFIG
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("gemlabel: error: --plots needs matplotlib: pip install 'gemlabel[quality]'", file=sys.stderr)
+            return EXIT_CONFIG
+    counts: list = []
     try:
-        report = summarize_output(reader_location(args.output, args), args.input)
+        report = summarize_output(reader_location(args.output, args), args.input,
+                                  per_class=not args.no_classes, counts=counts)
     except (FileNotFoundError, ConfigError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -84,6 +101,10 @@ def _report(args: argparse.Namespace) -> int:
                 else "")
         print(f"gemlabel: error: cannot read {args.output}: {error_line(err)}{hint}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.plots is not None:
+        from pipeline.quality.class_plots import write_class_plots
+        names = [row["name"] for row in report["per_class"]]
+        report["plots"] = write_class_plots(counts[0], names, reader_location(args.plots, args))
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return EXIT_FAILED_SHARDS if report["shards_failed"] or report["shards_missing"] else EXIT_OK
 

@@ -16,7 +16,8 @@ def add_commands(commands: argparse._SubParsersAction) -> dict:
     export = commands.add_parser("export", help="write an output's labels as COCO, semantic PNGs or YOLO-seg")
     export.add_argument("output", help="a gemlabel output prefix (local or s3://...)")
     export.add_argument("--format", required=True, choices=FORMATS)
-    export.add_argument("--dest", help="export folder (default: OUTPUT/exports/FORMAT)")
+    export.add_argument("--dest", help="export folder (default: OUTPUT/_exports/FORMAT, whose '_' keeps OUTPUT "
+                                       "readable as one Parquet table)")
     export.add_argument("--instances", action="store_true", help="coco: one annotation per connected component")
     export.add_argument("--min-area", type=int, default=None,
                         help="instances smaller than this (pixels) are dropped (default: the labelling run's "

@@ -1,6 +1,6 @@
 """What every export format shares: its options, where files go, split assignment, images.
 
-An export lives in its own folder (default ``OUT/exports/<format>``):
+An export lives in its own folder (default ``OUT/_exports/<format>``):
 
     DEST/_export.json            the options, the labels' fingerprint
     DEST/_done/<shard_id>.json   written last for each labels shard: the shard is exported

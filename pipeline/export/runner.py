@@ -229,4 +229,4 @@ def run_export(labelset: LabelSet, options: ExportOptions, progress: bool = True
 
 
 def default_dest(output: Location, fmt: str) -> Location:
-    return output.at(output.url.rstrip("/")).child("exports", fmt)
+    return output.at(output.url.rstrip("/")).child("_exports", fmt)  # "_": readers of OUT as one table skip it

@@ -15,15 +15,14 @@ from typing import Optional
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.quality.classmap import ClassMapping
-from pipeline.config import LabelConfig, class_labels
+from pipeline.config import LabelConfig
 from pipeline.store.rle import decode_mask
 from pipeline.quality.groundtruth import GroundTruth, GroundTruthError, GroundTruthSample
-from pipeline.store.layout import OutputLayout, read_markers, read_output_config
+from pipeline.store.labelset import NotAnOutputError, open_labelset
 from pipeline.quality.metrics import SegmentationMetric
 from pipeline.io.storage import Location, normalize_url
 
@@ -67,18 +66,13 @@ class OutputRows:
 
 
 def read_output_rows(output: Location) -> tuple[list[str], OutputRows]:
-    """(class labels, the rows) of every done shard of a gemlabel output."""
-    layout = OutputLayout(output)
-    config = read_output_config(layout)
-    markers = read_markers(layout)
-    if config is None or not markers:
-        raise GroundTruthError(f"--labels {output}: not a gemlabel output with labelled shards")
-    rows: list[dict] = []
-    for marker in sorted(markers.values(), key=lambda m: m["shard_id"]):
-        fs, path = layout.root.child(marker["parquet"]).fs_path
-        with fs.open(path, "rb") as handle:
-            rows.extend(pq.read_table(handle).to_pylist())
-    return class_labels(config["settings"]["vocab"]), OutputRows(rows)
+    """(class labels, the rows) of every done shard of a gemlabel output, read as every consumer
+    reads one (``open_labelset``)."""
+    try:
+        labels = open_labelset(output)
+    except NotAnOutputError:
+        raise GroundTruthError(f"--labels {output}: not a gemlabel output with labelled shards") from None
+    return labels.class_names, OutputRows(list(labels.all_rows()))
 
 
 def prediction_from_row(row: dict, mapping: ClassMapping) -> tuple[np.ndarray, list[tuple[int, int, int]]]:

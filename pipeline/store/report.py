@@ -1,18 +1,22 @@
-"""Summarise an output prefix from its markers (no Parquet is read; one listing of labels/ checks
-that each marker's Parquet file is there with the recorded size)."""
+"""Summarise an output prefix from its markers (one listing of labels/ checks that each marker's
+Parquet file is there with the recorded size), and with ``per_class`` its classes from the
+Parquet files' score, area and class columns (``class_stats``)."""
 from __future__ import annotations
 
 from collections import Counter
 from typing import Optional
 
+from pipeline.store.class_stats import ClassCounts, class_table, count_classes, format_class_table
 from pipeline.store.layout import OutputLayout, read_failures, read_markers, read_output_config, read_runs, verify_markers
 from pipeline.io.storage import Location
 
 
-def summarize_output(output: Location, input_patterns: Optional[list[str]] = None) -> dict:
+def summarize_output(output: Location, input_patterns: Optional[list[str]] = None, per_class: bool = False,
+                     counts: Optional[list[ClassCounts]] = None) -> dict:
     """Counts from the output's markers; given the input too (read with the output's storage
     options), also how many of its shards are still to label (not done under the output's
-    configuration)."""
+    configuration). ``per_class``: also a row per class of the vocabulary (``class_table``), its
+    summed counts appended to ``counts`` when given (for plots)."""
     layout = OutputLayout(output)
     if not layout.config_file.exists():
         raise FileNotFoundError(f"{output} is not a gemlabel output (no _config.json)")
@@ -34,7 +38,7 @@ def summarize_output(output: Location, input_patterns: Optional[list[str]] = Non
         done = {k for k, m in markers.items() if m.get("fingerprint") == config["fingerprint"]}
         inputs = [output.at(pattern) for pattern in input_patterns]
         pending = sum(1 for shard in list_shards(inputs) if shard.shard_id not in done)
-    return {
+    report = {
         "output": output.url, "fingerprint": config["fingerprint"], "model": settings.get("model"),
         "pretrained": settings.get("pretrained"), "classes": len(settings.get("vocab", [])),
         "shards_done": len(markers), "shards_failed": len(failures), "shards_missing": len(missing),
@@ -49,7 +53,24 @@ def summarize_output(output: Location, input_patterns: Optional[list[str]] = Non
         "missing_shards": missing,
         "runs": [{k: r.get(k) for k in ("run_id", "started_at", "finished_at", "shards_done", "shards_skipped",
                                         "shards_failed", "images", "images_per_s")} for r in runs],
+        "per_class": None,
     }
+    if per_class:  # reading the files also finds one damaged since its marker: it is missing
+        report["per_class"], unreadable = _per_class(layout, sorted(markers), settings, counts)
+        report["missing_shards"].update({markers[k]["shard"]: why for k, why in unreadable.items()})
+        report["shards_missing"] = len(report["missing_shards"])
+        report["shards_done"] -= len(unreadable)
+    return report
+
+
+def _per_class(layout: OutputLayout, shard_ids: list[str], settings: dict,
+               sink: Optional[list[ClassCounts]]) -> tuple[list[dict], dict[str, str]]:
+    from pipeline.config import class_labels
+    names = class_labels(settings.get("vocab", []))
+    counts, unreadable = count_classes(layout, shard_ids, len(names))
+    if sink is not None:
+        sink.append(counts)
+    return class_table(counts, names), unreadable
 
 
 def format_report(report: dict) -> str:
@@ -67,6 +88,10 @@ def format_report(report: dict) -> str:
         lines.append("errors      " + ", ".join(f"{k}: {v}" for k, v in report["error_histogram"].items()))
     lines += [f"FAILED      {url}: {error}" for url, error in report["failed_shards"].items()]
     lines += [f"MISSING     {url}: {why} (a rerun relabels it)" for url, why in report["missing_shards"].items()]
+    if report.get("per_class"):
+        lines.append(format_class_table(report["per_class"]))
+    if report.get("plots"):
+        lines.append("plots       " + ", ".join(report["plots"]))
     for run in report["runs"]:
         lines.append(f"run         {run['run_id']}: {run['shards_done']} labelled, {run['shards_skipped']} skipped, "
                      f"{run['shards_failed']} failed, {run['images']} images at {run['images_per_s']} images/s")
