@@ -37,7 +37,7 @@ def coco_masks(coco: COCO, image_id: int) -> dict[int, np.ndarray]:
     union: dict[int, np.ndarray] = {}
     for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id])):
         mask = coco.annToMask(ann).astype(bool)
-        assert mask.sum() == ann["area"]
+        assert mask.sum() == ann["area"] and ann["iscrowd"] == 0  # holes or not: COCOeval scores it
         x, y, w, h = (int(v) for v in ann["bbox"])
         assert mask[y:y + h, x:x + w].sum() == ann["area"]
         assert all(mask[py, px] for px, py in ann["point_coords"])
