@@ -37,7 +37,7 @@ def coco_masks(coco: COCO, image_id: int) -> dict[int, np.ndarray]:
     union: dict[int, np.ndarray] = {}
     for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id])):
         mask = coco.annToMask(ann).astype(bool)
-        assert mask.sum() == ann["area"]
+        assert mask.sum() == ann["area"] and ann["iscrowd"] == 0  # holes or not: COCOeval scores it
         x, y, w, h = (int(v) for v in ann["bbox"])
         assert mask[y:y + h, x:x + w].sum() == ann["area"]
         assert all(mask[py, px] for px, py in ann["point_coords"])
@@ -149,7 +149,9 @@ def test_export_min_area_defaults_to_the_labelling_runs(tmp_path):
 
 def test_semantic_export_label_maps_read_as_class_indices_by_pil_cv2_and_detectron2(known_output, tmp_path):
     """Grey 8-bit PNGs by default: every loader gets the class indices (a palette PNG gave
-    detectron2 luminance and cv2 colours); --palette keeps a viewer's palette PNG."""
+    detectron2 luminance and cv2 colours); --palette keeps a viewer's palette PNG. PIL's array is
+    also mmseg's read (mmcv ``imfrombytes(flag="unchanged")``, pillow backend); cv2's
+    IMREAD_UNCHANGED its cv2 backend."""
     import cv2
     output, known = known_output
     for background, offset in ((255, 0), (0, 1)):

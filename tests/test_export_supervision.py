@@ -26,10 +26,12 @@ def maze_mask() -> np.ndarray:
     return components(noise > 0.45)[0].mask
 
 
-def test_maze_mask_is_valid_but_supervision_cannot_bridge_its_holes():
+def test_maze_mask_is_valid_but_supervision_cannot_bridge_its_holes(monkeypatch):
     """What supervision's as_yolo runs on each mask (pinned 0.31.2): holes are joined in contour
-    order, each by a straight seam on foreground to the outline or an already joined hole, among
-    its nearest vertices only (8, then 64 neighbours); in a maze none may be straight and clear."""
+    order, each by a straight seam on foreground to the outline or an already joined hole, tried
+    among its nearest vertices only (8, then 64 neighbours, at most 64 / 1024 seams); in a maze
+    none of those is clear. The mask is fine: with that search unbounded the same call succeeds."""
+    import supervision.dataset.utils as sv_utils
     from supervision.dataset.formats.yolo import detections_to_yolo_annotations
     mask = maze_mask()
     contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
@@ -38,6 +40,9 @@ def test_maze_mask_is_valid_but_supervision_cannot_bridge_its_holes():
     detections = sv.Detections(xyxy=np.array([[0, 0, *SIZE]], np.float32), mask=mask[None], class_id=np.array([0]))
     with pytest.raises(ValueError, match="No foreground-contained seam"):
         detections_to_yolo_annotations(detections, mask.shape, approximation_percentage=0.0)
+    monkeypatch.setattr(sv_utils, "_SEAM_SEARCH_PASSES", ((10_000, 10**9),))
+    (line,) = detections_to_yolo_annotations(detections, mask.shape, approximation_percentage=0.0)
+    assert line.startswith("0 ")
 
 
 def test_supervision_reads_the_yolo_seg_export_back_as_the_masks(tmp_path):
@@ -58,3 +63,14 @@ def test_supervision_reads_the_yolo_seg_export_back_as_the_masks(tmp_path):
         for class_id, mask in masks.items():
             union = detections.mask[detections.class_id == class_id].any(axis=0)
             assert np.array_equal(union, mask), class_id
+
+
+def test_supervision_as_coco_marks_a_mask_with_holes_as_crowd():
+    """supervision's own COCO writer stores a mask with holes (or several parts) as iscrowd 1,
+    which COCOeval ignores as a crowd region: gemlabel's COCO export keeps such masks as
+    iscrowd 0 RLE (see test_export.py), so for evaluation use that, not as_coco."""
+    from supervision.dataset.formats.coco import detections_to_coco_annotations
+    ring = blob_masks(0)[2]
+    detections = sv.Detections(xyxy=np.array([[0, 0, *SIZE]], np.float32), mask=ring[None], class_id=np.array([0]))
+    (annotation,), _ = detections_to_coco_annotations(detections, image_id=1, annotation_id=1)
+    assert annotation["iscrowd"] == 1 and isinstance(annotation["segmentation"], dict)
