@@ -69,3 +69,15 @@ def test_per_component_points_in_parquet_and_coco(base_config, tmp_path):
         anns = {a["category_id"]: a for a in coco.loadAnns(coco.getAnnIds(imgIds=[by_sample[row["sample_id"]]]))}
         for label in row["labels"]:
             assert anns[label["class_id"] + 1]["point_coords"] == [[p["x"], p["y"]] for p in label["points"]]
+
+
+def test_per_component_outputs_of_the_earlier_point_order_are_not_continued():
+    """Points used to be largest component first (the peak could be dropped); a run of today's
+    order on such an output must not mix the two orders: its fingerprint differs."""
+    from pipeline.config import fingerprint, load_config
+    config = load_config(None, {"input": ["a.tar"], "output": "o", "vocab": ["cat"], "points": "per_component"})
+    source = config.fingerprint_source(["cat"], ["a photo of a {}."])
+    earlier = {key: value for key, value in source.items() if key != "points_order"}
+    assert fingerprint(source) != fingerprint(earlier)
+    peak = load_config(None, {"input": ["a.tar"], "output": "o", "vocab": ["cat"]})
+    assert "points_order" not in peak.fingerprint_source(["cat"], ["a photo of a {}."])  # default outputs keep theirs

@@ -122,7 +122,7 @@ class LabelConfig:
                              description="pixel-adaptive mask refinement")
     points: Literal["peak", "per_component"] = Field(
         "peak", description="prompt points per label: the class's `peak`, or one per connected component "
-                            "(`per_component`, largest first, e.g. for SAM)")
+                            "(`per_component`: the peak first, then the other components largest first, e.g. for SAM)")
     max_points: StrictInt = Field(5, ge=1, description="with `points: per_component`: at most this many a label")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="`auto`: bf16 on GPU, fp32 on CPU")
@@ -214,7 +214,9 @@ class LabelConfig:
         source.update({key: settings[key] for key in self.non_default(self.FINGERPRINT_KEYS_IF_SET)})
         source.update(vocab=class_names, templates=templates, schema_version=SCHEMA_VERSION)
         if self.points != "peak":  # only then: outputs made before these keys keep their fingerprint
-            source.update(points=self.points, max_points=self.max_points)
+            # per_component's order changed (the peak's component first): its outputs are redone,
+            # never continued with points of the other order
+            source.update(points=self.points, max_points=self.max_points, points_order="peak-first")
         return source
 
     def non_default(self, keys: typing.Iterable[str]) -> list[str]:
