@@ -5,6 +5,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -17,6 +18,7 @@ from tests.conftest import free_port
 from tests.outputs import all_rows, check_labels
 from tests.ray_heads import BIN, REPO, head_command, ray_env, stop_process_group, wait_for_dashboard
 from tests.shards import write_shards
+from jobs.ray_ready import wait_until_ready
 
 @pytest.fixture(scope="module")
 def ray_head():
@@ -31,6 +33,7 @@ def ray_head():
         env=ray_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
     wait_for_dashboard(address, head)
+    assert wait_until_ready(address) is None  # the job agent is up: the submits below never race it
     yield address
     stop_process_group(head, 5, kill_leftovers=True)
 
@@ -122,14 +125,8 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
     def run(line: str) -> str:
         if re.search(r"\bgemlabel label\b|-m jobs\.label\b", line):
             line += model
-        deadline = time.monotonic() + 300
-        while True:
-            result = subprocess.run(["bash", "-c", line], cwd=project, env=env, capture_output=True, text=True,
-                                    timeout=400)
-            # the head's dashboard answers before its job agent is up: a user would try again too
-            if "No available agent to submit job" not in result.stderr or time.monotonic() > deadline:
-                break
-            time.sleep(3)
+        result = subprocess.run(["bash", "-c", line], cwd=project, env=env, capture_output=True, text=True,
+                                timeout=400)
         assert result.returncode == 0, f"{line}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
         return result.stdout + result.stderr
 
@@ -157,6 +154,8 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
         cwd=project, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_dashboard(f"http://127.0.0.1:{dashboard}", head)
+        # the dashboard answers before the job agent is up: wait for it as python -m jobs.ray_ready does
+        assert wait_until_ready(f"http://127.0.0.1:{dashboard}") is None
         log = run(submits[0].replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dashboard}"))
     finally:
         stop_process_group(head, 5, kill_leftovers=True)
@@ -166,6 +165,25 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
     assert all(row["status"] == "ok" for row in cluster_rows)
     for row in cluster_rows:
         check_labels(row)
+
+
+def test_ray_ready_waits_for_the_job_agent(ray_head):
+    """Right after the dashboard answers, a head may not take jobs yet; jobs.ray_ready returns
+    once it has run a job, so the submit after it is taken at the first try."""
+    result = subprocess.run([sys.executable, "-m", "jobs.ray_ready", ray_head, "--timeout", "60"], cwd=REPO,
+                            env=ray_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr.strip() == f"gemlabel: the Ray head at {ray_head} takes jobs"
+
+
+def test_ray_ready_says_why_in_one_line_when_no_head_answers():
+    address = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "jobs.ray_ready", address, "--timeout", "3"], cwd=REPO,
+                            env=ray_env(), capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"gemlabel: error: the Ray head at {address} takes no jobs after 3s: ")
+    assert time.monotonic() - start < 60
 
 
 def test_pack_turns_a_folder_into_shards_gemlabel_reads(tmp_path):
