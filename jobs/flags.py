@@ -7,7 +7,6 @@ never each other's private helpers, so the command line imports in one direction
 from __future__ import annotations
 
 import argparse
-import json
 import typing
 from typing import Optional
 
@@ -20,6 +19,8 @@ def flag_options(key) -> dict:
     from pipeline.config import default_text
     help_text = f"{key.description} (default: {default_text(key)})".replace("%", "%%")
     if key.kind == "bool":
+        if key.default:  # a --no-X flag: say what it turns off, not "(default: true)"
+            help_text = f"turns off what is on by default: {key.description}".replace("%", "%%")
         return dict(action="store_false" if key.default else "store_true", help=help_text)
     options: dict = dict(help=help_text, metavar=key.key.rpartition(".")[2].upper())
     if key.kind == "choice":
@@ -102,11 +103,7 @@ def overrides(args: argparse.Namespace) -> dict:
         elif key.cli == "vocab":
             value = [vocab_item(item) for item in value.split(",")]
         elif key.cli == "json":
-            try:
-                value = json.loads(value)
-            except ValueError:
-                raise ConfigError(f"{key.key}: {key.flag} expects JSON, e.g. "
-                                  f"'{{\"s3\": {{\"endpoint_url\": \"http://127.0.0.1:9000\"}}}}'") from None
+            value = mapping_text(key.key, key.flag, value)
         overrides[key.key] = value
     if args.s3_endpoint:
         options = dict(overrides.get("storage_options") or {})
@@ -122,6 +119,18 @@ def config_error_text(err: BaseException) -> str:
     key = getattr(err, "key", "")
     flag = next((k.flag for k in config_keys() if k.key == key and k.flag), None) if key else None
     return f"{err}; on the command line, {key} is {flag}" if flag else str(err)
+
+
+def mapping_text(key: str, flag: str, text: str):
+    """A flag's mapping, in JSON or YAML flow syntax (``{s3: {endpoint_url: http://...}}``, as the
+    docs write it; JSON is YAML too)."""
+    import yaml
+    from pipeline.config import ConfigError
+    try:
+        return yaml.safe_load(text)  # not a mapping: the config's check says so
+    except yaml.YAMLError:
+        raise ConfigError(f"{key}: {flag} expects a mapping in JSON or YAML flow syntax, e.g. "
+                          "'{s3: {endpoint_url: http://127.0.0.1:9000}}'") from None
 
 
 def error_line(err: BaseException) -> str:

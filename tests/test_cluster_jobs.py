@@ -5,6 +5,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -17,6 +18,7 @@ from tests.conftest import free_port
 from tests.outputs import all_rows, check_labels
 from tests.ray_heads import BIN, REPO, head_command, ray_env, stop_process_group, wait_for_dashboard
 from tests.shards import write_shards
+from jobs.ray_ready import wait_until_ready
 
 @pytest.fixture(scope="module")
 def ray_head():
@@ -31,6 +33,7 @@ def ray_head():
         env=ray_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
     wait_for_dashboard(address, head)
+    assert wait_until_ready(address) is None  # the job agent is up: the submits below never race it
     yield address
     stop_process_group(head, 5, kill_leftovers=True)
 
@@ -123,14 +126,8 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
     def run(line: str) -> str:
         if re.search(r"\bgemlabel label\b|-m jobs\.label\b", line):
             line += model
-        deadline = time.monotonic() + 300
-        while True:
-            result = subprocess.run(["bash", "-c", line], cwd=project, env=env, capture_output=True, text=True,
-                                    timeout=400)
-            # the head's dashboard answers before its job agent is up: a user would try again too
-            if "No available agent to submit job" not in result.stderr or time.monotonic() > deadline:
-                break
-            time.sleep(3)
+        result = subprocess.run(["bash", "-c", line], cwd=project, env=env, capture_output=True, text=True,
+                                timeout=400)
         assert result.returncode == 0, f"{line}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
         return result.stdout + result.stderr
 
@@ -140,11 +137,25 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
     assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)
     assert (home / ".ray" / "auth_token").is_file()  # why step 2 says RAY_AUTH_MODE=disabled
 
+    if step2[-1] == "ray stop":  # `ray stop` would stop every Ray of this machine: the head is run apart
+        log = _step2_stopping_the_head_by_pid(step2, project, env, run)
+    else:
+        log = _step2_as_one_script(step2, project, env, model)
+    assert "succeeded" in log and "Connected to Ray cluster" in log
+    cluster_rows = all_rows(str(project / "demo" / "labels-cluster"))  # the folder the command named
+    assert sorted(r["key"] for r in cluster_rows) == sorted(r["key"] for r in rows)
+    assert all(row["status"] == "ok" for row in cluster_rows)
+    for row in cluster_rows:
+        check_labels(row)
+
+
+def _step2_stopping_the_head_by_pid(step2: list[str], project, env: dict, run) -> str:
+    """Step 2 in the form that ends with `ray stop`: its exports, then its head run in the
+    foreground (free ports, its own temp dir) and stopped by its PID, then its submit."""
     exports = [line for line in step2 if line.startswith("export ")]
     starts = [line for line in step2 if re.search(r"\bray start --head\b", line)]
     submits = [line for line in step2 if re.search(r"\bray job submit\b", line)]
-    assert len(starts) == len(submits) == 1 and step2[-1] == "ray stop"
-    assert len(exports) + 3 == len(step2)
+    assert len(starts) == len(submits) == 1 and len(exports) + 3 == len(step2)
     for line in exports:  # bash evaluates them; the lines after them see the result
         exported = subprocess.run(["bash", "-c", f"{line} && env -0"], cwd=project, env=env, capture_output=True,
                                   check=True).stdout.decode()
@@ -158,15 +169,58 @@ def test_readme_steps_1_and_2_run_as_written(micro_checkpoint, tmp_path):
         cwd=project, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_dashboard(f"http://127.0.0.1:{dashboard}", head)
-        log = run(submits[0].replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dashboard}"))
+        # the dashboard answers before the job agent is up: wait for it as python -m jobs.ray_ready does
+        assert wait_until_ready(f"http://127.0.0.1:{dashboard}") is None
+        return run(submits[0].replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dashboard}"))
     finally:
         stop_process_group(head, 5, kill_leftovers=True)
-    assert "succeeded" in log and "Connected to Ray cluster" in log
-    cluster_rows = all_rows(str(project / "demo" / "labels-cluster"))  # the folder the command named
-    assert sorted(r["key"] for r in cluster_rows) == sorted(r["key"] for r in rows)
-    assert all(row["status"] == "ok" for row in cluster_rows)
-    for row in cluster_rows:
-        check_labels(row)
+
+
+STEP2_PORTS = ("--port=6390", "--dashboard-port=8265", "--dashboard-agent-listen-port=52366")
+
+
+def _step2_as_one_script(step2: list[str], project, env: dict, model: str) -> str:
+    """Step 2 in the form that starts its head in the background, waits with jobs.ray_ready and
+    stops that head by its PID: run by bash as one script, as written, but with free ports and
+    a temp dir of its own in place of the documented ones (which this machine's other Rays may
+    hold), two CPUs, and the micro model's flags after the label command."""
+    script = "\n".join(step2)
+    assert all(port in script for port in STEP2_PORTS) and "--temp-dir=/tmp/ray-gemlabel" in script, script
+    assert "jobs.ray_ready http://127.0.0.1:8265" in script and re.search(r"^kill \$\w+$", step2[-1]), script
+    dashboard = free_port()
+    for documented in STEP2_PORTS:
+        script = script.replace(documented, f"{documented.split('=')[0]}={dashboard if '8265' in documented else free_port()}")
+    script = script.replace("127.0.0.1:8265", f"127.0.0.1:{dashboard}").replace(
+        "--temp-dir=/tmp/ray-gemlabel", f"--temp-dir={tempfile.mkdtemp(prefix='rgr-', dir='/tmp')} --num-cpus=2 "
+                                        "--disable-usage-stats")
+    script = "\n".join(line + model if re.search(r"-m jobs\.label\b", line) else line for line in script.splitlines())
+    process = subprocess.Popen(["bash", "-e", "-c", script], cwd=project, env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log, _ = process.communicate(timeout=600)
+    finally:
+        stop_process_group(process, 5, kill_leftovers=True)  # only if the script failed before its `kill`
+    assert process.returncode == 0, script + "\n" + log[-4000:]
+    return log
+
+
+def test_ray_ready_waits_for_the_job_agent(ray_head):
+    """Right after the dashboard answers, a head may not take jobs yet; jobs.ray_ready returns
+    once it has run a job, so the submit after it is taken at the first try."""
+    result = subprocess.run([sys.executable, "-m", "jobs.ray_ready", ray_head, "--timeout", "60"], cwd=REPO,
+                            env=ray_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr.strip() == f"gemlabel: the Ray head at {ray_head} takes jobs"
+
+
+def test_ray_ready_says_why_in_one_line_when_no_head_answers():
+    address = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "jobs.ray_ready", address, "--timeout", "3"], cwd=REPO,
+                            env=ray_env(), capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"gemlabel: error: the Ray head at {address} takes no jobs after 3s: ")
+    assert time.monotonic() - start < 60
 
 
 def test_pack_turns_a_folder_into_shards_gemlabel_reads(tmp_path):

@@ -161,6 +161,27 @@ def test_vocab_file_missing_on_s3_or_unreachable_over_http(base_config, shards, 
     assert not Path(config["output"]).exists()
 
 
+def test_storage_options_in_yaml_flow_syntax_as_the_docs_write_them(base_config, shards, s3_endpoint, capsys):
+    """`--storage-options '{s3: {endpoint_url: ...}}'` (YAML flow, as the docs write it) reaches
+    the store as JSON does: here the vocab file is looked up on it, and found missing there."""
+    import s3fs
+    from tests.conftest import S3_CREDENTIALS
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, **S3_CREDENTIALS).mkdir("flow")
+    args = label_args({**base_config, "input": shards})
+    args[args.index("--vocab"):args.index("--vocab") + 2] = ["--vocab-file", "s3://flow/missing.txt"]
+    flow = f"{{s3: {{endpoint_url: {s3_endpoint}, key: testing, secret: testing}}}}"
+    assert main([*args, "--storage-options", flow]) == 2
+    assert "vocab_file: no such file s3://flow/missing.txt" in one_line_error(capsys)
+
+
+def test_no_progress_help_says_what_it_turns_off(capsys):
+    with pytest.raises(SystemExit):
+        main(["label", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-progress turns off what is on by default: a progress bar" in text
+    assert "one line per shard) (default: true)" not in text
+
+
 def test_model_config_not_json_and_config_folder(base_config, shards, tmp_path, capsys):
     broken = tmp_path / "model.json"
     broken.write_text('{"embed_dim": 64, "vision_cfg": {')
@@ -175,7 +196,8 @@ def test_model_config_not_json_and_config_folder(base_config, shards, tmp_path, 
     ("[1, 2]", "storage_options: expected a mapping"),
     ('{"s3": {"endpont_url": "http://127.0.0.1:9000"}}', "storage_options.s3: unknown key endpont_url for the s3"),
     ('{"file": {"auto_mkdirs": true}}', "storage_options.file: unknown key auto_mkdirs"),
-    ("{s3: x}", "storage_options: --storage-options expects JSON"),
+    ("{s3: x}", "storage_options.s3: expected a mapping, got 'x'"),
+    ("{s3: [", "storage_options: --storage-options expects a mapping in JSON or YAML flow syntax, e.g. '{s3: "),
 ])
 def test_malformed_storage_options(base_config, shards, capsys, options, message):
     assert message in run_label({**base_config, "input": shards}, capsys, "--storage-options", options)
@@ -320,7 +342,9 @@ def test_model_error_in_the_workers_is_exit_2_and_recorded(base_config, shards, 
     torch.save({"not_a_layer.weight": torch.zeros(3)}, wrong)
     config = {**base_config, "input": shards, "pretrained": str(wrong)}
     assert main(label_args(config)) == 2
-    message = one_line_error(capsys)
+    *said, message = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert said == [f"gemlabel: starting 1 worker(s); each loads model gemtest-micro (pretrained: {wrong})"]  # a phase
+    assert message.startswith("gemlabel: error: ")
     assert message.startswith("gemlabel: error: workers could not start: ")
     (run,) = read_runs(OutputLayout(Location(config["output"])))
     assert run["status"] == "error" and run["error"].startswith("workers could not start") and run["shards_done"] == 0
@@ -338,6 +362,26 @@ def test_report_counts_pending_shards_given_the_input(base_config, tmp_path, cap
     assert "2 done, 0 failed, 0 missing, 0 with image errors, 1 pending (of the given input)" in capsys.readouterr().out
     assert main(["report", config["output"], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["shards_pending"] is None
+
+
+def test_a_local_run_shows_no_ray_token_notices_and_says_each_phase(base_config, shards, tmp_path):
+    """With RAY_AUTH_MODE unset (as a new user has it), Ray's notices about the token it enables
+    for the local cluster do not appear; the model load and the prompts' encoding are said."""
+    import shutil
+    import tempfile
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # Ray's socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env.update(HOME=str(tmp_path / "home"), RAY_TMPDIR=ray_tmp)
+    config = {**base_config, "input": shards}
+    try:
+        result = subprocess.run([sys.executable, "-m", "jobs.cli", *label_args(config)], capture_output=True,
+                                text=True, cwd=REPO, env=env, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr
+    assert "authentication token" not in result.stderr.lower(), result.stderr
+    assert "gemlabel: 1 worker(s) loaded the model in " in result.stderr
+    assert "gemlabel: text embeddings: 4 prompts encoded in " in result.stderr
 
 
 def test_offline_check_goes_through_the_https_proxy(monkeypatch):

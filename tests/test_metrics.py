@@ -111,3 +111,17 @@ def test_bad_shapes_and_classes_are_refused():
         metric.update(np.zeros((2, 2)), np.zeros((2, 3), np.uint8))
     with pytest.raises(ValueError, match="beyond the 3 classes"):
         metric.update(np.zeros((1, 1)), np.full((1, 1), 7, np.uint8))
+
+
+def test_confusion_plot_title_fits_however_few_the_classes(tmp_path):
+    """The title was one line wider than a one-class plot and was cut off at both sides."""
+    import numpy as np
+    from pipeline.quality.plots import confusion_figure, plot_confusion
+    for classes in (1, 2, 3, 12):
+        confusion = np.arange((classes + 1) ** 2).reshape(classes + 1, classes + 1)
+        fig = confusion_figure(confusion, [f"class {i}" for i in range(classes)], list(range(classes)))
+        fig.canvas.draw()
+        title = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
+        assert 0 <= title.x0 and title.x1 <= fig.bbox.x1 and title.y1 <= fig.bbox.y1, (classes, title, fig.bbox)
+    assert plot_confusion(confusion, [f"class {i}" for i in range(12)], list(range(12)),
+                          tmp_path / "confusion.png").stat().st_size > 0

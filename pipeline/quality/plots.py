@@ -40,6 +40,16 @@ def plot_class_iou(names: Sequence[str], iou: Sequence[float], mean_iou: float, 
 def plot_confusion(confusion: np.ndarray, names: Sequence[str], classes: Sequence[int], path: Path) -> Path:
     """Rows: ground truth; columns: prediction (+ "no class"); each row normalised to 1."""
     plt = _pyplot()
+    fig = confusion_figure(confusion, names, classes)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confusion_figure(confusion: np.ndarray, names: Sequence[str], classes: Sequence[int]):
+    """The confusion figure, laid out: its title on two lines, so that it fits over a plot of
+    few classes (one line was cut off at both sides)."""
+    plt = _pyplot()
     columns = list(classes) + [confusion.shape[1] - 1]
     matrix = confusion[np.ix_(list(classes), columns)].astype(np.float64)
     totals = matrix.sum(axis=1, keepdims=True)
@@ -57,12 +67,10 @@ def plot_confusion(confusion: np.ndarray, names: Sequence[str], classes: Sequenc
                         color="white" if value > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
-    ax.set_title("Confusion (share of each ground-truth class's pixels)")
+    ax.set_title("Confusion\n(share of each ground-truth class's pixels)", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_grid(miou: np.ndarray, logit_scales: Sequence[float], background_thresholds: Sequence[float],

@@ -4,6 +4,7 @@ and a one-shard run would otherwise show 0/1 until the end). Best effort: outsid
 should the store not answer, nothing is published and labelling goes on."""
 from __future__ import annotations
 
+import threading
 import time
 from typing import Iterable, Optional
 
@@ -21,15 +22,19 @@ def progress_key(run_id: str, shard_id: str) -> str:
 
 class ShardProgress:
     """Counts one shard attempt's images; publishes the count at most every ``every_s`` seconds
-    (each attempt starts again from 0, so a retried shard is not counted twice)."""
+    (each attempt starts again from 0, so a retried shard is not counted twice). Post-processing
+    threads add to it at once: a lock keeps the count exact."""
 
     def __init__(self, key: Optional[str], every_s: float = 0.5):
         self.key, self.every_s, self.count, self._published = key, every_s, 0, 0.0
+        self._lock = threading.Lock()
         self.publish()
 
     def add(self, images: int = 1) -> None:
-        self.count += images
-        if time.monotonic() - self._published >= self.every_s:
+        with self._lock:
+            self.count += images
+            due = time.monotonic() - self._published >= self.every_s
+        if due:
             self.publish()
 
     def publish(self) -> None:
