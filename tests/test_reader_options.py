@@ -52,6 +52,9 @@ def test_export_show_report_take_storage_options_and_config(s3_output, tmp_path,
     assert json.loads(capsys.readouterr().out)["shards_done"] == 1
 
     # Without them the output is unreachable (no credentials anywhere): one line, not a traceback.
+    # (A new process has no filesystem made earlier with other tests' environment credentials.)
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
     assert main(["report", output, "--s3-endpoint", options["s3"]["endpoint_url"]]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     # Malformed options: one line, exit 2, nothing written.
