@@ -368,3 +368,24 @@ def test_records_read_back_from_the_folder_remove_nothing_outside_it(tmp_path):
     assert main(["export", output, "--format", "yolo-seg", "--dest", str(dest), "--no-progress"]) == 0
     assert all(victim.read_text() == "keep" for victim in victims)
     assert not (dest / "_done" / "gone-0000-12345678.json").exists() and not (dest / "_done" / "odd.json").exists()
+
+
+def test_replaced_images_of_a_shard_without_a_recorded_identity_are_refused(tmp_path, capsys):
+    """Outputs labelled before markers recorded the input's identity: the images' sizes still tell
+    a replaced shard (80x60 annotations, 50x90 images were exported, and show crashed)."""
+    (tmp_path / "shards").mkdir()
+    output = str(tmp_path / "out")
+    write_known_output(str(tmp_path / "shards"), output)
+    labelset = open_labelset(Location(output))
+    (marker_file,) = [labelset.layout.marker_file(s) for s in labelset.markers]
+    marker = json.loads(Path(marker_file.url).read_text())
+    Path(marker_file.url).write_text(json.dumps({**marker, "input": None}))
+    write_shard(tmp_path / "shards" / "known-0000.tar",
+                [{"__key__": f"k{i}", "jpg": encode(photo(i, (50, 90)), "JPEG")} for i in range(3)])
+    capsys.readouterr()
+    assert main(["export", output, "--format", "coco", "--dest", str(tmp_path / "coco"), "--images",
+                 "--no-progress"]) == 1
+    assert "is 50x90 but was labelled at 160x120; relabel" in capsys.readouterr().out
+    assert not list((tmp_path / "coco").glob("images/train/*"))
+    assert main(["show", output, "--dest", str(tmp_path / "show")]) == 1
+    assert "is 50x90 but was labelled at 160x120" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from pipeline.export import coco, semantic, yolo
 from pipeline.export import folder
 from pipeline.export.common import (ExportOptions, ShardContext, assign_splits, done_file, image_file,
                                     write_image)
-from pipeline.store.labelset import LabelSet, fetch_images, sample_uid
+from pipeline.store.labelset import InputChangedError, LabelSet, fetch_images, sample_uid
 from pipeline.store.layout import write_json
 from pipeline.io.storage import Location
 
@@ -83,6 +83,10 @@ def export_shard(labelset: LabelSet, shard_id: str, options: ExportOptions, spli
         by_uid = {sample_uid(row): row for row in ok_rows}
         found = 0
         for uid, image in fetch_images(source, by_uid):
+            row = by_uid[uid]
+            if image.size != (row["width"], row["height"]):  # a changed shard whose identity was not recorded
+                raise InputChangedError(f"{source}: image {uid} is {image.width}x{image.height} but was labelled at "
+                                        f"{row['width']}x{row['height']}; relabel the shard (rerun gemlabel label)")
             write_image(ctx.out(*folder_parts, image_file(by_uid[uid]["sample_id"], options)), image, options)
             found += 1
         if found != len(ok_rows):

@@ -87,6 +87,10 @@ def fetch_picked_images(picks: list[Pick], labelset: LabelSet,
         found = {}
         try:
             for uid, image in fetch_images(labelset.input_shard(shard_ids[shard_url]), uids):
+                row = next(p.row for p in picks if p.row["sample_id"] == uids[uid])
+                if image.size != (row["width"], row["height"]):  # changed, its identity not recorded
+                    raise InputChangedError(f"{shard_url}: image {uid} is {image.width}x{image.height} but was "
+                                            f"labelled at {row['width']}x{row['height']}; relabel the shard")
                 found[uids[uid]] = image
         except Exception as err:  # this shard's pictures only: gone, replaced, truncated, unreachable
             message = str(err) if isinstance(err, InputChangedError) else f"{shard_url}: {type(err).__name__}: {err}"
