@@ -64,14 +64,10 @@ def add_storage_flags(parser) -> None:
 
 def reader_options(args: argparse.Namespace) -> dict:
     """The storage options of ``add_storage_flags``' flags; ConfigError when malformed."""
-    from pipeline.config import ConfigError, load_storage_options
+    from pipeline.config import load_storage_options
     given = None
     if args.storage_options is not None:
-        try:
-            given = json.loads(args.storage_options)
-        except ValueError:
-            raise ConfigError("storage_options: --storage-options expects JSON, e.g. "
-                              "'{\"s3\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'") from None
+        given = mapping_text("storage_options", "--storage-options", args.storage_options)
     options = load_storage_options(args.config, given)
     if args.s3_endpoint:
         options = {**options, "s3": {**options.get("s3", {}), "endpoint_url": args.s3_endpoint}}
@@ -92,7 +88,7 @@ def vocab_item(text: str) -> str | list[str]:
 
 def overrides(args: argparse.Namespace) -> dict:
     """The flags given, as config keys; the flag's text parsed as its key's schema says."""
-    from pipeline.config import ConfigError, config_keys
+    from pipeline.config import config_keys
     overrides = {}
     for key in config_keys():
         value = getattr(args, key.key, None) if key.flag else None

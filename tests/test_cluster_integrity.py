@@ -135,7 +135,7 @@ def test_a_relative_output_under_ray_job_submit_is_refused(head, base_config, tm
 # when its stdin closes.
 TWO_NODES = textwrap.dedent("""
     import json, os, socket, sys
-    from ray._private.utils import get_ray_temp_dir
+    from ray._common.utils import get_default_ray_temp_dir
     from ray.cluster_utils import Cluster
 
     def port():
@@ -147,7 +147,7 @@ TWO_NODES = textwrap.dedent("""
         return dict(num_cpus=1, node_ip_address="127.0.0.1", dashboard_agent_listen_port=port(),
                     metrics_export_port=port(), runtime_env_agent_port=port(), **extra)
 
-    os.makedirs(get_ray_temp_dir(), exist_ok=True)  # Cluster records its address there, whatever temp_dir says
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)  # Cluster records its address there, whatever temp_dir says
     cluster = Cluster(initialize_head=True, head_node_args=node_args(temp_dir=sys.argv[1], include_dashboard=False))
     try:
         second = cluster.add_node(**node_args())

@@ -3,6 +3,9 @@ Ray tasks per shard, resumable."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -186,18 +189,39 @@ def test_semantic_export_label_maps_read_as_class_indices_by_pil_cv2_and_detectr
     assert not (tmp_path / "bad").exists()
 
 
-def yolo_drawn(label_file: Path, size: tuple[int, int]) -> dict[int, np.ndarray]:
-    """class id -> union of its polygons as Ultralytics draws them for training: normalised
-    coordinates times the image size, ``ultralytics.data.utils.polygon2mask``."""
-    from ultralytics.data.utils import polygon2mask
-    height, width = size
-    drawn: dict[int, np.ndarray] = {}
-    for line in label_file.read_text().splitlines():
+_DRAW = """
+import json, sys
+import numpy as np
+from ultralytics.data.utils import polygon2mask
+out = {}
+for index, (name, height, width) in enumerate(json.loads(sys.argv[1])):
+    for line_number, line in enumerate(open(name).read().splitlines()):
         values = line.split()
         xy = np.array(values[1:], dtype=float).reshape(-1, 2)
-        assert len(xy) >= 3 and xy.min() >= 0 and xy.max() <= 1
+        assert len(xy) >= 3 and xy.min() >= 0 and xy.max() <= 1, line
         mask = polygon2mask((height, width), [(xy * [width, height]).reshape(-1)]).astype(bool)
-        drawn[int(values[0])] = drawn.get(int(values[0]), np.zeros((height, width), bool)) | mask
+        out[f"{index}_{line_number}_{values[0]}"] = mask
+np.savez_compressed(sys.argv[2], **out)
+"""
+
+
+def yolo_drawn_all(files: list[tuple[Path, tuple[int, int]]], tmp_path: Path) -> list[dict[int, np.ndarray]]:
+    """For each label file, class id -> union of its polygons as Ultralytics draws them for
+    training: normalised coordinates times the image size, ``ultralytics.data.utils.polygon2mask``.
+    In a process of its own: importing Ultralytics patches ``PIL.Image.open`` (and may try to
+    install packages) for the whole process."""
+    result = tmp_path / "drawn.npz"
+    spec = json.dumps([[str(name), int(size[0]), int(size[1])] for name, size in files])
+    env = {**os.environ, "YOLO_AUTOINSTALL": "false", "YOLO_OFFLINE": "1", "YOLO_VERBOSE": "false"}
+    done = subprocess.run([sys.executable, "-c", _DRAW, spec, str(result)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    drawn: list[dict[int, np.ndarray]] = [{} for _ in files]
+    with np.load(result) as masks:
+        for key in masks.files:
+            index, _, class_id = (int(part) for part in key.split("_"))
+            height, width = files[index][1]
+            drawn[index][class_id] = drawn[index].get(class_id, np.zeros((height, width), bool)) | masks[key]
     return drawn
 
 
@@ -209,13 +233,15 @@ def test_yolo_polygons_rasterise_back_to_the_masks(known_output, tmp_path):
     assert data["names"] == dict(enumerate(CLASSES)) and data["train"] == "images/train"
     assert "val" not in data  # one split is never named as both train and val (issue 19)
     assert data["path"] == str(dest)
-    for sample_id, masks in known.items():
+    files = []
+    for sample_id in known:
         stem = sample_id.replace("/", "__")
         with Image.open(dest / "images" / "train" / f"{stem}.jpg") as image:
             width, height = image.size
         label_file = dest / "labels" / "train" / f"{stem}.txt"
         assert len(label_file.read_text().splitlines()) == 5
-        drawn = yolo_drawn(label_file, (height, width))
+        files.append((label_file, (height, width)))
+    for drawn, masks in zip(yolo_drawn_all(files, tmp_path), known.values()):
         for class_id, mask in masks.items():  # the ring (class 2) keeps its hole
             assert np.array_equal(drawn[class_id], mask), class_id
 
@@ -238,9 +264,9 @@ def test_yolo_polygons_of_voc_masks_match_them_under_ultralytics_polygon2mask(tm
     dest = tmp_path / "yolo"
     assert main(["export", str(tmp_path / "out"), "--format", "yolo-seg", "--dest", str(dest), "--no-progress"]) == 0
     ious = []
-    for sample_id, masks in known.items():
-        shape = next(iter(masks.values())).shape
-        drawn = yolo_drawn(dest / "labels" / "train" / f"{sample_id.replace('/', '__')}.txt", shape)
+    files = [(dest / "labels" / "train" / f"{sample_id.replace('/', '__')}.txt", next(iter(masks.values())).shape)
+             for sample_id, masks in known.items()]
+    for drawn, masks in zip(yolo_drawn_all(files, tmp_path), known.values()):
         assert set(drawn) == set(masks)
         assert not (np.sum(list(drawn.values()), axis=0) > 1).any()  # no hole covers another class
         ious += [(drawn[c] & mask).sum() / (drawn[c] | mask).sum() for c, mask in masks.items()]

@@ -65,7 +65,7 @@ def test_export_show_report_take_storage_options_and_config(s3_output, tmp_path,
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("gemlabel: error: storage_options.s3:"), err
         assert main([*command, "--storage-options", "{not json"]) == 2
-        assert "expects JSON" in capsys.readouterr().err
+        assert "expects a mapping in JSON or YAML flow syntax" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
