@@ -70,10 +70,10 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pipeline.store.report import format_report, summarize_output
+    from pipeline.store.report import InputPatternError, format_report, summarize_output
     try:
         report = summarize_output(location(args.output, args.s3_endpoint), args.input)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, InputPatternError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as err:  # storage back ends raise their own kinds (botocore, aiohttp, ...)

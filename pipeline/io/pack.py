@@ -1,13 +1,14 @@
 """Pack a folder of images into webdataset tar shards (the input format gemlabel reads)."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import webdataset as wds
 
 from pipeline.io.tar import IMAGE_EXTENSIONS
-from pipeline.io.storage import Location, full_url
+from pipeline.io.storage import Location, full_url, is_local
 
 
 def sample_keys(paths: list[Path], root: Path) -> list[str]:
@@ -42,6 +43,16 @@ def next_shard_number(output_prefix: Location) -> int:
     return max(numbers) + 1 if numbers else 0
 
 
+def _check_not_under_a_file(prefix_path: str) -> None:
+    """A local prefix's folders must be (or be creatable as) folders: makedirs says only
+    ``[Errno 17] File exists`` when one of them is a file."""
+    folder = os.path.dirname(os.path.abspath(prefix_path))
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder) if os.path.dirname(folder) != folder else ""
+    if folder and not os.path.isdir(folder):
+        raise ValueError(f"output prefix {prefix_path} is under {folder}, which is a file, not a folder")
+
+
 def pack_images(folder: str, output_prefix: Location, per_shard: int = 1000, pattern: str = "*") -> list[str]:
     """Write ``{output_prefix}-000000.tar, ...`` (continuing after existing shards) to a local
     path or any fsspec URL; each sample's key is the image's path relative to the folder (see
@@ -56,6 +67,8 @@ def pack_images(folder: str, output_prefix: Location, per_shard: int = 1000, pat
     if not images:
         raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images matching {pattern} under {folder}")
     fs, prefix_path = output_prefix.fs_path
+    if is_local(fs):
+        _check_not_under_a_file(prefix_path)
     fs.makedirs(prefix_path.rsplit("/", 1)[0] if "/" in prefix_path else ".", exist_ok=True)
     first = next_shard_number(output_prefix)
     written: list[str] = []
