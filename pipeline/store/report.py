@@ -7,6 +7,7 @@ from typing import Optional
 
 from pipeline.store.layout import OutputLayout, read_failures, read_markers, read_output_config, read_runs, verify_markers
 from pipeline.config.errors import first_line
+from pipeline.io.redact import redact_url
 from pipeline.io.storage import Location
 
 
@@ -43,7 +44,7 @@ def summarize_output(output: Location, input_patterns: Optional[list[str]] = Non
         except (ValueError, OSError) as err:  # a glob that matches nothing, an unreadable list
             raise InputPatternError(f"--input: {first_line(err)}") from None
     return {
-        "output": output.url, "fingerprint": config["fingerprint"], "model": settings.get("model"),
+        "output": redact_url(output.url), "fingerprint": config["fingerprint"], "model": settings.get("model"),
         "pretrained": settings.get("pretrained"), "classes": len(settings.get("vocab", [])),
         "shards_done": len(markers), "shards_failed": len(failures), "shards_missing": len(missing),
         "shards_pending": pending,

@@ -41,6 +41,7 @@ from pipeline.store.schema import table_from_rows
 from pipeline.io.shards import Shard
 from pipeline.config.sizing import Sizing, local_sizing
 from pipeline.worker.stages import ReadingTurns, ShardStages, StageSettings
+from pipeline.io.redact import redact_url
 from pipeline.io.storage import file_identity
 from pipeline.worker.text_cache import (cache_source, check_rows, probe_words, read_cached, source_key,
                                         text_cache_file, write_cached)
@@ -145,7 +146,7 @@ class ShardLabeler:
             else:
                 if problem:
                     log.warning("the text-embedding cache %s is not this run's vocabulary (%s): encoding it "
-                                "again and rewriting it", file, problem)
+                                "again and rewriting it", redact_url(file.url), problem)
                 self.set_vocabulary(self.segmenter.vocabulary(self.spec.class_names, self.spec.templates,
                                                               config.background), source="encoded")
                 self.text_encodes += 1
