@@ -78,7 +78,7 @@ def _label(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
-    from pipeline.store.report import format_report, summarize_output
+    from pipeline.store.report import InputPatternError, format_report, summarize_output
     if args.plots is not None:
         if args.no_classes:
             print("gemlabel: error: --plots draws the per-class counts: drop --no-classes", file=sys.stderr)
@@ -92,7 +92,7 @@ def _report(args: argparse.Namespace) -> int:
     try:
         report = summarize_output(reader_location(args.output, args), args.input,
                                   per_class=not args.no_classes, counts=counts)
-    except (FileNotFoundError, ConfigError) as err:
+    except (FileNotFoundError, ConfigError, InputPatternError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as err:  # storage back ends raise their own kinds (botocore, aiohttp, ...)

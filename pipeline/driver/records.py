@@ -23,6 +23,7 @@ class RunSummary:
     finished_at: str = ""
     shards_total: int = 0
     shards_skipped: int = 0
+    shards_moved: int = 0  # of the skipped: done shards whose input moved (``pipeline.driver.moved``)
     shards_done: int = 0
     shards_failed: int = 0
     images: int = 0
@@ -46,7 +47,8 @@ class RunSummary:
     def text(self) -> str:
         lines = [f"gemlabel run {self.run_id} -> {redact_url(self.output)}",
                  f"  shards: {self.shards_total} total, {self.shards_done} labelled, "
-                 f"{self.shards_skipped} already done, {self.shards_failed} failed",
+                 f"{self.shards_skipped} already done"
+                 + (f" ({self.shards_moved} moved)" if self.shards_moved else "") + f", {self.shards_failed} failed",
                  f"  images: {self.images} ({self.image_errors} errors), labels: {self.labels}, "
                  f"{self.images_per_s:.2f} images/s over {self.seconds:.1f}s",
                  f"  actor restarts: {self.actor_restarts}, shard retries: {self.shard_retries}"]

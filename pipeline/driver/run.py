@@ -28,6 +28,7 @@ from pipeline.driver.pool import WorkerPool
 from pipeline.driver.records import RunInterrupted, RunSummary, record_run
 from pipeline.driver.signals import stop_on_sigterm
 from pipeline.worker.progress import clear_progress, images_in_flight
+from pipeline.driver.moved import content_key, find_moved, move_labels
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,10 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     inputs = {url: file_identity(info) for url, info in
               stat_files([config.location(s.url) for s in shards]).items()}
     todo = select_shards(shards, markers, spec, inputs)
+    moved = {} if config.overwrite else find_moved(shards, todo, markers, inputs, spec.fingerprint)
+    todo = [shard for shard in todo if shard not in moved]
     summary = RunSummary(run_id, config.output, started.isoformat(), shards_total=len(shards),
-                         shards_skipped=len(shards) - len(todo))
+                         shards_skipped=len(shards) - len(todo), shards_moved=len(moved))
     pool = None
     if todo:  # the workers must fit the cluster before the output is claimed
         connect_ray(config)
@@ -75,6 +78,18 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
         pool = WorkerPool(spec, run_id)
         ensure_schedulable(pool, out)
     prepare_output(layout, spec.fingerprint, spec.source, config.overwrite, run_id)
+    for shard, marker in moved.items():
+        try:
+            move_labels(layout, shard, marker, inputs.get(shard.url))
+        except Exception as err:  # the output's storage failing: the shard is not done, a rerun retries
+            summary.shards_moved -= 1
+            summary.shards_skipped -= 1
+            summary.shards_failed += 1
+            summary.failed[shard.shown] = f"could not move the labels of {marker['shard']}: {first_line(err)}"
+            continue
+        print(f"gemlabel: {shard.shown} is {marker['shard']} moved (same name, size and "
+              f"{content_key(shard.shown, inputs.get(shard.url))[2]}): its labels moved with it, not labelled "
+              "again", file=out, flush=True)
     stale = layout.remove_stale_temps(time.time() - STALE_TEMP_S)
     if stale:
         log.info("removed %d temp file(s) that writers killed mid-write left over an hour ago", stale)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Iterable
 import webdataset as wds
 
 from pipeline.io.tar import IMAGE_EXTENSIONS, iter_tar_samples
-from pipeline.io.storage import Location, full_url
+from pipeline.io.storage import Location, full_url, is_local
 
 
 def sample_keys(paths: list[Path], root: Path) -> list[str]:
@@ -61,6 +62,16 @@ def next_shard_number(output_prefix: Location) -> int:
     existing prefix adds shards and never overwrites one."""
     numbers = _existing_shards(output_prefix)
     return max(numbers) + 1 if numbers else 0
+
+
+def _check_not_under_a_file(prefix_path: str) -> None:
+    """A local prefix's folders must be (or be creatable as) folders: makedirs says only
+    ``[Errno 17] File exists`` when one of them is a file."""
+    folder = os.path.dirname(os.path.abspath(prefix_path))
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder) if os.path.dirname(folder) != folder else ""
+    if folder and not os.path.isdir(folder):
+        raise ValueError(f"output prefix {prefix_path} is under {folder}, which is a file, not a folder")
 
 
 def record_path(shard_path: str) -> str:
@@ -143,13 +154,15 @@ def pack_images(folder: str, output_prefix: Location, per_shard: int = 1000, pat
     images = sorted(p for p in root.rglob(pattern) if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     if not images:
         raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images matching {pattern} under {folder}")
+    fs, prefix_path = output_prefix.fs_path
+    if is_local(fs):
+        _check_not_under_a_file(prefix_path)
     packed = read_packed(output_prefix)
     todo = [(path, path.relative_to(root).as_posix()) for path in images]
     todo = [(path, relative) for path, relative in todo if not packed.holds(relative, _digest(path.read_bytes()))]
     result = PackResult([], len(todo), len(images) - len(todo))
     if not todo:
         return result
-    fs, prefix_path = output_prefix.fs_path
     fs.makedirs(prefix_path.rsplit("/", 1)[0] if "/" in prefix_path else ".", exist_ok=True)
     keys = sample_keys([path for path, _ in todo], root)
     for number, start in enumerate(range(0, len(todo), per_shard), start=next_shard_number(output_prefix)):

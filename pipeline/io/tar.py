@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 
 
 from pipeline.io.guarded import guarded_open
-from pipeline.io.redact import redact_text
+from pipeline.io.redact import redact_text, redact_url
 from pipeline.io.storage import Location, is_local
 
 
@@ -53,6 +53,18 @@ def error_text(err: BaseException) -> str:
     """``Type: message`` without run-specific object addresses (``<_io.BytesIO object at
     0x7f..>``), so two runs over the same data write equal rows; without credentials in URLs."""
     return redact_text(_ADDRESS.sub("", f"{type(err).__name__}: {err}"))
+
+
+def http_status(err: BaseException) -> Optional[str]:
+    """The HTTP status (``500 Internal Server Error``) an error or what caused it carries, or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        status = getattr(err, "status", None)
+        if isinstance(status, int) and status >= 400:
+            return f"{status} {getattr(err, 'message', '') or ''}".strip()
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class _EndAwareTarInfo(tarfile.TarInfo):
@@ -135,7 +147,8 @@ def iter_tar_samples(source: Location, stall_s: Optional[float] = None) -> Itera
             for sample in group_samples(iter_tar_members(stream)):
                 yield {**sample, "__url__": source.url}
     except Exception as err:  # missing file, tarfile.ReadError on truncation, storage errors
-        text = error_text(err)  # the chained error would carry a URL's credentials into Ray's logs
+        status = http_status(err)  # fsspec's HTTP back end calls any failed request "not found"
+        text = f"HTTPError: the server answered {status} for {redact_url(source.url)}" if status else error_text(err)
         raise ShardReadError(text) from (None if redact_text(str(err)) != str(err) else err)
 
 

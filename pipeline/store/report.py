@@ -8,7 +8,13 @@ from typing import Optional
 
 from pipeline.store.class_stats import ClassCounts, class_table, count_classes, format_class_table
 from pipeline.store.layout import OutputLayout, read_failures, read_markers, read_output_config, read_runs, verify_markers
+from pipeline.config.errors import first_line
+from pipeline.io.redact import redact_url
 from pipeline.io.storage import Location
+
+
+class InputPatternError(ValueError):
+    """``--input`` names no shards (or cannot be listed): the input's fault, not the output's."""
 
 
 def summarize_output(output: Location, input_patterns: Optional[list[str]] = None, per_class: bool = False,
@@ -37,9 +43,12 @@ def summarize_output(output: Location, input_patterns: Optional[list[str]] = Non
         from pipeline.io.shards import list_shards
         done = {k for k, m in markers.items() if m.get("fingerprint") == config["fingerprint"]}
         inputs = [output.at(pattern) for pattern in input_patterns]
-        pending = sum(1 for shard in list_shards(inputs) if shard.shard_id not in done)
+        try:
+            pending = sum(1 for shard in list_shards(inputs) if shard.shard_id not in done)
+        except (ValueError, OSError) as err:  # a glob that matches nothing, an unreadable list
+            raise InputPatternError(f"--input: {first_line(err)}") from None
     report = {
-        "output": output.url, "fingerprint": config["fingerprint"], "model": settings.get("model"),
+        "output": redact_url(output.url), "fingerprint": config["fingerprint"], "model": settings.get("model"),
         "pretrained": settings.get("pretrained"), "classes": len(settings.get("vocab", [])),
         "shards_done": len(markers), "shards_failed": len(failures), "shards_missing": len(missing),
         "shards_pending": pending,

@@ -42,6 +42,7 @@ from pipeline.store.schema import table_from_rows
 from pipeline.io.shards import Shard
 from pipeline.config.sizing import Sizing, local_sizing
 from pipeline.worker.stages import ReadingTurns, ShardStages, StageSettings
+from pipeline.io.redact import redact_url
 from pipeline.io.storage import file_identity
 from pipeline.worker.text_cache import (cache_source, check_rows, probe_words, read_cached, source_key,
                                         text_cache_file, write_cached)
@@ -161,7 +162,7 @@ class ShardLabeler:
             else:
                 if problem:
                     log.warning("the text-embedding cache %s is not this run's vocabulary (%s): encoding it "
-                                "again and rewriting it", file, problem)
+                                "again and rewriting it", redact_url(file.url), problem)
 
                 def progress(done: int, total: int) -> None:
                     say(f"encoding {total} prompts ({names} names x {templates} templates): {done}/{total}")
