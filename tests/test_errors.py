@@ -188,7 +188,7 @@ def test_model_config_not_json_and_config_folder(base_config, shards, tmp_path, 
     assert "model_config: " + str(broken) + " is not valid JSON" in run_label(
         {**base_config, "input": shards, "model_config": str(broken)}, capsys)
     assert main(["label", "--config", str(tmp_path)]) == 2
-    assert "is a folder; give a YAML file" in one_line_error(capsys)
+    assert "is a folder, not a file; give a YAML file" in one_line_error(capsys)
 
 
 @pytest.mark.parametrize("options, message", [

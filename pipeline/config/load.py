@@ -2,7 +2,6 @@
 ``key: what is wrong`` line."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import yaml
@@ -12,6 +11,7 @@ from pydantic.fields import FieldInfo
 from pipeline.config.errors import ConfigError
 from pipeline.config.keys import section_fields, section_model
 from pipeline.config.label_config import ADAPTER, LabelConfig
+from pipeline.io.text_file import TextFileError, read_text
 
 
 _PHRASES = {
@@ -80,17 +80,10 @@ def _field_info(loc: tuple) -> Optional[FieldInfo]:
 
 
 def _read_yaml(path: str) -> dict:
-    where = Path(path)
-    if where.is_dir():
-        raise ConfigError(f"config file {path} is a folder; give a YAML file such as jobs/configs/local.yaml")
     try:
-        data = yaml.safe_load(where.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
-    except OSError as err:
-        raise ConfigError(f"config file {path}: {err.strerror or err}") from None
+        data = yaml.safe_load(read_text(path, "config file", "a YAML file such as jobs/configs/local.yaml")) or {}
+    except TextFileError as err:
+        raise ConfigError(str(err)) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):

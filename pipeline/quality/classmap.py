@@ -16,6 +16,7 @@ import yaml
 
 from pipeline.quality.groundtruth import GroundTruthError
 from pipeline.quality.metrics import IGNORE_INDEX
+from pipeline.io.text_file import TextFileError, read_text
 
 UNMAPPED_CHOICES = ("ignore", "background")
 
@@ -61,16 +62,9 @@ class ClassMapping:
 def read_mapping_file(path: str) -> dict[str, list[str]]:
     """YAML: ground-truth class -> a vocabulary name or a list of them."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
-    except FileNotFoundError:
-        raise GroundTruthError(f"class map file not found: {path}") from None
-    except IsADirectoryError:
-        raise GroundTruthError(f"class map {path}: is a folder, not a YAML file") from None
-    except UnicodeDecodeError as err:
-        raise GroundTruthError(f"class map {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    except OSError as err:
-        raise GroundTruthError(f"class map {path}: cannot read it: {err.strerror or err}") from None
+        data = yaml.safe_load(read_text(path, "class map file", "a YAML file")) or {}
+    except TextFileError as err:
+        raise GroundTruthError(str(err)) from None
     except yaml.YAMLError as err:
         raise GroundTruthError(f"class map {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):

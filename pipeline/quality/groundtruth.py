@@ -28,6 +28,7 @@ from pipeline.io.pack import sample_keys
 from pipeline.io.tar import IMAGE_EXTENSIONS, MASK_ENTRY, iter_tar_samples
 from pipeline.io.shards import list_shards
 from pipeline.io.storage import Location
+from pipeline.io.text_file import TextFileError, read_text
 
 VOC_VOID_COLOUR = (224, 224, 192)
 COCO_BACKGROUND = "background"
@@ -111,15 +112,9 @@ def read_class_list(source: Location) -> list[str]:
     """One class name a line; line i is class index i (blank lines and # comments skipped)."""
     path = source.url
     try:
-        text = source.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise GroundTruthError(f"class list file not found: {path}") from None
-    except IsADirectoryError:
-        raise GroundTruthError(f"class list {path}: is a folder, not a file (one class name a line)") from None
-    except UnicodeDecodeError as err:
-        raise GroundTruthError(f"class list {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    except OSError as err:
-        raise GroundTruthError(f"class list {path}: cannot read it: {err.strerror or err}") from None
+        text = read_text(source, "class list file", "a text file, one class name a line")
+    except TextFileError as err:
+        raise GroundTruthError(str(err)) from None
     names = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not names:
         raise GroundTruthError(f"class list {path} is empty")
@@ -227,19 +222,12 @@ def check_coco(data: dict, file: str) -> None:
 def coco_ground_truth(annotations: str, images: str, panoptic_masks: Optional[str] = None) -> GroundTruth:
     """COCO instances or panoptic JSON -> semantic maps; class 0 is ``background``, then the
     categories in id order."""
-    path = Path(annotations)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GroundTruthError(f"COCO annotation file not found: {annotations}") from None
-    except IsADirectoryError:
-        raise GroundTruthError(f"COCO annotation file {annotations}: is a folder, not a JSON file") from None
-    except UnicodeDecodeError as err:
-        raise GroundTruthError(f"COCO annotation file {annotations}: not UTF-8 (byte {err.start})") from None
+        data = json.loads(read_text(annotations, "COCO annotation file", "a JSON file"))
+    except TextFileError as err:
+        raise GroundTruthError(str(err)) from None
     except json.JSONDecodeError as err:
         raise GroundTruthError(f"COCO annotation file {annotations} is not JSON: {err}") from None
-    except OSError as err:
-        raise GroundTruthError(f"COCO annotation file {annotations}: cannot read it: {err.strerror or err}") from None
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
         raise GroundTruthError(f"{annotations}: not a COCO file (needs images, annotations, categories)")
     check_coco(data, annotations)
@@ -251,7 +239,7 @@ def coco_ground_truth(annotations: str, images: str, panoptic_masks: Optional[st
     image_root = Path(images)
     panoptic = bool(data["annotations"]) and "segments_info" in data["annotations"][0]
     if panoptic:
-        png_root = Path(panoptic_masks) if panoptic_masks else path.with_suffix("")
+        png_root = Path(panoptic_masks) if panoptic_masks else Path(annotations).with_suffix("")
         by_image = {a["image_id"]: a for a in data["annotations"]}
     else:
         from pycocotools.coco import COCO
