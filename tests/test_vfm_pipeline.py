@@ -1,0 +1,107 @@
+"""ProxyCLIP and SAM refinement in the pipeline (issue 21, items 4-5): their config keys, the
+driver's weight checks, and real labeling jobs (tar shards, a local Ray cluster, Parquet read
+back and RLE decoded) with tiny random VFM and SAM models."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from pipeline.config import ConfigError, load_config
+from pipeline.driver.plan import build_spec
+
+# Tiny random models for pipeline tests: DINO ViT/8 and SAM at a fraction of their size.
+TINY_VFM = {"name": "dino_vitb8", "weights": "none", "arch": {"embed_dim": 48, "depth": 2, "num_heads": 2}}
+TINY_SAM = {"model": "vit_b", "weights": "none", "minimal_area": 4, "iou_thresh": -100.0,
+            "arch": {"image_size": 256, "encoder_embed_dim": 32, "encoder_depth": 1, "encoder_num_heads": 1,
+                     "encoder_global_attn_indexes": [0], "window_size": 4, "prompt_embed_dim": 32,
+                     "decoder_mlp_dim": 64, "iou_head_hidden_dim": 32}}
+
+
+def _config(base_config, **keys):
+    return load_config(None, {**base_config, "input": ["x.tar"], **keys})
+
+
+def test_new_sections_enter_the_fingerprint_only_when_used(base_config):
+    plain = build_spec(_config(base_config))
+    assert not {"proxyclip", "refine", "sam", "vfm_weights_content", "sam_weights_content"} & set(plain.source)
+    # an unused section changes nothing: the labels do not depend on it
+    assert build_spec(_config(base_config, sam={"iou_thresh": 0.5})).fingerprint == plain.fingerprint
+    assert build_spec(_config(base_config, proxyclip={"beta": 1.5})).fingerprint == plain.fingerprint
+    proxy = build_spec(_config(base_config, method="proxyclip", proxyclip={"vfm": TINY_VFM}))
+    assert proxy.source["proxyclip"]["vfm"]["arch"] == TINY_VFM["arch"] and "sam" not in proxy.source
+    beta = build_spec(_config(base_config, method="proxyclip", proxyclip={"vfm": TINY_VFM, "beta": 1.5}))
+    assert beta.fingerprint != proxy.fingerprint
+    refined = build_spec(_config(base_config, refine="sam", sam=TINY_SAM))
+    assert refined.source["refine"] == "sam" and refined.source["sam"]["iou_thresh"] == -100.0
+    other = build_spec(_config(base_config, refine="sam", sam={**TINY_SAM, "iou_thresh": 0.5}))
+    assert len({plain.fingerprint, refined.fingerprint, other.fingerprint}) == 3
+
+
+def test_vfm_and_sam_weights_are_fingerprinted_by_content(base_config, tmp_path):
+    hub = build_spec(_config(base_config, method="proxyclip", refine="sam"))
+    assert hub.source["vfm_weights_content"] == {"hub": "timm/vit_base_patch8_224.dino"}
+    assert hub.source["sam_weights_content"] == {"hub": "sam_vit_b_01ec64.pth"}
+    weights = tmp_path / "dino.pt"
+    weights.write_bytes(b"one")
+    local = _config(base_config, method="proxyclip", proxyclip={"vfm": {"weights": str(weights)}})
+    first = build_spec(local)
+    weights.write_bytes(b"two")  # replaced in place: another model, another fingerprint
+    second = build_spec(local)
+    assert first.source["vfm_weights_content"]["size"] == 3 and first.fingerprint != second.fingerprint
+
+
+def test_nested_keys_from_flags_and_one_line_errors(base_config, tmp_path):
+    from jobs.cli import _parser
+    from jobs.flags import overrides
+    args = _parser().parse_args(["label", "--input", "x.tar", "--output", str(tmp_path), "--vocab", "a,b",
+                                 "--method", "proxyclip", "--vfm-name", "dinov2_vitb14_reg", "--vfm-weights", "none",
+                                 "--vfm-arch", '{"depth": 2}', "--vfm-mean", "0.5", "0.5", "0.5",
+                                 "--proxyclip-beta", "1.5", "--refine", "sam", "--sam-iou-thresh", "0.7"])
+    config = load_config(None, overrides(args))
+    vfm = config.proxyclip.vfm
+    assert (vfm.name, vfm.weights, vfm.arch, vfm.mean) == ("dinov2_vitb14_reg", "none", {"depth": 2}, (0.5,) * 3)
+    assert config.proxyclip.beta == 1.5 and config.refine == "sam" and config.sam.iou_thresh == 0.7
+    for keys, message in [
+        ({"proxyclip": {"vfm": {"nme": "x"}}}, r"unknown key proxyclip.vfm.nme \(known: arch, mean, name, std, weights\)"),
+        ({"proxyclip": {"vfm": {"name": "dino"}}}, "proxyclip.vfm.name: one of 'dino_vitb8'"),
+        ({"refine": "crf"}, "refine: one of 'none', 'sam'"),
+        ({"sam": {"model": "vit_s"}}, "sam.model: one of 'vit_b', 'vit_l', 'vit_h'"),
+        ({"refine": "sam", "pamr": {"enabled": True}}, "pamr: PAMR is not applied with refine: sam"),
+        ({"method": "proxyclip", "proxyclip": {"vfm": {"weights": None}}}, "proxyclip.vfm.weights: method proxyclip"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            _config(base_config, **keys)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "proxyclip", "--vfm-weights", "/nowhere/dino.pth"],
+     "gemlabel: error: proxyclip.vfm.weights: VFM weights '/nowhere/dino.pth': no such file"),
+    (["--method", "proxyclip"], "gemlabel: error: proxyclip.vfm.weights: could not fetch the VFM weights "
+                                "vit_base_patch8_224.dino (dino_vitb8): no network access"),
+    (["--refine", "sam", "--sam-weights", "/nowhere/sam.pth"],
+     "gemlabel: error: sam.weights: SAM weights '/nowhere/sam.pth': no such file"),
+    (["--refine", "sam", "--sam-model", "vit_h"], "gemlabel: error: sam.weights: SAM vit_h weights are not cached"),
+])
+def test_missing_vfm_or_sam_weights_fail_in_the_driver(base_config, tmp_path, capsys, monkeypatch, flags, message):
+    """Offline without the weights: one line naming the key and what to pass, exit 2, before any
+    worker starts (no Ray here: a worker would need one), nothing written."""
+    import torch
+    from tests.shards import write_shards
+    from tests.test_errors import label_args, one_line_error
+    import gem.sam
+    import gem.vfm
+    monkeypatch.setattr(gem.vfm, "_reachable", lambda host: False)  # offline, wherever the test runs
+    monkeypatch.setattr(gem.sam, "_reachable", lambda host: False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))  # no cached SAM checkpoint
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    import huggingface_hub.constants as hf_constants
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    config = {**base_config, "input": [str(p) for p in write_shards(tmp_path / "in", shards=1, per_shard=2)]}
+    start = time.monotonic()
+    assert main([*label_args(config), *flags]) == 2
+    line = one_line_error(capsys)
+    assert line.startswith(message), line
+    assert time.monotonic() - start < 30 and not Path(config["output"]).exists()
