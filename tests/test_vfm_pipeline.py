@@ -105,3 +105,62 @@ def test_missing_vfm_or_sam_weights_fail_in_the_driver(base_config, tmp_path, ca
     line = one_line_error(capsys)
     assert line.startswith(message), line
     assert time.monotonic() - start < 30 and not Path(config["output"]).exists()
+
+
+PROXY_SAM = {"method": "proxyclip", "proxyclip": {"vfm": TINY_VFM}, "refine": "sam", "sam": TINY_SAM,
+             "resize": "short_side", "short_side": 96, "max_long_side": 160, "slide": {"crop": 64, "stride": 32},
+             "background": ["sky"], "thresholds": {"logit_scale": 40.0, "background_threshold": 0.2, "min_area": 1}}
+SIZES = [(150, 100), (97, 131), (120, 120), (181, 77)]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_proxyclip_with_sam_refinement_job(base_config, tmp_path):
+    """ProxyCLIP + SAM refinement through a real run: SAM's embeddings batched in the worker's
+    model thread, the maps refined in post-processing; the written labels are the library's
+    ``refined_label_map`` of each image (masks, areas, refined peaks as points), and differ from
+    the unrefined ones."""
+    import numpy as np
+    import torch
+    from gem import LabelingThresholds
+    from gem.postprocess import class_regions
+    from pipeline.driver.run import run_labeling
+    from pipeline.store.rle import decode_mask
+    from pipeline.store.schema import run_metadata_of
+    from pipeline.worker.labeler import load_segmenter
+    from pipeline.worker.refine import load_refiner
+    from tests.outputs import all_rows, check_labels, read_tables
+    from tests.shards import encode, photo, write_shard
+
+    images = [photo(i, size) for i, size in enumerate(SIZES)]
+    write_shard(tmp_path / "in" / "photos.tar",
+                [{"__key__": f"img-{i}", "png": encode(image, "PNG")} for i, image in enumerate(images)])
+    config = load_config(None, {**base_config, **PROXY_SAM, "input": [str(tmp_path / "in" / "*.tar")],
+                                "batch_size": 3})
+    summary = run_labeling(config)
+    assert (summary.shards_done, summary.images, summary.image_errors) == (1, len(SIZES), 0)
+    metadata = run_metadata_of(next(iter(read_tables(config.output).values())).schema)
+    assert metadata["method"] == "proxyclip" and metadata["refine"] == "sam"
+    assert metadata["sam"]["arch"]["image_size"] == 256 and metadata["proxyclip"]["vfm"]["name"] == "dino_vitb8"
+
+    spec = build_spec(config)
+    segmenter, refiner = load_segmenter(spec, torch.device("cpu")), load_refiner(config, torch.device("cpu"))
+    assert segmenter.vfm is not None and segmenter.vfm.model.embed_dim == 48
+    vocabulary = segmenter.vocabulary(spec.class_names, spec.templates, config.background)
+    thresholds = LabelingThresholds(logit_scale=40.0, background_threshold=0.2, min_area=1)
+    changed = 0
+    for row, image in zip(sorted(all_rows(config.output), key=lambda r: r["key"]), images):
+        assert row["status"] == "ok", row["error"]
+        check_labels(row)
+        size = (image.height, image.width)
+        (logits,) = segmenter.dense_logits([segmenter.model_input(image)], vocabulary)
+        labels, stats, result = segmenter.refined_label_map(logits, size, vocabulary, refiner, np.asarray(image),
+                                                            thresholds)
+        assert bool(result.passed.any())  # iou_thresh -100: SAM's masks are taken
+        regions = list(class_regions(labels, stats, 1))
+        assert [(r.class_id, r.area, r.point) for r in regions] == [
+            (label["class_id"], label["area"], (label["point_x"], label["point_y"])) for label in row["labels"]]
+        for label, region in zip(row["labels"], regions):
+            assert np.array_equal(decode_mask(label["rle_size"], label["rle_counts"]), region.mask)
+        coarse, _ = segmenter.label_map(logits, size, vocabulary, thresholds)
+        changed += int((coarse != labels).sum())
+    assert changed > 0  # SAM's masks replaced coarse labels
