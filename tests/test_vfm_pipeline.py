@@ -164,3 +164,41 @@ def test_proxyclip_with_sam_refinement_job(base_config, tmp_path):
         coarse, _ = segmenter.label_map(logits, size, vocabulary, thresholds)
         changed += int((coarse != labels).sum())
     assert changed > 0  # SAM's masks replaced coarse labels
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_eval_and_calibrate_with_proxyclip_and_sam(base_config, tmp_path, capsys):
+    """eval labels the ground truth with ProxyCLIP + SAM refinement (a real run) and scores it;
+    calibrate sweeps ProxyCLIP's whole-image similarities, and refuses refine in one line."""
+    import json
+    import yaml
+    from tests.test_errors import one_line_error
+    from tests.test_quality import GT_FLAGS, VOCAB, write_class_map
+    class_map = write_class_map(tmp_path)
+    keys = {k: v for k, v in base_config.items() if k != "output"}
+    proxy = {**keys, "vocab": VOCAB, "method": "proxyclip", "proxyclip": {"vfm": TINY_VFM}}
+    refined = tmp_path / "refined.yaml"
+    refined.write_text(yaml.safe_dump({**proxy, "refine": "sam", "sam": TINY_SAM}))
+    assert main(["eval", *GT_FLAGS, "--config", str(refined), "--class-map", class_map,
+                 "--report", str(tmp_path / "eval"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["images"]["scored"] == 6 and report["labelling_seconds"] > 0
+    assert report["labels"] == str(tmp_path / "eval" / "labels")
+    from pipeline.store.schema import run_metadata_of
+    from tests.outputs import read_tables
+    metadata = run_metadata_of(next(iter(read_tables(report["labels"]).values())).schema)
+    assert metadata["refine"] == "sam" and metadata["method"] == "proxyclip"  # eval labelled with both
+    capsys.readouterr()
+
+    assert main(["calibrate", *GT_FLAGS, "--config", str(refined), "--class-map", class_map,
+                 "--report", str(tmp_path / "refused"), "--no-progress"]) == 2
+    assert "calibrate: cannot sweep refine: sam" in one_line_error(capsys)
+    assert not (tmp_path / "refused").exists()
+
+    plain = tmp_path / "proxy.yaml"
+    plain.write_text(yaml.safe_dump(proxy))
+    assert main(["calibrate", *GT_FLAGS, "--config", str(plain), "--class-map", class_map,
+                 "--report", str(tmp_path / "calibration"), "--grid-logit-scale", "25,100",
+                 "--grid-background-threshold", "0,0.3", "--grid-min-area", "1", "--no-progress"]) == 0
+    record = json.loads((tmp_path / "calibration" / "calibration.json").read_text())
+    assert len(record["template_sets"]["single"]["points"]) == 4
