@@ -202,3 +202,61 @@ def test_eval_and_calibrate_with_proxyclip_and_sam(base_config, tmp_path, capsys
                  "--grid-background-threshold", "0,0.3", "--grid-min-area", "1", "--no-progress"]) == 0
     record = json.loads((tmp_path / "calibration" / "calibration.json").read_text())
     assert len(record["template_sets"]["single"]["points"]) == 4
+
+
+PRESETS = sorted((Path(__file__).parent.parent / "jobs" / "presets").glob("*.yaml"))
+OVERRIDDEN = ("model", "pretrained", "gem.depth", "templates")  # the tiny CLIP's; templates: resolved
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_every_preset_labels_end_to_end(base_config, tmp_path):
+    """Every preset in jobs/presets runs as a real job (tar shard, local Ray, Parquet read back,
+    RLE decoded), its own settings kept; only the models are tiny random ones (CLIP by name and
+    checkpoint, the VFM's and SAM's sizes through their arch keys)."""
+    import yaml
+    from pipeline.driver.run import run_labeling
+    from pipeline.store.schema import run_metadata_of
+    from tests.outputs import all_rows, check_labels, read_tables
+    from tests.shards import encode, photo, write_shard
+    assert {p.stem for p in PRESETS} >= {"gem", "naclip", "sclip", "proxyclip", "proxyclip-sam"}
+    shard = write_shard(tmp_path / "in" / "photos.tar", [{"__key__": f"img-{i}", "jpg": encode(photo(i), "JPEG")}
+                                                         for i in (0, 3)])
+    # Photos 1 and 2 are too flat for the random VFM: their mean patch cosine passes 1 / beta, so
+    # proxy attention masks every entry and gives NaN, as the reference does.
+    models = {k: base_config[k] for k in ("model", "pretrained", "model_config")}
+    for preset in PRESETS:
+        settings = yaml.safe_load(preset.read_text())
+        keys = {**models, "input": [str(shard)], "output": str(tmp_path / preset.stem), "vocab": ["person", "dog"],
+                "background": ["sky"], "batch_size": 2, "cpus_per_worker": 0.5, "decode_threads": 1,
+                "gem.depth": 3,  # the tiny CLIP has 4 blocks
+                "progress": False}
+        if "proxyclip" in settings:
+            keys["proxyclip.vfm.weights"], keys["proxyclip.vfm.arch"] = "none", TINY_VFM["arch"]
+        if "sam" in settings:
+            keys["sam.weights"], keys["sam.arch"] = "none", TINY_SAM["arch"]
+        config = load_config(str(preset), keys)
+        summary = run_labeling(config)
+        assert (summary.shards_done, summary.images, summary.image_errors) == (1, 2, 0), preset.stem
+        metadata = run_metadata_of(next(iter(read_tables(config.output).values())).schema)
+        written, preset_leaves = _leaves(metadata), _leaves(settings)
+        for key, value in preset_leaves.items():  # the preset's settings, as the labels record them
+            if key.split(".")[0] in written and key not in OVERRIDDEN and not key.endswith((".weights", ".arch")):
+                assert written.get(key) == value, (preset.stem, key)
+        assert metadata.get("refine", "none") == settings.get("refine", "none")
+        assert len(metadata["templates"]) == 80 and settings["templates"] == "imagenet80"
+        rows = all_rows(config.output)
+        assert len(rows) == 2 and all(row["status"] == "ok" for row in rows), preset.stem
+        for row in rows:
+            check_labels(row)
+        assert sum(len(row["labels"]) for row in rows) > 0, preset.stem
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """Nested settings as dotted keys (lists compared as lists)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
