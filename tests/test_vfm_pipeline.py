@@ -70,6 +70,7 @@ def test_nested_keys_from_flags_and_one_line_errors(base_config, tmp_path):
         ({"refine": "crf"}, "refine: one of 'none', 'sam'"),
         ({"sam": {"model": "vit_s"}}, "sam.model: one of 'vit_b', 'vit_l', 'vit_h'"),
         ({"refine": "sam", "pamr": {"enabled": True}}, "pamr: PAMR is not applied with refine: sam"),
+        ({"refine": "sam", "decode": "gpu"}, "decode: refine: sam needs each image's pixels on the CPU"),
         ({"method": "proxyclip", "proxyclip": {"vfm": {"weights": None}}}, "proxyclip.vfm.weights: method proxyclip"),
     ]:
         with pytest.raises(ConfigError, match=message):

@@ -307,6 +307,9 @@ def _check_dense(config: LabelConfig) -> None:
     if config.refine == "sam" and config.pamr.enabled:
         raise ValueError("pamr: PAMR is not applied with refine: sam (SAM refines the label map instead); "
                          "set pamr.enabled: false or refine: none")
+    if config.refine == "sam" and config.decode == "gpu":
+        raise ValueError("decode: refine: sam needs each image's pixels on the CPU (SAM's input is made while "
+                         "decoding); use decode: auto or cpu")
     if config.method == "proxyclip" and config.proxyclip.vfm.weights is None:
         raise ValueError("proxyclip.vfm.weights: method proxyclip needs its VFM's weights: `hub`, a local "
                          "checkpoint path, or `none` (random)")
