@@ -202,7 +202,8 @@ class GEMSegmenter:
         the refined ones. PAMR is not applied. Over ``refiner.settings.max_pixels`` pixels the
         refinement runs at ``working_size`` and its map is taken to ``size`` (nearest), so memory
         stays bounded; ``RefinedLabels`` is then at the working size."""
-        from gem.sam_refine import coarse_maps, nearest_bands, region_bands, resized_rgb, working_size
+        from gem.large_images import nearest_bands, resized_rgb, working_size
+        from gem.sam_refine import coarse_maps, region_bands
         work = working_size(*size, refiner.settings.max_pixels)
         if sam_image is None:
             image_rgb = resized_rgb(image_rgb, work)

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from gem.loading import RANDOM_WEIGHTS
-from gem.sam_refine import SAMImage, SAMRefiner, resized_rgb, working_size
+from gem.large_images import resized_rgb, working_size
+from gem.sam_refine import SAMImage, SAMRefiner
 from pipeline.config import LabelConfig
 
 SAM_BATCH = 8  # images per SAM encoder call (SAM ViT-H's activations at 1024 are large)
