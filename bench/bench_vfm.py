@@ -1,19 +1,27 @@
-"""GEM alone vs ProxyCLIP vs ProxyCLIP + SAM refinement: images/s on the same photos, as ratios to GEM.
+"""GEM alone vs ProxyCLIP, and SAM refinement on each: images/s on the same photos, as ratios to GEM.
 
     python -m bench.bench_vfm --threads 2 --images 2                 # CPU, tiny random models (< 1 min)
-    python -m bench.bench_vfm --device cuda --images 8               # real-size random-weight models
+    python -m bench.bench_vfm --threads 2 --images 2 --models real   # CPU, real-size models (minutes)
+    python -m bench.bench_vfm --device cuda --images 64              # GPU, real-size random-weight models
 
-All three run the same inference layout (ProxyCLIP's preset: short side 336, 336/112 sliding
-windows) on the VOC photos of tests/data/voc cropped to 500x375, the 20 VOC classes + 3 background
-names, one template (text encoded once, not timed). Each is timed end to end per batch: the model
-(``dense_logits``), then per photo at its own size either ``regions`` (GEM, ProxyCLIP) or
-``refined_label_map`` + regions (ProxyCLIP + SAM: SAM's image embedding, one batched decoder call
-per class with prompts, the merge). SAM's IoU threshold is set below every score so that every
-prompt's mask is merged (random SAMs' IoUs mean nothing; this is the refinement's worst case).
+All run the same inference layout (ProxyCLIP's preset: short side 336, 336/112 sliding windows) on
+the VOC photos of tests/data/voc cropped to 500x375, the 20 VOC classes + 3 background names, one
+template (text encoded once, not timed). Each is timed per stage as a worker runs it (bf16 on a
+GPU, fp32 on the CPU):
+
+- model_s: ``dense_logits`` of the whole batch (its windows batched), on the model thread;
+- sam_input_s: SAM's encoder input (resize to longest side 1024), on a worker's decode threads;
+- sam_embed_s: SAM's embeddings of the whole batch in ``SAM_BATCH`` chunks, on the model thread;
+- post_s: per photo at its own size ``label_map`` (GEM, ProxyCLIP) or ``refined_label_map``
+  (prompts, one batched decoder call per class, the merge), then the regions' RLE.
+
+SAM's IoU threshold is set below every score so that every prompt's mask is merged (random SAMs'
+IoUs mean nothing; this is the refinement's worst case). ``gpu_share`` is the part of the time a
+GPU worker spends on its device (everything but sam_input_s and the RLE, which are on its CPUs).
 
 Models (random weights: they do not change the arithmetic):
-  cpu:  CLIP 4 x 128 wide, patch 16 (GEM depth 4); DINO ViT/8 3 x 96 wide; SAM encoder 2 x 64 wide at 1024, decoder 64 wide
-  cuda: CLIP ViT-B-16; DINO ViT-B/8 (timm's vit_base_patch8_224 recipe); SAM ViT-B
+  tiny: CLIP 4 x 128 wide, patch 16 (GEM depth 4); DINO ViT/8 3 x 96 wide; SAM encoder 2 x 64 wide at 1024
+  real: CLIP ViT-B-16; DINO ViT-B/8 (timm's vit_base_patch8_224 recipe); SAM ViT-B
 """
 from __future__ import annotations
 
@@ -45,7 +53,7 @@ def centre_crop(image, width: int, height: int):
     return image.crop((left, top, left + width, top + height))
 
 
-def models(device: str):
+def models(real: bool):
     from gem.torchvision_shim import import_torchvision
     import_torchvision()
     import open_clip
@@ -55,7 +63,7 @@ def models(device: str):
     from gem.sam import build_sam
     from gem.vfm import build_vfm
     torch.manual_seed(0)
-    tiny = device == "cpu"
+    tiny = not real
     if tiny:
         _MODEL_CONFIGS.setdefault("bench-vfm-tiny", TINY_CLIP)
     name = "bench-vfm-tiny" if tiny else "ViT-B-16"
@@ -76,8 +84,9 @@ def run(args) -> dict:
     from gem.postprocess import class_regions
     from gem.sam_refine import SAMRefiner
     from gem.settings import SAMRefineSettings
+    from pipeline.worker.refine import SAM_BATCH
     torch.set_num_threads(args.threads)
-    clip, vfm, sam = models(args.device)
+    clip, vfm, sam = models(args.models == "real")
     photos = [centre_crop(Image.open(path).convert("RGB"), 500, 375) for path in PHOTOS]
     photos = (photos * (1 + args.images // len(photos)))[:args.images]
     inference = InferenceSettings(ResizeSettings("short_side", short_side=336), SlideWindows(336, 112), max_batch=16)
@@ -91,24 +100,41 @@ def run(args) -> dict:
     refiner = SAMRefiner(sam.to(args.device), SAMRefineSettings(iou_thresh=-1e9))
     arrays = [np.asarray(photo) for photo in photos]
     results = {}
-    for name in ("gem", "proxyclip", "proxyclip+sam"):
+    for name in ("gem", "gem+sam", "proxyclip", "proxyclip+sam"):
         segmenter = segmenters[name.split("+")[0]]
+        refine = name.endswith("+sam")
         vocabulary = segmenter.vocabulary(VOC_CLASSES, "single", BACKGROUND)
         inputs = [segmenter.model_input(photo) for photo in photos]
 
         def label_all(count: int) -> dict:
-            prompts = 0
+            times = dict.fromkeys(("model_s", "sam_input_s", "sam_embed_s", "post_s", "rle_s"), 0.0)
+            prompts, clock = 0, time.perf_counter()
+            sam_inputs = [refiner.encoder_input(array) for array in arrays[:count]] if refine else []
+            times["sam_input_s"] = time.perf_counter() - clock
+            clock = time.perf_counter()
             logits = segmenter.dense_logits(inputs[:count], vocabulary)
-            for item, photo, array in zip(logits, photos[:count], arrays[:count]):
+            synchronize(args.device)
+            times["model_s"], clock = time.perf_counter() - clock, time.perf_counter()
+            if refine:
+                with segmenter.autocast():
+                    embeddings = refiner.embed_inputs(sam_inputs, SAM_BATCH)
+                synchronize(args.device)
+                times["sam_embed_s"] = time.perf_counter() - clock
+            for index, (item, photo) in enumerate(zip(logits, photos[:count])):
+                clock = time.perf_counter()
                 size = (photo.height, photo.width)
-                if name.endswith("+sam"):
-                    labels, stats, refined = segmenter.refined_label_map(item, size, vocabulary, refiner, array,
-                                                                         thresholds)
+                if refine:
+                    labels, stats, refined = segmenter.refined_label_map(item, size, vocabulary, refiner, None,
+                                                                         thresholds, embeddings[index])
                     prompts += len(refined.passed)
                 else:
                     labels, stats = segmenter.label_map(item, size, vocabulary, thresholds)
+                synchronize(args.device)
+                times["post_s"] += time.perf_counter() - clock
+                clock = time.perf_counter()
                 list(class_regions(labels, stats))
-            return {"sam_prompts": prompts}
+                times["rle_s"] += time.perf_counter() - clock
+            return {**times, **({"sam_prompts": prompts} if refine else {})}
 
         with torch.no_grad():
             label_all(1)  # warm-up (kernels, caches)
@@ -117,12 +143,16 @@ def run(args) -> dict:
             extra = label_all(len(photos))
             synchronize(args.device)
         seconds = time.perf_counter() - start
+        device_s = extra["model_s"] + extra["sam_embed_s"] + extra["post_s"]
         results[name] = {"seconds": seconds, "images_per_s": len(photos) / seconds,
-                         "model_input": list(inputs[0].shape[-2:]), **({} if name != "proxyclip+sam" else extra)}
+                         "device_s_per_image": device_s / len(photos), "gpu_share": device_s / seconds,
+                         "model_input": list(inputs[0].shape[-2:]), **extra}
         print(name, json.dumps(results[name]), file=sys.stderr, flush=True)
-    base = results["gem"]["images_per_s"]
+    base, base_device = results["gem"]["images_per_s"], results["gem"]["device_s_per_image"]
     for result in results.values():
         result["ratio_to_gem"] = result["images_per_s"] / base
+        # device work per image as a multiple of GEM's: the GPUs it takes where GEM takes one
+        result["device_cost_x_gem"] = result["device_s_per_image"] / base_device
     results["proxyclip+sam"]["ratio_to_proxyclip"] = (results["proxyclip+sam"]["images_per_s"]
                                                       / results["proxyclip"]["images_per_s"])
     return results
@@ -132,15 +162,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--models", choices=("tiny", "real"), default=None,
+                        help="model sizes (default: tiny on CPU, real on CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default=None, help="auto | fp32 | bf16 | fp16 (default: fp32 on CPU, auto on CUDA)")
     args = parser.parse_args()
     args.precision = args.precision or ("fp32" if args.device == "cpu" else "auto")
+    args.models = args.models or ("tiny" if args.device == "cpu" else "real")
     results = run(args)
-    print(json.dumps({"device": args.device, "images": args.images, "precision": args.precision, "results": results},
+    print(json.dumps({"device": args.device, "models": args.models, "images": args.images,
+                      "precision": args.precision, "results": results},
                      indent=1))
     for name, result in results.items():
-        print(f"{name:>14}: {result['images_per_s']:.3f} images/s, {result['ratio_to_gem']:.3f} x GEM")
+        print(f"{name:>14}: {result['images_per_s']:.3f} images/s, {result['ratio_to_gem']:.3f} x GEM's rate, "
+              f"device work {result['device_cost_x_gem']:.2f} x GEM's")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,8 @@ class RefinedLabels:
 class SAMRefiner:
     """Refines label maps with a segment-anything ``Sam`` (``gem.sam.load_sam``)."""
 
+    MERGE_ELEMENTS = 1 << 24  # pixels x prompts of upscaled SAM logits held at once in ``merge``
+
     def __init__(self, sam: nn.Module, settings: SAMRefineSettings = SAMRefineSettings()):
         self.sam, self.settings = sam.eval(), settings
 
@@ -156,18 +158,35 @@ class SAMRefiner:
         import cv2
         return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
-    @torch.no_grad()
-    def embed(self, image: np.ndarray) -> SAMImage:
-        """SAM's image embedding of an (H, W, 3) uint8 RGB image (``sam_image`` of it): SAM's own
-        resize (longest side 1024), normalisation, padding and encoder."""
+    def encoder_input(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """The CPU half of ``embed``: (the uint8 pixels SAM's encoder gets before its padding: the
+        ``sam_image`` resized to longest side 1024 by SAM's own transform, the ``sam_image``'s
+        size). A worker computes it while decoding, so only this small image travels."""
         from gem.torchvision_shim import import_torchvision
         import_torchvision()
         from segment_anything.utils.transforms import ResizeLongestSide
         encoded = self.sam_image(image)
-        resized = ResizeLongestSide(self.sam.image_encoder.img_size).apply_image(encoded)
-        pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        features = self.sam.image_encoder(self.sam.preprocess(pixels.float()))
-        return SAMImage(features, tuple(pixels.shape[-2:]), tuple(encoded.shape[:2]))
+        return ResizeLongestSide(self.sam.image_encoder.img_size).apply_image(encoded), tuple(encoded.shape[:2])
+
+    @torch.no_grad()
+    def embed_inputs(self, inputs: list[tuple[np.ndarray, tuple[int, int]]], max_batch: int = 8) -> list[SAMImage]:
+        """SAM's embeddings of many images' ``encoder_input``, ``max_batch`` per encoder call
+        (SAM pads each to its square input, so any sizes batch); float32 embeddings."""
+        out: list[SAMImage] = []
+        for first in range(0, len(inputs), max_batch):
+            chunk = inputs[first:first + max_batch]
+            pixels = [torch.as_tensor(p, device=self.device).permute(2, 0, 1).contiguous()[None] for p, _ in chunk]
+            batch = torch.cat([self.sam.preprocess(p.float()) for p in pixels])
+            features = self.sam.image_encoder(batch).float()
+            out += [SAMImage(features[i:i + 1], tuple(p.shape[-2:]), size)
+                    for i, (p, (_, size)) in enumerate(zip(pixels, chunk))]
+        return out
+
+    @torch.no_grad()
+    def embed(self, image: np.ndarray) -> SAMImage:
+        """SAM's image embedding of an (H, W, 3) uint8 RGB image (``sam_image`` of it): SAM's own
+        resize (longest side 1024), normalisation, padding and encoder."""
+        return self.embed_inputs([self.encoder_input(image)])[0]
 
     def _mask_prompt(self, half_scores: Tensor, size: tuple[int, int]) -> Tensor:
         """(1, 256, 256): a class's half-resolution scores at the longest-side-256 size of the
@@ -270,18 +289,25 @@ class SAMRefiner:
         refined = torch.zeros_like(scores)
         covered = torch.zeros((height, width), dtype=torch.bool, device=device)
         passed_masks = {}
+        chunk = max(1, self.MERGE_ELEMENTS // (height * width))  # prompts upscaled at once: bounded memory
         for cls in prompts.classes[passed].unique().tolist():
             index = torch.nonzero((prompts.classes == cls) & passed, as_tuple=True)[0]
-            logits = self.sam.postprocess_masks(lowres[index, None], sam_image.input_size, sam_image.original_size)
-            if tuple(logits.shape[-2:]) != (height, width):
-                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-            masks = logits[:, 0] > self.sam.mask_threshold
-            union = masks.any(dim=0)
-            best_prob = (torch.sigmoid(logits[:, 0]) * scores[cls]).max(dim=0).values
+            union, best_prob = None, None
+            for part in index.split(chunk):  # union and max over the class's masks, a few at a time
+                logits = self.sam.postprocess_masks(lowres[part, None], sam_image.input_size,
+                                                    sam_image.original_size)
+                if tuple(logits.shape[-2:]) != (height, width):
+                    logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+                masks = logits[:, 0] > self.sam.mask_threshold
+                part_union = masks.any(dim=0)
+                part_best = (torch.sigmoid(logits[:, 0]) * scores[cls]).max(dim=0).values
+                union = part_union if union is None else union | part_union
+                best_prob = part_best if best_prob is None else torch.maximum(best_prob, part_best)
+                if trace:
+                    passed_masks.update(zip(part.tolist(), masks))
+                del logits, masks
             refined[cls] = torch.where(union, best_prob, torch.zeros_like(best_prob))
             covered |= union
-            if trace:
-                passed_masks.update(zip(index.tolist(), masks))
         best_class = refined.argmax(dim=0)
         out_labels = torch.where(covered, best_class, labels)
         failed_half = torch.zeros(regions.label_maps.shape[1:], dtype=torch.bool, device=device)
@@ -347,3 +373,4 @@ def region_bands(result: RefinedLabels, coarse_scores: Tensor, num_classes: int,
         prob = torch.where(result.refined[start:start + rows], refined, coarse)
         cls = torch.where((band >= 0) & (band < num_classes), band, torch.full_like(band, BACKGROUND))
         yield start, prob, cls
+

@@ -108,6 +108,10 @@ class GEMSegmenter:
     def patch_size(self) -> tuple[int, int]:
         return self.tower.patch_size
 
+    def autocast(self):
+        """The model's autocast context (its precision), for models run alongside it (SAM)."""
+        return self._autocast()
+
     def _autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()
@@ -196,12 +200,21 @@ class GEMSegmenter:
         """``label_map`` after SAM refinement (``gem.sam_refine``): the coarse map and class scores
         at ``size`` (background names and unconfident pixels as one more class, as Trident's
         background), refined with ``image_rgb`` ((H, W, 3) uint8 at ``size``; embedded once unless
-        ``sam_image`` is given); the statistics' peaks are the refined ones. PAMR is not applied."""
+        ``sam_image`` is given, that of the image at ``working_size``); the statistics' peaks are
+        the refined ones. PAMR is not applied. Over ``refiner.settings.max_pixels`` pixels the
+        refinement runs at ``working_size`` and its map is taken to ``size`` (nearest), so memory
+        stays bounded; ``RefinedLabels`` is then at the working size."""
+        from gem.large_images import nearest_bands, resized_rgb, working_size
         from gem.sam_refine import coarse_maps, region_bands
-        labels, scores = coarse_maps(logits, size, vocabulary.word_class, len(vocabulary), thresholds.logit_scale,
+        work = working_size(*size, refiner.settings.max_pixels)
+        if sam_image is None:
+            image_rgb = resized_rgb(image_rgb, work)
+        labels, scores = coarse_maps(logits, work, vocabulary.word_class, len(vocabulary), thresholds.logit_scale,
                                      thresholds.background_threshold)
         result = refiner.refine(image_rgb, labels, scores, sam_image)
         bands = region_bands(result, scores, len(vocabulary))
+        if work != tuple(size):
+            bands = nearest_bands(bands, work, tuple(size))
         labels_np, stats = label_map(None, size, thresholds, top_bands=bands, num_classes=len(vocabulary))
         return labels_np, stats, result
 

@@ -97,6 +97,11 @@ class SAMRefineSettings(_Settings):
                                                             "multiples of it (Trident: the CLIP patch)")
     fix_prompt_frame: StrictBool = Field(False, description="scale prompts to SAM's own input frame")
     batch_mask_prompt: StrictBool = Field(False, description="give SAM the mask prompt batched, one per prompt")
+    max_pixels: StrictInt = Field(
+        1 << 22, ge=0, description="images with more pixels are refined at a size scaled down to about this many "
+                                   "(aspect ratio kept), the refined labels then taken to the image's size "
+                                   "(nearest), so memory stays bounded on large photos (SAM's masks come from "
+                                   "256 x 256 logits either way); 0: always at the image's own size")
 
 
 class GEMSettings(_Settings):
@@ -111,8 +116,9 @@ class GEMSettings(_Settings):
     inv_temperature: Optional[StrictFloat] = Field(
         None, gt=0, description="fixed multiplier of the cosine similarities; null: the paper's adaptive value")
     method: Literal[METHODS] = Field(
-        "gem", **_top_level("`gem`, or a NACLIP-family last-block head: `naclip`, `kk`, `sclip`, `vanilla` "
-                            "(these ignore the `gem` section)"))
+        "gem", **_top_level("`gem`, a NACLIP-family last-block head: `naclip`, `kk`, `sclip`, `vanilla`, or "
+                            "`proxyclip` (CLIP's last block attends with a VFM's patch features: the `proxyclip` "
+                            "section); all but `gem` ignore the `gem` section"))
     gaussian_std: StrictFloat = Field(
         5.0, gt=0, **_top_level("`naclip`'s Gaussian neighbourhood, in patches"))
     proxyclip: ProxyCLIPSettings = Field(

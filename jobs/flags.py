@@ -27,8 +27,8 @@ def flag_options(key) -> dict:
         options.update(choices=list(typing.get_args(key.annotation)), metavar=None)
     elif key.kind in ("int", "float"):
         options["type"] = {"int": int, "float": float}[key.kind]
-    elif key.kind == "list-int":
-        options.update(type=int, nargs="+")
+    elif key.kind in ("list-int", "list-float"):
+        options.update(type={"list-int": int, "list-float": float}[key.kind], nargs="+")
     elif key.kind == "list-str" and key.cli is None:
         options["nargs"] = "+"
     return options

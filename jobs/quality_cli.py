@@ -214,6 +214,9 @@ def _check_calibratable(config) -> None:
     """calibrate caches whole-image, one-name-per-class similarities at ``input_size``; the keys
     that change that path (issue 11) are refused rather than silently ignored."""
     from pipeline.config import ConfigError
+    if config.refine != "none":
+        raise ConfigError(f"calibrate: cannot sweep refine: {config.refine} (its cache holds the model's similarities, "
+                          "not SAM-refined maps); calibrate with refine: none, then eval the refined labels")
     unsupported = config.non_default(("background", "resize", "short_side", "max_long_side", "slide", "pamr"))
     if any(not isinstance(entry, str) for entry in config.vocab):
         unsupported.append("vocab synonyms")

@@ -130,10 +130,16 @@ def test_each_flag_sets_its_key(tmp_path, monkeypatch):
             argv.append(key.flag)
         elif key.key == "decode":  # gpu needs GPU workers, and the last device choice is cpu
             argv += [key.flag, "cpu"]
+        elif key.key == "refine":  # refine: sam refuses the --pamr this test sets
+            argv += [key.flag, "none"]
         elif key.kind == "choice":
             argv += [key.flag, typing_args(key)[-1]]
         elif key.kind == "list-int":
             argv += [key.flag, "224"]
+        elif key.kind == "list-float":
+            argv += [key.flag, "0.5", "0.5", "0.5"]
+        elif key.key.endswith(".arch"):
+            argv += [key.flag, '{"depth": 2}']
         elif key.cli == "json":
             argv += [key.flag, '{"s3": {"anon": true}}']
         elif key.key in sizes:
@@ -151,6 +157,8 @@ def test_each_flag_sets_its_key(tmp_path, monkeypatch):
     assert config.overwrite and config.retry_failed and config.progress is False
     assert config.storage_options == {"s3": {"anon": True}} and config.device == "cpu" and config.decode == "cpu"
     assert config.schedule_timeout_s == 0.5 and config.ray_address == "x"
+    assert config.proxyclip.vfm.arch == {"depth": 2} and config.proxyclip.vfm.std == (0.5, 0.5, 0.5)
+    assert config.sam.iou_thresh == 0.5 and config.sam.model == "vit_h" and config.sam.weights == "x"
 
 
 def typing_args(key):

@@ -104,25 +104,25 @@ def test_vocab_file_lines_hold_synonyms(base_config, tmp_path):
 
 
 PRESETS = sorted((Path(__file__).parent.parent / "jobs" / "presets").glob("*.yaml"))
-# Drafts name config keys pipeline/config does not have yet: they must fail until it does.
-DRAFT = pytest.mark.xfail(strict=True, reason="draft preset: its config keys are not in pipeline/config yet")
 
 
-@pytest.mark.parametrize("preset", [pytest.param(p, marks=DRAFT) if p.read_text().startswith("# DRAFT") else p
-                                    for p in PRESETS], ids=[p.stem for p in PRESETS])
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_presets_validate(preset, tmp_path):
-    """Each preset loads as ``gemlabel label --config`` would, and maps onto library settings."""
+    """Each preset loads as ``gemlabel label --config`` would, and maps onto library settings; a
+    ``METHOD-sam`` preset is METHOD's with SAM refinement."""
     from jobs.cli import _parser
     from jobs.flags import overrides as _overrides
     args = _parser().parse_args(["label", "--config", str(preset), "--input", "x.tar", "--output", str(tmp_path),
                                  "--vocab", "person|man,dog", "--background", "sky,wall"])
     config = load_config(args.config, _overrides(args))
-    assert config.method == preset.stem and config.templates == "imagenet80"
+    method, _, refine = preset.stem.partition("-")
+    assert config.method == method and config.refine == (refine or "none") and config.templates == "imagenet80"
     assert config.vocab == [["person", "man"], "dog"] and config.background == ["sky", "wall"]
     head, inference = segmenter_settings(config)
-    assert head.method == preset.stem and inference.resize.mode == "short_side"
+    assert head.method == method and inference.resize.mode == "short_side"
     assert inference.slide is not None
     assert (inference.pamr is not None) == (preset.stem == "naclip")
+    assert not preset.read_text().startswith("# DRAFT")
 
 
 def test_config_methods_are_the_library_methods():

@@ -42,6 +42,8 @@ def _kind(annotation: Any) -> str:
         return "choice"
     if origin is list:
         return "list-" + _kind(args[0])
+    if origin is tuple:  # fixed-length triples (a VFM's mean and std)
+        return "list-" + _kind(args[0])
     if origin is dict:
         return "mapping"
     return {bool: "bool", int: "int", float: "float"}.get(annotation, "str")
@@ -54,8 +56,9 @@ def _extra(info: FieldInfo) -> dict:
 def _leaf(key: str, info: FieldInfo, flag_name: str) -> ConfigKey:
     extra = _extra(info)
     default = info.get_default(call_default_factory=True)
+    cli = extra.get("cli") or ("json" if _kind(info.annotation) == "mapping" else None)  # arch overrides
     return ConfigKey(key, info.annotation, default, info.description or "",
-                     extra.get("flag", "--" + flag_name.replace("_", "-")), extra.get("cli"), extra.get("no_flag"))
+                     extra.get("flag", "--" + flag_name.replace("_", "-")), cli, extra.get("no_flag"))
 
 
 def section_model(info: FieldInfo) -> Optional[type[BaseModel]]:
@@ -77,11 +80,35 @@ def config_keys() -> list[ConfigKey]:
         section = section_model(info)
         if section is None:
             keys.append(_leaf(name, info, name))
-            continue
-        prefix = _extra(info).get("flag_prefix", "")
-        keys += [_leaf(f"{name}.{leaf}", leaf_info, prefix + leaf)
-                 for leaf, leaf_info in section_fields(section).items()]
+        else:
+            keys += _section_keys(name, section, _extra(info).get("flag_prefix", ""))
     return keys
+
+
+def _section_keys(dotted: str, section: type[BaseModel], prefix: str) -> list[ConfigKey]:
+    """A section's leaves; a sub-section's (``proxyclip.vfm``) get flags prefixed with its name
+    alone (``--vfm-name``)."""
+    keys = []
+    for leaf, leaf_info in section_fields(section).items():
+        sub = section_model(leaf_info)
+        if sub is None:
+            keys.append(_leaf(f"{dotted}.{leaf}", leaf_info, prefix + leaf))
+        else:
+            keys += _section_keys(f"{dotted}.{leaf}", sub, f"{leaf}-")
+    return keys
+
+
+def field_at(path: tuple) -> Optional[FieldInfo]:
+    """The schema field at a dotted path (``("proxyclip", "vfm", "name")``), or None."""
+    fields: dict[str, FieldInfo] = LabelConfig.__pydantic_fields__
+    info = None
+    for part in path:
+        if fields is None or not isinstance(part, str) or part not in fields:
+            return None
+        info = fields[part]
+        section = section_model(info)
+        fields = section_fields(section) if section is not None else None
+    return info
 
 
 def _shown(value: Any) -> str:
@@ -89,8 +116,8 @@ def _shown(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, (list, dict)):
-        return json.dumps(value) if value else ("[]" if isinstance(value, list) else "{}")
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value) if value else ("{}" if isinstance(value, dict) else "[]")
     return str(value)
 
 

@@ -16,7 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
                       field_validator, model_validator)
 from pydantic.dataclasses import dataclass
 
-from gem.settings import METHODS, GEMSettings, LabelingThresholds
+from gem.settings import METHODS, GEMSettings, LabelingThresholds, ProxyCLIPSettings, SAMRefineSettings
 from pipeline.io.storage import Location
 
 
@@ -28,6 +28,15 @@ GEMConfig = GEMSettings
 
 
 ThresholdConfig = LabelingThresholds
+
+
+ProxyCLIPConfig = ProxyCLIPSettings  # with its ``vfm`` sub-section (gem.settings.VFMSettings)
+
+
+SAMConfig = SAMRefineSettings
+
+
+REFINES = ("none", "sam")  # post-processing of the label map: none, or Trident's SAM refinement
 
 
 DecodeMode = Literal["auto", "cpu", "gpu"]  # where JPEGs are decoded (pipeline/worker/device_feed.py)
@@ -120,6 +129,15 @@ class LabelConfig:
                                description="sliding windows")
     pamr: PAMRConfig = Field(default_factory=PAMRConfig, json_schema_extra=_flag(flag_prefix="pamr-"),
                              description="pixel-adaptive mask refinement")
+    proxyclip: ProxyCLIPSettings = Field(
+        default_factory=ProxyCLIPSettings, json_schema_extra=_flag(flag_prefix="proxyclip-"),
+        description="ProxyCLIP's settings (with `method: proxyclip`): its VFM and attention")
+    refine: Literal[REFINES] = Field(
+        "none", description="`sam`: Trident's SAM refinement of the label map (any method; the `sam` section): "
+                            "each class's connected regions prompt SAM, whose accepted masks replace them; "
+                            "`none`: the label map as the method gives it")
+    sam: SAMRefineSettings = Field(default_factory=SAMRefineSettings, json_schema_extra=_flag(flag_prefix="sam-"),
+                                   description="SAM refinement's settings (with `refine: sam`)")
     points: Literal["peak", "per_component"] = Field(
         "peak", description="prompt points per label: the class's `peak`, or one per connected component "
                             "(`per_component`: the peak first, then the other components largest first, e.g. for SAM)")
@@ -180,7 +198,11 @@ class LabelConfig:
     # made before these keys existed keep their fingerprints.
     FINGERPRINT_KEYS_IF_SET: ClassVar[tuple[str, ...]] = ("background", "method", "gaussian_std", "resize",
                                                           "short_side", "max_long_side", "slide", "pamr",
-                                                          "jpeg_draft")
+                                                          "jpeg_draft", "refine")
+    # Sections that change the labels only when a key selects them (method: proxyclip, refine:
+    # sam): fingerprinted, whole, exactly then.
+    FINGERPRINT_SECTIONS_IF_USED: ClassVar[dict[str, tuple[str, str]]] = {"proxyclip": ("method", "proxyclip"),
+                                                                         "sam": ("refine", "sam")}
 
     @field_validator("input", "vocab", "background", mode="before")
     @classmethod
@@ -212,6 +234,8 @@ class LabelConfig:
         settings = self.to_dict()
         source = {key: settings[key] for key in self.FINGERPRINT_KEYS}
         source.update({key: settings[key] for key in self.non_default(self.FINGERPRINT_KEYS_IF_SET)})
+        source.update({section: settings[section] for section, (key, value) in
+                       self.FINGERPRINT_SECTIONS_IF_USED.items() if settings[key] == value})
         source.update(vocab=class_names, templates=templates, schema_version=SCHEMA_VERSION)
         if self.points != "peak":  # only then: outputs made before these keys keep their fingerprint
             # per_component's order changed (the peak's component first): its outputs are redone,
@@ -282,6 +306,18 @@ def _check_dense(config: LabelConfig) -> None:
     if slide.crop is not None and (slide.crop < 16 or not 1 <= slide.stride <= slide.crop):
         raise ValueError(f"slide: need crop >= 16 and 1 <= stride <= crop, got crop {slide.crop}, "
                          f"stride {slide.stride}")
+    if config.refine == "sam" and config.pamr.enabled:
+        raise ValueError("pamr: PAMR is not applied with refine: sam (SAM refines the label map instead); "
+                         "set pamr.enabled: false or refine: none")
+    if config.refine == "sam" and config.decode == "gpu":
+        raise ValueError("decode: refine: sam needs each image's pixels on the CPU (SAM's input is made while "
+                         "decoding); use decode: auto or cpu")
+    if config.method == "proxyclip" and config.proxyclip.vfm.weights is None:
+        raise ValueError("proxyclip.vfm.weights: method proxyclip needs its VFM's weights: `hub`, a local "
+                         "checkpoint path, or `none` (random)")
+    if config.refine == "sam" and config.sam.weights is None:
+        raise ValueError("sam.weights: refine: sam needs SAM's weights: `hub`, a local checkpoint path, or "
+                         "`none` (random)")
     pamr = config.pamr
     if pamr.steps < 1 or not pamr.dilations or min(pamr.dilations) < 1:
         raise ValueError(f"pamr: need steps >= 1 and positive dilations, got steps {pamr.steps}, "

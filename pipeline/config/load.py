@@ -9,7 +9,7 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from pipeline.config.errors import ConfigError
-from pipeline.config.keys import section_fields, section_model
+from pipeline.config.keys import field_at, section_fields, section_model
 from pipeline.config.label_config import ADAPTER, LabelConfig
 from pipeline.io.text_file import TextFileError, read_text
 
@@ -31,9 +31,10 @@ def _dotted(loc: tuple) -> str:
 
 
 def _known_keys(loc: tuple) -> list[str]:
-    fields = LabelConfig.__pydantic_fields__
-    section = section_model(fields[loc[0]]) if len(loc) > 1 and loc[0] in fields else None
-    return list(section_fields(section) if section else fields)
+    """The keys next to the unknown one at ``loc``: its section's (nested ones too), or the top level's."""
+    parent = field_at(loc[:-1]) if len(loc) > 1 else None
+    section = section_model(parent) if parent is not None else None
+    return list(section_fields(section) if section else LabelConfig.__pydantic_fields__)
 
 
 def error_message(err: ValidationError, section: Optional[str] = None) -> str:
@@ -70,13 +71,7 @@ def error_message(err: ValidationError, section: Optional[str] = None) -> str:
 
 
 def _field_info(loc: tuple) -> Optional[FieldInfo]:
-    fields = LabelConfig.__pydantic_fields__
-    if loc and loc[0] in fields:
-        section = section_model(fields[loc[0]])
-        if len(loc) > 1 and section is not None:
-            return section.model_fields.get(loc[1])
-        return fields[loc[0]]
-    return None
+    return field_at(loc)
 
 
 def _read_yaml(path: str) -> dict:
@@ -111,10 +106,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
     """Read YAML (if given), apply overrides (dotted keys allowed: 'gem.depth'), validate."""
     data: dict = _read_yaml(path) if path else {}
     for dotted, value in (overrides or {}).items():
-        section, _, name = dotted.rpartition(".")
-        target = data.setdefault(section, {}) if section else data
-        if not isinstance(target, dict):
-            raise ConfigError(f"{section}: expected a mapping, got {target!r}")
+        *sections, name = dotted.split(".")
+        target = data
+        for depth, section in enumerate(sections):  # nested sections: proxyclip.vfm.name
+            if target.get(section) is None:
+                target[section] = {}
+            target = target[section]
+            if not isinstance(target, dict):
+                raise ConfigError(f"{'.'.join(sections[:depth + 1])}: expected a mapping, got {target!r}")
         target[name] = value
     for section in (name for name, info in LabelConfig.__pydantic_fields__.items() if section_model(info)):
         if data.get(section) is None and section in data:

@@ -64,6 +64,7 @@ def check_model(config: LabelConfig) -> None:
     except (ValueError, WeightsUnavailableError) as err:  # UnsupportedModelError is a ValueError
         raise ConfigError(f"model: {err}", key="pretrained" if isinstance(err, WeightsUnavailableError) else "") \
             from None
+    check_vfm_and_sam(config)
     vision = vision_config(config.model)
     if not vision:
         return
@@ -82,6 +83,23 @@ def check_model(config: LabelConfig) -> None:
         if min(height, width) < patch or height % patch or width % patch:
             raise ConfigError(f"input_size: {config.model} uses {patch}-pixel patches, so each side must be a "
                               f"multiple of {patch} (at least {patch}); got {config.input_size}")
+
+
+def check_vfm_and_sam(config: LabelConfig) -> None:
+    """ProxyCLIP's VFM and SAM refinement's weights, where the config uses them: found (a file,
+    or the hub's cached or reachable copy) before any worker starts, else one line naming the key."""
+    try:
+        if config.method == "proxyclip":
+            from gem.vfm import check_vfm_weights
+            check_vfm_weights(config.proxyclip.vfm)
+    except (ValueError, WeightsUnavailableError) as err:
+        raise ConfigError(f"proxyclip.vfm.weights: {first_line(err)}") from None
+    try:
+        if config.refine == "sam":
+            from gem.sam import check_sam_weights
+            check_sam_weights(config.sam.model, config.sam.weights)
+    except (ValueError, WeightsUnavailableError) as err:
+        raise ConfigError(f"sam.weights: {first_line(err)}") from None
 
 
 def build_spec(config: LabelConfig) -> RunSpec:

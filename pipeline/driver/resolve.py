@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from gem.loading import RANDOM_WEIGHTS
 from pipeline.config import ConfigError, LabelConfig
 from pipeline.io.storage import Location, file_identity, protocol_of
 
@@ -61,9 +62,22 @@ def resolve_paths(config: LabelConfig) -> LabelConfig:
         resolved.model_config = absolute(config.model_config)
     if config.pretrained and _is_local(config.pretrained) and os.path.exists(_strip_file_scheme(config.pretrained)):
         resolved.pretrained = absolute(config.pretrained)
+    for section, weights in (("proxyclip", config.proxyclip.vfm.weights), ("sam", config.sam.weights)):
+        if weights and weights != "hub" and _is_local(weights) and os.path.exists(_strip_file_scheme(weights)):
+            resolved = _with_weights(resolved, section, absolute(weights))
     if isinstance(config.templates, str) and os.path.isfile(config.templates):
         resolved.templates = absolute(config.templates)
     return resolved
+
+
+def _with_weights(config: LabelConfig, section: str, weights: str) -> LabelConfig:
+    """The config with the VFM's (``proxyclip``) or SAM's (``sam``) weights path replaced."""
+    if section == "proxyclip":
+        vfm = config.proxyclip.vfm.model_copy(update={"weights": weights})
+        config.proxyclip = config.proxyclip.model_copy(update={"vfm": vfm})
+    else:
+        config.sam = config.sam.model_copy(update={"weights": weights})
+    return config
 
 
 def _hash_local(path: Path) -> dict:
@@ -95,7 +109,36 @@ def content_identity(source: Location) -> Optional[dict]:
 
 
 def content_fingerprints(config: LabelConfig) -> dict:
-    """The fingerprint's entries for the contents of the files the config names."""
+    """The fingerprint's entries for the contents of the files the config names: CLIP's checkpoint
+    and model config, and with ``method: proxyclip`` / ``refine: sam`` the VFM's and SAM's weights
+    (a local file by its contents, ``hub`` by the published checkpoint it stands for)."""
     named = {"pretrained_content": config.pretrained, "model_config_content": config.model_config}
     contents = {key: content_identity(config.location(url)) for key, url in named.items() if url}
+    if config.method == "proxyclip":
+        contents["vfm_weights_content"] = _weights_identity(config, config.proxyclip.vfm.weights,
+                                                            _vfm_hub_name(config.proxyclip.vfm.name))
+    if config.refine == "sam":
+        contents["sam_weights_content"] = _weights_identity(config, config.sam.weights,
+                                                            _sam_hub_name(config.sam.model))
     return {key: value for key, value in contents.items() if value is not None}
+
+
+def _vfm_hub_name(name: str) -> str:
+    from gem.vfm import VFM_ARCHS
+    spec = VFM_ARCHS[name]
+    return f"timm/{spec.hub}" if spec.family != "sam" else _sam_hub_name(spec.arch)
+
+
+def _sam_hub_name(model: str) -> str:
+    from gem.sam import SAM_CHECKPOINTS
+    return os.path.basename(SAM_CHECKPOINTS[model])  # Meta's file names carry a hash of their contents
+
+
+def _weights_identity(config: LabelConfig, weights: Optional[str], hub_name: str) -> Optional[dict]:
+    """``hub``: the published checkpoint's name (as open_clip tags are); none: nothing (the
+    section says random); a file: its size and sha256 (or an object's etag)."""
+    if weights is None or weights.lower() in RANDOM_WEIGHTS:
+        return None
+    if weights == "hub":
+        return {"hub": hub_name}
+    return content_identity(config.location(weights))

@@ -12,7 +12,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from PIL import Image, ImageOps
@@ -35,6 +35,8 @@ class DecodedSample:
     decode_s: float = 0.0      # CPU seconds spent decoding (bytes -> RGB pixels)
     resize_s: float = 0.0      # CPU seconds spent resizing and normalising to the model input
     encoded: Optional[bytes] = None  # a JPEG left for the accelerator to decode (tensor is None then)
+    refine_input: Any = None   # what a refinement stage needs of the pixels (SAM's small encoder input)
+    refine_state: Any = None   # that stage's per-image state once the model thread has run (SAM's embedding)
 
     def __post_init__(self):
         self.uid = self.uid or self.key
@@ -69,13 +71,16 @@ def draft_for(image: Image.Image, model_size: tuple[int, int]) -> None:
 
 
 def decode_sample(index: int, raw: dict, input_size: Union[tuple[int, int], Callable[[int, int], tuple[int, int]]],
-                  mean, std, normalized: bool = True, jpeg_draft: bool = False) -> DecodedSample:
+                  mean, std, normalized: bool = True, jpeg_draft: bool = False,
+                  refine_input: Optional[Callable[[Image.Image, int, int], Any]] = None) -> DecodedSample:
     """Bytes -> the model's input tensor and the image's size (EXIF orientation applied); never
     raises. Images over Pillow's decompression-bomb limit are errors too. ``input_size``: the
     model input's (height, width), or a function of the image's (height, width) giving it.
     ``normalized=False``: the resized uint8 pixels, for ``gem.preprocess.normalize`` on the
     model's device. ``jpeg_draft``: large JPEGs decode at a reduced scale (``draft_for``); the
-    size reported is still the image's own, which labels are written at."""
+    size reported is still the image's own, which labels are written at. ``refine_input``: what
+    a refinement stage keeps of the decoded RGB image (given it and the displayed height and
+    width), computed here on the decoding thread so that the full image is never kept."""
     key = raw.get("__key__", f"#{index}")
     uid = raw.get("__uid__", key)
     entry = image_entry(raw)
@@ -96,10 +101,11 @@ def decode_sample(index: int, raw: dict, input_size: Union[tuple[int, int], Call
         image = to_rgb(ImageOps.exif_transpose(image))
         decoded = time.perf_counter()
         tensor = image_to_tensor(image, size, mean, std) if normalized else resized_pixels(image, size)
+        kept = refine_input(image, height, width) if refine_input is not None else None
     except Exception as err:  # any decoder failure is this sample's, not the shard's
         return DecodedSample(index, key, error=f"decode {entry}: {error_text(err)}", uid=uid,
                              error_kind=f"decode:{type(err).__name__}", decode_s=time.perf_counter() - start)
-    return DecodedSample(index, key, width, height, tensor, uid=uid,
+    return DecodedSample(index, key, width, height, tensor, uid=uid, refine_input=kept,
                          decode_s=decoded - start, resize_s=time.perf_counter() - decoded)
 
 

@@ -16,7 +16,8 @@ def segmenter_settings(config: LabelConfig, max_batch: Optional[int] = None) -> 
     workers pass their batch size (``batch_size`` may be null, derived from the node); without it,
     the config's, else the CPU default.
     The config's ``gem`` section holds GEM's keys; the head's are top-level keys."""
-    gem = config.gem.model_copy(update=dict(method=config.method, gaussian_std=config.gaussian_std))
+    gem = config.gem.model_copy(update=dict(method=config.method, gaussian_std=config.gaussian_std,
+                                            proxyclip=config.proxyclip))
     resize = ResizeSettings(config.resize, tuple(config.input_size), config.short_side, config.max_long_side)
     slide = SlideWindows(config.slide.crop, config.slide.stride) if config.slide.crop is not None else None
     pamr = PAMRSettings(config.pamr.steps, tuple(config.pamr.dilations)) if config.pamr.enabled else None

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 import torch
 
 from gem import GEMSegmenter
-from gem.loading import RANDOM_WEIGHTS
+from gem.loading import RANDOM_WEIGHTS, load_clip
+from gem.vfm import load_vfm
 from gem.postprocess import class_regions
 from gem.vocabulary import Vocabulary
 from pipeline.masks.components import prompt_points
@@ -34,6 +35,7 @@ from pipeline.config import LabelConfig
 from pipeline.worker.device_feed import DeviceFeeder, gpu_ready_jpeg, resolve_decode
 from pipeline.store.rle import label_record
 from pipeline.worker.inference import segmenter_settings
+from pipeline.worker.refine import RefineInputs, embed_batch, load_refiner, sam_image_of
 from pipeline.store.layout import OutputLayout, write_json
 from pipeline.store.marker import shard_marker
 from pipeline.worker.decode import DecodedSample, decode_sample
@@ -90,8 +92,14 @@ def load_segmenter(spec: RunSpec, device: torch.device, batch_size: Optional[int
         torch.manual_seed(0)  # random weights, but the same ones in every worker and run
     batch_size = batch_size or local_sizing(config, device.type == "cuda").batch_size
     settings, inference = segmenter_settings(config, batch_size)
-    return GEMSegmenter.from_pretrained(config.model, config.pretrained, settings, device, config.precision,
-                                        inference=inference)
+    clip = load_clip(config.model, config.pretrained, device)
+    vfm = None
+    if config.method == "proxyclip":  # ProxyCLIP's VFM, once, on CLIP's device
+        weights = config.proxyclip.vfm.weights
+        if weights is None or weights.lower() in RANDOM_WEIGHTS:
+            torch.manual_seed(0)
+        vfm = load_vfm(config.proxyclip.vfm, device)
+    return GEMSegmenter(clip, settings, device, config.precision, inference=inference, vfm=vfm)
 
 
 def say(text: str) -> None:
@@ -120,13 +128,16 @@ class ShardLabeler:
         loading = time.perf_counter()
         say(f"loading model {self.config.model} (pretrained: {self.config.pretrained}) on {self.device}")
         self.segmenter = load_segmenter(spec, self.device, sizing.batch_size)
+        self.refiner = load_refiner(self.config, self.device)  # SAM, once, on the same device (refine: sam)
+        self._refine_inputs = RefineInputs(self.refiner) if self.refiner is not None else None
         say(f"model {self.config.model} loaded in {time.perf_counter() - loading:.1f}s")
         self.text_encodes, self.text_source = 0, None  # how this worker got its vocabulary
         self._vocabulary: Optional[Vocabulary] = None
         if vocabulary is not None:
             self.set_vocabulary(vocabulary)
         self.thresholds = spec.config.thresholds
-        self.decode_mode = resolve_decode(self.config.decode, self.device)
+        # SAM needs the decoded pixels on the CPU: with refine, JPEGs are decoded there
+        self.decode_mode = "cpu" if self.refiner is not None else resolve_decode(self.config.decode, self.device)
         self.feeder = DeviceFeeder(self.device, self.segmenter.model_size, self.segmenter.mean, self.segmenter.std,
                                    self._decode)
         self.stage_settings = StageSettings(sizing.batch_size, sizing.decode_threads, sizing.postprocess_threads)
@@ -140,7 +151,7 @@ class ShardLabeler:
                 "torch_threads": torch.get_num_threads(), "text_encodes": self.text_encodes,
                 "text_source": self.text_source, "decode": self.decode_mode,
                 "batch_size": self.stage_settings.batch_size, "decode_threads": self.stage_settings.decode_threads,
-                "postprocess_threads": self.stage_settings.postprocess_threads}
+                "postprocess_threads": self.stage_settings.postprocess_threads, "refine": self.config.refine}
 
     def shared_vocabulary(self) -> Vocabulary:
         """The vocabulary (every class name, synonym and background name's embedding, and which
@@ -191,7 +202,8 @@ class ShardLabeler:
     def _decode(self, index: int, raw: dict) -> DecodedSample:
         """On the CPU: the normalised input; for a GPU, uint8 pixels, normalised there (DeviceFeeder)."""
         return decode_sample(index, raw, self.segmenter.model_size, self.segmenter.mean, self.segmenter.std,
-                             normalized=self.device.type != "cuda", jpeg_draft=self.config.jpeg_draft)
+                             normalized=self.device.type != "cuda", jpeg_draft=self.config.jpeg_draft,
+                             refine_input=self._refine_inputs)
 
     def _decode_for_stages(self, index: int, raw: dict) -> DecodedSample:
         """With GPU decode, plain JPEGs go to the model thread undecoded; the rest decode here."""
@@ -205,6 +217,8 @@ class ShardLabeler:
             with self._model_lock, self.feeder.on_stream():
                 images, ready = self.feeder.inputs(batch)
                 logits = self.segmenter.dense_logits(images, self.vocabulary)
+                if self.refiner is not None:  # SAM's embeddings of the whole batch, on the same device
+                    embed_batch(self.refiner, ready, self.segmenter.autocast)
                 wait = self.feeder.ready()
         except Exception as err:  # e.g. out of memory: one image at a time, then an error row
             if len(batch) == 1:
@@ -229,8 +243,14 @@ class ShardLabeler:
         start = time.perf_counter()
         labelled = start
         try:
-            label_map, stats = self.segmenter.label_map(output, (sample.height, sample.width), self.vocabulary,
-                                                        self.thresholds, sample.tensor)  # on the model's device
+            size = (sample.height, sample.width)
+            if self.refiner is not None:  # SAM-refined map; its points are the refined peaks
+                label_map, stats, _ = self.segmenter.refined_label_map(
+                    output, size, self.vocabulary, self.refiner, None, self.thresholds, sam_image_of(sample))
+                sample.refine_state = None
+            else:
+                label_map, stats = self.segmenter.label_map(output, size, self.vocabulary, self.thresholds,
+                                                            sample.tensor)  # on the model's device
             labelled = time.perf_counter()  # the rest on the CPU: RLE, records
             labels = [label_record(r, self.vocabulary.class_names, self._points(r))
                       for r in class_regions(label_map, stats, self.thresholds.min_area)]
