@@ -178,7 +178,8 @@ class LabelConfig:
     schedule_timeout_s: StrictFloat = Field(
         600.0, gt=0, description="with an autoscaler: seconds to wait for the workers' resources to appear")
     read_timeout_s: StrictFloat = Field(
-        60.0, gt=0, description="an HTTP(S) shard whose stream sends nothing for this long fails as stalled")
+        60.0, gt=0, description="a shard whose open or read (any storage: local, s3, gs, http) gives no data for this "
+                               "long fails as stalled")
     storage_options: dict[StrictStr, dict[StrictStr, Any]] = Field(
         default_factory=dict, json_schema_extra=_flag(cli="json"),
         description="fsspec options per protocol, e.g. `{s3: {endpoint_url: http://minio:9000}}` "
