@@ -3,11 +3,14 @@ on the CPU (``--device cpu``), so it does not first fail on the day a GPU is len
 import json
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # over 15 s on 2 cores; CI runs it (-m 'not slow' leaves it out)
 def test_the_gpu_benchmark_runs_its_code_path_on_the_cpu():
     command = [sys.executable, "-m", "bench.bench_feed", "--gpu", "--device", "cpu", "--model", "gemtest-micro",
                "--depth", "3", "--input-size", "128", "--gpu-batches", "2", "4", "--gpu-images", "8", "--shards", "2",

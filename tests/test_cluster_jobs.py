@@ -53,6 +53,7 @@ def micro_model_args(checkpoint: str) -> list[str]:
             "--cpus-per-worker", "0.5", "--no-progress"]
 
 
+@pytest.mark.slow  # over 15 s on 2 cores; CI runs it (-m 'not slow' leaves it out)
 def test_ray_job_submit_runs_the_example_config(ray_head, micro_checkpoint, tmp_path):
     write_shards(tmp_path / "in", shards=2, per_shard=4)
     out = tmp_path / "labels"
@@ -68,6 +69,7 @@ def test_ray_job_submit_runs_the_example_config(ray_head, micro_checkpoint, tmp_
     assert settings["vocab"] == example["vocab"] and len(settings["templates"]) == 80
 
 
+@pytest.mark.slow  # over 15 s on 2 cores; CI runs it (-m 'not slow' leaves it out)
 def test_scheduled_runs_label_only_new_shards(ray_head, micro_checkpoint, base_config, tmp_path):
     config = {**base_config, "input": [str(tmp_path / "incoming" / "*.tar")], "output": str(tmp_path / "labels")}
     config_path = tmp_path / "nightly.yaml"

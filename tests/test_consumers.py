@@ -72,6 +72,7 @@ def test_every_sample_once_over_dataloader_workers_and_ranks(three_shards):
     assert one == seen
 
 
+@pytest.mark.slow  # over 15 s on 2 cores; CI runs it (-m 'not slow' leaves it out)
 def test_detection_targets_train_a_torchvision_detector(three_shards):
     from gem.torchvision_shim import import_torchvision
     torchvision = import_torchvision()

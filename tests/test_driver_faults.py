@@ -45,6 +45,7 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return process.returncode, output
 
 
+@pytest.mark.slow  # over 15 s on 2 cores; CI runs it (-m 'not slow' leaves it out)
 def test_driver_sigkill_then_rerun_gives_the_uninterrupted_output(base_config, tmp_path):
     write_shards(tmp_path / "in", shards=6, per_shard=10)
     config = {**base_config, "input": [str(tmp_path / "in" / "*.tar")], "output": str(tmp_path / "killed"),

@@ -288,6 +288,7 @@ def test_vocabulary_items_comments_and_case(base_config, tmp_path, capsys):
 
 # ---- G: Ctrl-C ----
 
+@pytest.mark.slow  # over 15 s on 2 cores; CI runs it (-m 'not slow' leaves it out)
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])  # SIGTERM: issue 18.13 (was rc -6, a C++ stack dump)
 def test_sigint_prints_one_line_and_a_rerun_finishes(base_config, tmp_path, signum):
     import signal
@@ -364,6 +365,7 @@ def test_report_counts_pending_shards_given_the_input(base_config, tmp_path, cap
     assert json.loads(capsys.readouterr().out)["shards_pending"] is None
 
 
+@pytest.mark.slow  # over 15 s on 2 cores; CI runs it (-m 'not slow' leaves it out)
 def test_a_local_run_shows_no_ray_token_notices_and_says_each_phase(base_config, shards, tmp_path):
     """With RAY_AUTH_MODE unset (as a new user has it), Ray's notices about the token it enables
     for the local cluster do not appear; the model load and the prompts' encoding are said."""
@@ -471,6 +473,7 @@ class TcpProxy:
                 pass
 
 
+@pytest.mark.slow  # over 15 s on 2 cores; CI runs it (-m 'not slow' leaves it out)
 @pytest.mark.usefixtures("ray_session")
 def test_object_store_outage_mid_run(base_config, s3_endpoint, tmp_path, capsys):
     import s3fs

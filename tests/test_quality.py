@@ -168,6 +168,7 @@ def torchmetrics_miou(rows: list[dict], class_map: dict) -> float:
     return float(metric.compute())
 
 
+@pytest.mark.slow  # over 15 s on 2 cores; CI runs it (-m 'not slow' leaves it out)
 @pytest.mark.usefixtures("ray_session")
 def test_pack_label_eval_calibrate(base_config, tmp_path, capsys):
     class_map = write_class_map(tmp_path)

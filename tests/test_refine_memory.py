@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
@@ -65,6 +67,7 @@ def measure(max_pixels: int, tmp_path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # over 15 s on 2 cores; CI runs it (-m 'not slow' leaves it out)
 def test_12_megapixel_refinement_stays_within_a_gigabyte(tmp_path):
     measured = measure(1 << 22, tmp_path)  # sam.max_pixels' default
     assert measured["shape"] == [3000, 4000] and measured["passed"] > 0, measured

@@ -114,6 +114,7 @@ PROXY_SAM = {"method": "proxyclip", "proxyclip": {"vfm": TINY_VFM}, "refine": "s
 SIZES = [(150, 100), (97, 131), (120, 120), (181, 77)]
 
 
+@pytest.mark.slow  # over 15 s on 2 cores; CI runs it (-m 'not slow' leaves it out)
 @pytest.mark.usefixtures("ray_session")
 def test_proxyclip_with_sam_refinement_job(base_config, tmp_path):
     """ProxyCLIP + SAM refinement through a real run: SAM's embeddings batched in the worker's
@@ -167,6 +168,7 @@ def test_proxyclip_with_sam_refinement_job(base_config, tmp_path):
     assert changed > 0  # SAM's masks replaced coarse labels
 
 
+@pytest.mark.slow  # over 15 s on 2 cores; CI runs it (-m 'not slow' leaves it out)
 @pytest.mark.usefixtures("ray_session")
 def test_eval_and_calibrate_with_proxyclip_and_sam(base_config, tmp_path, capsys):
     """eval labels the ground truth with ProxyCLIP + SAM refinement (a real run) and scores it;
@@ -209,6 +211,7 @@ PRESETS = sorted((Path(__file__).parent.parent / "jobs" / "presets").glob("*.yam
 OVERRIDDEN = ("model", "pretrained", "gem.depth", "templates")  # the tiny CLIP's; templates: resolved
 
 
+@pytest.mark.slow  # over 15 s on 2 cores; CI runs it (-m 'not slow' leaves it out)
 @pytest.mark.usefixtures("ray_session")
 def test_every_preset_labels_end_to_end(base_config, tmp_path):
     """Every preset in jobs/presets runs as a real job (tar shard, local Ray, Parquet read back,
