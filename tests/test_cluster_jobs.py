@@ -173,7 +173,8 @@ def _step2_stopping_the_head_by_pid(step2: list[str], project, env: dict, run) -
         wait_for_dashboard(f"http://127.0.0.1:{dashboard}", head)
         # the dashboard answers before the job agent is up: wait for it as python -m jobs.ray_ready does
         assert wait_until_ready(f"http://127.0.0.1:{dashboard}") is None
-        return run(submits[0].replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dashboard}"))
+        # the submit sees the exports as it does in the reader's shell (run() starts a new bash)
+        return run(" && ".join([*exports, submits[0].replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dashboard}")]))
     finally:
         stop_process_group(head, 5, kill_leftovers=True)
 

@@ -27,7 +27,10 @@ def s3_output(s3_endpoint, tmp_path, monkeypatch, request):
     options = {"s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS}}
     known = write_known_output(f"s3://{bucket}/shards", f"s3://{bucket}/labels", storage_options=options,
                                local_tmp=tmp_path)
-    return f"s3://{bucket}/labels", options, known
+    yield f"s3://{bucket}/labels", options, known
+    # Filesystems made here without credentials stay in s3fs's instance cache under the endpoint's
+    # options; later tests of the same endpoint, with credentials in their environment, would get them.
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_export_show_report_take_storage_options_and_config(s3_output, tmp_path, capsys):
