@@ -63,7 +63,7 @@ def shard_counts(layout: OutputLayout, shard_id: str, classes: int) -> ClassCoun
                                            table.column("height").cast("int64"))).as_py() or 0)
     labels = table.column("labels")
     flat = pc.list_flatten(labels)
-    if len(flat) == 0:
+    if len(flat) == 0 or classes == 0:  # no labels, or an unreadable config (no vocabulary to count by)
         return counts
     image = pc.list_parent_indices(labels).to_numpy()
     class_id = pc.struct_field(flat, "class_id").to_numpy()
