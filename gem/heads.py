@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gem.vision import GEMTokens, PatchTower, _merge_heads, _split_heads
+from gem.vision import GEMTokens, PatchTower, _merge_heads, _split_heads, plain_block
 
 Tensor = torch.Tensor
 
@@ -101,9 +101,7 @@ class LastBlockTower(PatchTower):
         x, grid = self.embed(images)
         blocks = self.visual.transformer.resblocks
         for block in blocks[:-1]:
-            q, k, v = _split_heads(block.attn, block.ln_1(x))
-            x = x + block.ls_1(block.attn.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v))))
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            x = plain_block(block, x)
         last = blocks[-1]
         q, k, v = _split_heads(last.attn, last.ln_1(x))
         attended = last.attn.out_proj(_merge_heads(self._attend(q, k, v, grid)))

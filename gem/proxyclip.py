@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from gem.heads import resample_positions_dino
 from gem.vfm import VFMFeatures, renormalise
-from gem.vision import GEMTokens, PatchTower, _merge_heads, _split_heads, embed_patches
+from gem.vision import GEMTokens, PatchTower, embed_patches, plain_block
 
 Tensor = torch.Tensor
 
@@ -118,14 +118,10 @@ class ProxyCLIPTower(PatchTower):
         x, grid = self.embed(images)
         blocks = self.visual.transformer.resblocks
         for block in blocks[:-1]:
-            q, k, v = _split_heads(block.attn, block.ln_1(x))
-            x = x + block.ls_1(block.attn.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v))))
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            x = plain_block(block, x)
         last = blocks[-1]
         if self.vfm is None:
-            q, k, v = _split_heads(last.attn, last.ln_1(x))
-            x = x + last.ls_1(last.attn.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v))))
-            x = x + last.ls_2(last.mlp(last.ln_2(x)))
+            x = plain_block(last, x)
             return GEMTokens(gem=self.visual.ln_post(x[:, 1:]) @ self.visual.proj, original=None, grid=grid, prefix=0)
         features = self.vfm_features(images)
         out_grid = (features.shape[2], features.shape[3])

@@ -84,6 +84,14 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
+def plain_block(block: nn.Module, x: Tensor) -> Tensor:
+    """One CLIP residual block as open_clip runs it (attention through SDPA): the blocks that a
+    last-block method (NACLIP family, ProxyCLIP) leaves as they are."""
+    q, k, v = _split_heads(block.attn, block.ln_1(x))
+    x = x + block.ls_1(block.attn.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v))))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 def embed_patches(visual: nn.Module, images: Tensor,
                   positions: Callable[[tuple[int, int], torch.dtype], Tensor]) -> tuple[Tensor, tuple[int, int]]:
     """Patchify, prepend the class token, add ``positions(grid, dtype)``, ln_pre: (B, 1 + gh*gw, C).
