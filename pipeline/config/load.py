@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-import yaml
 from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from pipeline.config.errors import ConfigError
 from pipeline.config.keys import field_at, section_fields, section_model
 from pipeline.config.label_config import ADAPTER, LabelConfig
-from pipeline.io.text_file import TextFileError, read_text
+from pipeline.io.text_file import TextFileError, read_yaml
 
 
 _PHRASES = {
@@ -76,11 +75,9 @@ def _field_info(loc: tuple) -> Optional[FieldInfo]:
 
 def _read_yaml(path: str) -> dict:
     try:
-        data = yaml.safe_load(read_text(path, "config file", "a YAML file such as jobs/configs/local.yaml")) or {}
+        data = read_yaml(path, "config file", "a YAML file such as jobs/configs/local.yaml")
     except TextFileError as err:
         raise ConfigError(str(err)) from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
     return data

@@ -30,3 +30,16 @@ def read_text(source: Union[str, Path, Location], what: str, kind: str = "a file
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise TextFileError(f"{what} {name} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+
+
+def read_yaml(source: Union[str, Path, Location], what: str, kind: str = "a YAML file"):
+    """The file's YAML (an empty file is ``{}``); a file that cannot be read or parsed is a
+    ``TextFileError`` naming ``what`` and the file. Whether the value has the right shape is the
+    caller's rule."""
+    import yaml
+    text = read_text(source, what, kind)
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        name = source.url if isinstance(source, Location) else str(source)
+        raise TextFileError(f"{what} {name} is not valid YAML: {str(err).splitlines()[0]}") from None

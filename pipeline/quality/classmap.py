@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import yaml
 
 from pipeline.quality.groundtruth import GroundTruthError
 from pipeline.quality.metrics import IGNORE_INDEX
-from pipeline.io.text_file import TextFileError, read_text
+from pipeline.io.text_file import TextFileError, read_yaml
 
 UNMAPPED_CHOICES = ("ignore", "background")
 
@@ -62,11 +61,9 @@ class ClassMapping:
 def read_mapping_file(path: str) -> dict[str, list[str]]:
     """YAML: ground-truth class -> a vocabulary name or a list of them."""
     try:
-        data = yaml.safe_load(read_text(path, "class map file", "a YAML file")) or {}
+        data = read_yaml(path, "class map file")
     except TextFileError as err:
         raise GroundTruthError(str(err)) from None
-    except yaml.YAMLError as err:
-        raise GroundTruthError(f"class map {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise GroundTruthError(f"class map {path}: expected 'ground-truth class: [vocabulary names]' entries")
     return {str(k): [str(v) for v in (value if isinstance(value, list) else [value])] for k, value in data.items()}
