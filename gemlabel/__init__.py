@@ -11,6 +11,7 @@ installs (``gem``: the models; ``pipeline``: the data plane), whose module it na
         sample.image, sample.to_detections()               # PIL image, supervision.Detections
     gemlabel.to_hf_dataset("demo/labels")                  # a datasets.Dataset with an Image column
     gemlabel.LabelStream("demo/labels", "detection")       # a torch IterableDataset: image, target
+    gemlabel.to_fiftyone("demo/labels", "demo/fiftyone")   # a FiftyOne dataset (images written there)
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ _WHERE = {
     "open_output": "pipeline.store.labelset", "Sample": "pipeline.store.labelset",
     # the labels in other tools
     "to_hf_dataset": "pipeline.export.hf", "LabelStream": "pipeline.export.torch_data",
-    "collate_detection": "pipeline.export.torch_data",
+    "collate_detection": "pipeline.export.torch_data", "to_fiftyone": "pipeline.export.fiftyone_samples",
+    "fiftyone_samples": "pipeline.export.fiftyone_samples",
 }
 __all__ = sorted([*_WHERE, "__version__"])
 
