@@ -99,13 +99,16 @@ def softmax_top_bands(similarities: torch.Tensor, size: tuple[int, int], thresho
 @dataclass
 class ClassStats:
     """Per class, over the foreground pixels it wins: pixel count, sum of its probabilities, its
-    peak probability with the peak's flat (row-major) pixel index, and its box (x, y, w, h)."""
+    peak probability with the peak's flat (row-major) pixel index, and its box (x, y, w, h).
+    ``pixel_prob``: each pixel's winning probability (float16, (H, W)), which ``label_map`` keeps
+    so that each connected component (instance) of a class can be scored by its own mean."""
 
     counts: np.ndarray
     prob_sums: np.ndarray
     peak_prob: np.ndarray
     peak_index: np.ndarray
     boxes: np.ndarray
+    pixel_prob: Optional[np.ndarray] = None
 
 
 class RegionStats:
@@ -185,6 +188,7 @@ def label_map(similarities: Optional[torch.Tensor], size: tuple[int, int],
     num_classes = num_classes if num_classes is not None else similarities.shape[0]
     height, width = size
     labels = np.empty((height, width), dtype=np.int16, order="F")  # column-major, as COCO RLE runs
+    pixel_prob = np.empty((height, width), dtype=np.float16)  # half the label map's size again
     if top_bands is None:
         top_bands = softmax_top_bands(similarities, size, thresholds)
     stats: Optional[RegionStats] = None
@@ -193,9 +197,12 @@ def label_map(similarities: Optional[torch.Tensor], size: tuple[int, int],
         stats = stats or RegionStats(num_classes, width, top_class.device)
         stats.add(start, top_prob, top_class)
         labels[start:start + top_class.shape[0]] = top_class.to(torch.int16).cpu().numpy()
+        pixel_prob[start:start + top_class.shape[0]] = top_prob.to(torch.float16).cpu().numpy()
     if stats is None:  # an image without rows
         stats = RegionStats(num_classes, width, torch.device("cpu"))
-    return labels, stats.result()
+    result = stats.result()
+    result.pixel_prob = pixel_prob
+    return labels, result
 
 
 def label_image(similarities: Optional[torch.Tensor], size: tuple[int, int],

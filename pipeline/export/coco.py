@@ -8,11 +8,12 @@ Annotations: ``segmentation`` {size, counts} (COCO compressed RLE), ``area`` (ma
 ``bbox`` [x, y, w, h], ``score``, ``point_coords`` [[x, y], ...] (SA-1B's prompt points),
 ``iscrowd`` 0. With ``instances`` each connected component is one annotation.
 
-``score`` is the class's mean probability over its mask. An instance's own mean is not known: the
-output keeps per-class sums, not per-pixel probabilities. So with ``instances`` the instance that
-holds the class's peak scores the peak probability (``peak_score``, the class's best pixel), every
-other instance the class's mean, and within a class the annotations run largest first, an order
-COCOeval's stable sort keeps among equal scores.
+``score`` is the class's mean probability over its mask; with ``instances``, each instance's own
+mean over its pixels, as the labeller recorded it per component (the labels' ``instances``).
+Components it did not score (under the labelling run's ``min_area`` when exported with a lower
+one, past the 64 largest, or outputs labelled before instances were recorded) score the class's
+mean, or its peak probability for the one holding the peak; within a class the annotations run
+largest first, an order COCOeval's stable sort keeps among equal scores.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import json
 import math
 from typing import Optional
 
-from pipeline.masks.components import Component, components
+from pipeline.masks.components import Component, components, instance_of
 from pipeline.store.rle import encode_mask
 from pipeline.export.common import ShardContext, image_file
 from pipeline.store.labelset import LabelSet, label_mask, label_points
@@ -37,7 +38,11 @@ def json_score(value) -> Optional[float]:
 
 
 def instance_score(label: dict, component: Component) -> Optional[float]:
-    """The class's peak probability for the instance holding the peak, its mean for the others."""
+    """The instance's own mean probability where the labeller scored it; else the class's peak
+    probability for the instance holding the peak and its mean for the others."""
+    scored = instance_of(label, component)
+    if scored is not None:
+        return json_score(scored["score"])
     holds_peak = component.mask[label["point_y"], label["point_x"]]
     return json_score(label["peak_score"] if holds_peak else label["score"])
 

@@ -6,6 +6,7 @@ GEM gives one region per class; detectors and SAM want instances. OpenCV does th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -134,6 +135,42 @@ def rasterize(polygon_list: list[np.ndarray], size: tuple[int, int]) -> np.ndarr
     canvas = np.zeros(size, dtype=np.uint8)
     cv2.fillPoly(canvas, [np.round(p).astype(np.int32).reshape(-1, 1, 2) for p in polygon_list], 1)
     return canvas.astype(bool)
+
+
+MAX_INSTANCES = 64  # scored components a label keeps (largest first); smaller ones score as the class
+
+
+def instance_scores(labels: np.ndarray, pixel_prob: np.ndarray, class_id: int, bbox: tuple[int, int, int, int],
+                    class_score: float, min_area: int = 1, limit: int = MAX_INSTANCES) -> list[dict]:
+    """The class's 8-connected components of at least ``min_area`` pixels, largest first, as
+    {x, y, area, score}: (x, y) the component's first pixel in raster order (so a reader finds
+    its component again: ``components`` cuts the same ones), ``score`` the mean of its pixels'
+    probabilities, as the class's ``score`` is over all of them. Works inside the class's box,
+    so the cost follows the class's extent, not the image's."""
+    x0, y0, w, h = bbox
+    inside = labels[y0:y0 + h, x0:x0 + w] == class_id
+    count, cc, stats, _ = cv2.connectedComponentsWithStats(inside.view(np.uint8), connectivity=8)
+    if count == 2:  # one component: the class's own mean (summed at full precision on the device)
+        means = np.array([0.0, class_score])
+    else:
+        sums = np.bincount(cc[inside], weights=pixel_prob[y0:y0 + h, x0:x0 + w][inside], minlength=count)
+        means = sums / np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
+    found = []
+    for index in range(1, count):
+        area, top = int(stats[index, cv2.CC_STAT_AREA]), int(stats[index, cv2.CC_STAT_TOP])
+        if area >= min_area:
+            column = int(np.flatnonzero(cc[top] == index)[0])
+            found.append({"x": x0 + column, "y": y0 + top, "area": area, "score": float(means[index])})
+    found.sort(key=lambda i: (-i["area"], i["y"], i["x"]))
+    return found[:limit]
+
+
+def instance_of(label: dict, component: Component) -> Optional[dict]:
+    """The label's scored instance (``instance_scores``) that is this component, if it kept one."""
+    for instance in label.get("instances") or ():
+        if component.mask[instance["y"], instance["x"]]:
+            return instance
+    return None
 
 
 POINT_MODES = ("peak", "per_component")

@@ -20,12 +20,15 @@ def decode_mask(size: list[int], counts: str) -> np.ndarray:
     return mask_utils.decode({"size": list(size), "counts": counts.encode("ascii")}).astype(bool)
 
 
-def label_record(region: ClassRegion, class_names: list[str], points: Optional[list[dict]] = None) -> dict:
-    """``points``: prompt points ({x, y, score}); default: the peak alone."""
+def label_record(region: ClassRegion, class_names: list[str], points: Optional[list[dict]] = None,
+                 instances: Optional[list[dict]] = None) -> dict:
+    """``points``: prompt points ({x, y, score}); default: the peak alone. ``instances``: the
+    class's scored components ({x, y, area, score}, ``instance_scores``); default: none."""
     rle = region.rle  # encoded as the region was found: no full-size mask is made here
     return {"class_id": region.class_id, "name": class_names[region.class_id], "score": region.score,
             "peak_score": region.peak_score, "area": region.area, "bbox": list(region.bbox),
             "point_x": region.point[0], "point_y": region.point[1],
             "rle_size": rle["size"], "rle_counts": rle["counts"],
             "points": points if points is not None else
-            [{"x": region.point[0], "y": region.point[1], "score": region.peak_score}]}
+            [{"x": region.point[0], "y": region.point[1], "score": region.peak_score}],
+            "instances": instances or []}

@@ -19,6 +19,10 @@ LABEL_TYPE = pa.struct([
     ("rle_size", pa.list_(pa.int32(), 2)),  # height, width (COCO order)
     ("rle_counts", pa.string()),    # COCO compressed RLE
     ("points", pa.list_(pa.struct([("x", pa.int32()), ("y", pa.int32()), ("score", pa.float32())]))),  # prompts
+    # the class's connected components (8-connected, >= min_area, largest first, at most 64), each
+    # with its first pixel in raster order, its pixels and its mean probability: instance scores
+    ("instances", pa.list_(pa.struct([("x", pa.int32()), ("y", pa.int32()), ("area", pa.int64()),
+                                      ("score", pa.float32())]))),
 ])
 
 SCHEMA = pa.schema([

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -30,7 +31,7 @@ from gem.loading import RANDOM_WEIGHTS, load_clip
 from gem.vfm import load_vfm
 from gem.postprocess import class_regions
 from gem.vocabulary import Vocabulary
-from pipeline.masks.components import prompt_points
+from pipeline.masks.components import instance_scores, prompt_points
 from pipeline.config import LabelConfig
 from pipeline.worker.device_feed import DeviceFeeder, gpu_ready_jpeg, resolve_decode
 from pipeline.store.rle import label_record
@@ -252,7 +253,8 @@ class ShardLabeler:
                 label_map, stats = self.segmenter.label_map(output, size, self.vocabulary, self.thresholds,
                                                             sample.tensor)  # on the model's device
             labelled = time.perf_counter()  # the rest on the CPU: RLE, records
-            labels = [label_record(r, self.vocabulary.class_names, self._points(r))
+            labels = [label_record(r, self.vocabulary.class_names, self._points(r),
+                                   self._instances(label_map, stats.pixel_prob, r))
                       for r in class_regions(label_map, stats, self.thresholds.min_area)]
             row = self._row(shard, sample, labels=labels)
         except Exception as err:  # this image's failure only
@@ -268,6 +270,13 @@ class ShardLabeler:
         if wait is not None:
             wait()
         return [self._postprocess_row(shard, sample, output, timings) for sample, output in pairs]
+
+    def _instances(self, label_map: np.ndarray, pixel_prob: Optional[np.ndarray], region) -> list[dict]:
+        """The region's components, each scored by its own mean probability (COCO instances)."""
+        if pixel_prob is None:
+            return []
+        return instance_scores(label_map, pixel_prob, region.class_id, region.bbox, region.score,
+                               self.thresholds.min_area)
 
     def _points(self, region) -> Optional[list[dict]]:
         """Per-component prompt points when asked; None keeps the peak alone (no mask decoded)."""
