@@ -65,3 +65,62 @@ def test_coco_instances_of_a_labelled_output_score_their_own_pixels(labelled_out
                 assert mean == pytest.approx(label["score"], abs=1e-3)  # the instances make up the class
                 checked += 1
     assert checked
+    # the PyTorch stream's detection targets carry the same per-instance scores
+    from gemlabel import LabelStream
+    stream_scores = {target["sample_id"]: sorted(target["scores"].tolist())
+                     for _, target in LabelStream(labelled_output, "detection", min_area=16)}
+    for sample_id, image_id in images.items():
+        if sample_id in stream_scores:
+            coco_scores = sorted(a["score"] for a in coco.loadAnns(coco.getAnnIds(imgIds=[image_id])))
+            assert stream_scores[sample_id] == pytest.approx(coco_scores, rel=1e-6)
+
+
+def _label(config_overrides: dict, micro_checkpoint: str):
+    from pipeline.config import load_config
+    from pipeline.driver.run import run_labeling
+    from tests.models import MICRO_CONFIG
+    config = load_config(None, {"vocab": ["person", "dog", "sofa", "car"], "model": "gemtest-micro",
+                                "pretrained": micro_checkpoint, "model_config": str(MICRO_CONFIG), "gem": {"depth": 3},
+                                "input_size": [64, 64], "batch_size": 4, "cpus_per_worker": 0.5, "decode_threads": 1,
+                                "progress": False, **config_overrides})
+    return run_labeling(config, out=open("/dev/null", "w"), summary_out=open("/dev/null", "w"))
+
+
+def test_an_output_begun_before_instances_is_continued_without_them(ray_session, micro_checkpoint, tmp_path,
+                                                                     monkeypatch):
+    """A scheduled run over an output labelled before ``instances`` existed: its shards are not
+    relabelled, new shards are written in its schema, and the root still reads as one table."""
+    import dataclasses
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from pipeline.config import fingerprint
+    from pipeline.driver import plan, run
+    from tests.shards import write_shards
+    from tests.test_output_table import read_everywhere
+
+    def before_instances(config, claimed=None):  # what the code before instances built
+        spec = dataclasses.replace(plan.build_spec(config), instances=False)
+        return dataclasses.replace(spec, fingerprint=fingerprint(spec.source))
+
+    first = write_shards(tmp_path / "in", shards=2, per_shard=3, stem="a")
+    output = str(tmp_path / "out")
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "build_spec", before_instances)
+        assert _label({"input": [str(s) for s in first], "output": output}, micro_checkpoint).shards_done == 2
+    second = write_shards(tmp_path / "in", shards=1, per_shard=3, stem="b")
+    summary = _label({"input": [str(s) for s in [*first, *second]], "output": output}, micro_checkpoint)
+    assert (summary.shards_done, summary.shards_skipped) == (1, 2)  # nothing relabelled
+    files = sorted((tmp_path / "out" / "labels").glob("*.parquet"))
+    assert len(files) == 3
+    for file in files:  # one schema: without instances
+        assert "instances" not in pq.read_schema(file).field("labels").type.value_type.names
+    for reader, ids in read_everywhere(output, str(tmp_path / "hf")).items():
+        assert len(ids) == 9, reader
+    assert len(pd.read_parquet(output)) == 9
+    # a new output has them
+    fresh = str(tmp_path / "fresh")
+    assert _label({"input": [str(s) for s in second], "output": fresh}, micro_checkpoint).shards_done == 1
+    (file,) = (tmp_path / "fresh" / "labels").glob("*.parquet")
+    assert "instances" in pq.read_schema(file).field("labels").type.value_type.names

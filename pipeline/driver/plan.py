@@ -14,7 +14,7 @@ from pipeline.config import ConfigError, LabelConfig, fingerprint
 from pipeline.driver.resolve import content_fingerprints
 from pipeline.io.shards import Shard
 from pipeline.io.storage import Location, same_file_version
-from pipeline.worker.labeler import RunSpec, register_model_config
+from pipeline.worker.labeler import RunSpec, register_model_config, spec_source
 from pipeline.config.errors import first_line
 
 
@@ -102,7 +102,10 @@ def check_vfm_and_sam(config: LabelConfig) -> None:
         raise ConfigError(f"sam.weights: {first_line(err)}") from None
 
 
-def build_spec(config: LabelConfig) -> RunSpec:
+def build_spec(config: LabelConfig, claimed: Optional[dict] = None) -> RunSpec:
+    """The run's spec. ``claimed``: the output's ``_config.json``, if any; an output begun before
+    labels had ``instances`` (its fingerprint is this config's without them) is continued without
+    them, so its Parquet files keep one schema (readers of the root as one table need that)."""
     class_names = resolve_vocabulary(config)
     try:
         templates = list(resolve_templates(config.templates))
@@ -110,7 +113,10 @@ def build_spec(config: LabelConfig) -> RunSpec:
         message = str(err)
         raise ConfigError(message if message.startswith("templates:") else f"templates: {message}") from None
     contents = content_fingerprints(config)
-    source = {**config.fingerprint_source(class_names, templates), **contents}
+    legacy = fingerprint(spec_source(config, class_names, templates, contents, instances=False))
+    if claimed is not None and claimed.get("fingerprint") == legacy and not config.overwrite:
+        return RunSpec(config, class_names, templates, legacy, contents, instances=False)
+    source = spec_source(config, class_names, templates, contents, instances=True)
     return RunSpec(config, class_names, templates, fingerprint(source), contents)
 
 

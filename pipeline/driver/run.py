@@ -15,7 +15,8 @@ from typing import Optional
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, LabelConfig
-from pipeline.store.layout import OutputLayout, check_output_claim, prepare_output, read_markers, verify_markers
+from pipeline.store.layout import (OutputLayout, check_output_claim, claimed_settings, prepare_output, read_markers,
+                                   verify_markers)
 from pipeline.driver.resolve import resolve_paths
 from pipeline.io.shards import Shard, list_shards
 from pipeline.io.redact import redact_url
@@ -47,8 +48,8 @@ def run_labeling(config: LabelConfig, out=None, summary_out=None) -> RunSummary:
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     config = with_read_timeout(resolve_paths(config))
     check_output_location(config.output)
-    spec = build_spec(config)
     layout = OutputLayout(config.location(config.output))
+    spec = build_spec(config, claimed_settings(layout))
     check_storage_options(config)
     check_output_claim(layout, spec.fingerprint, spec.source, config.overwrite)  # before Ray starts
     try:

@@ -21,7 +21,7 @@ import json
 import math
 from typing import Optional
 
-from pipeline.masks.components import Component, components, instance_of
+from pipeline.masks.components import components, instance_score
 from pipeline.store.rle import encode_mask
 from pipeline.export.common import ShardContext, image_file
 from pipeline.store.labelset import LabelSet, label_mask, label_points
@@ -37,16 +37,6 @@ def json_score(value) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-def instance_score(label: dict, component: Component) -> Optional[float]:
-    """The instance's own mean probability where the labeller scored it; else the class's peak
-    probability for the instance holding the peak and its mean for the others."""
-    scored = instance_of(label, component)
-    if scored is not None:
-        return json_score(scored["score"])
-    holds_peak = component.mask[label["point_y"], label["point_x"]]
-    return json_score(label["peak_score"] if holds_peak else label["score"])
-
-
 def annotations_for(label: dict, instances: bool, min_area: int) -> list[dict]:
     """A Parquet label -> COCO annotations (no ids yet): the class region, or its components."""
     common = {"category_id": category_id(label["class_id"]), "score": json_score(label["score"]), "iscrowd": 0}
@@ -58,7 +48,7 @@ def annotations_for(label: dict, instances: bool, min_area: int) -> list[dict]:
     for c in components(label_mask(label), min_area):
         # the output's own points (peak, per component) where they fall in this instance
         points = [list(p) for p in label_points(label) if c.mask[p[1], p[0]]] or [list(c.point)]
-        annotations.append({**common, "score": instance_score(label, c), "segmentation": encode_mask(c.mask),
+        annotations.append({**common, "score": json_score(instance_score(label, c)), "segmentation": encode_mask(c.mask),
                             "area": c.area, "bbox": [float(v) for v in c.bbox], "point_coords": points})
     return annotations
 

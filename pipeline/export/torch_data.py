@@ -8,7 +8,7 @@ per epoch across a whole distributed job; a worker with no shard yields nothing.
 - ``"detection"``: torchvision's detection format, one instance per connected component (as
   ``export --instances`` makes them): ``boxes`` float (N, 4) x0 y0 x1 y1 pixel corners, ``labels``
   int64 (class id + ``label_offset``; 1 by default, torchvision's detectors keep 0 for background),
-  ``masks`` uint8 (N, H, W), ``scores``, ``area``, ``iscrowd`` and ``sample_id``;
+  ``masks`` uint8 (N, H, W), ``scores`` (each instance's own, as COCO's), ``area``, ``iscrowd`` and ``sample_id``;
 - ``"semantic"``: ``mask`` int64 (H, W) of class ids, ``ignore_index`` where no class is (and
   ``sample_id``).
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.masks.components import components
+from pipeline.masks.components import components, instance_score
 from pipeline.io.storage import Location
 from pipeline.store.labelset import LabelSet, Sample, label_mask, open_labelset
 
@@ -91,7 +91,7 @@ class LabelStream(IterableDataset):
                 masks.append(component.mask)
                 boxes.append([x, y, x + w, y + h])
                 labels.append(label["class_id"] + self.label_offset)
-                scores.append(label["score"])
+                scores.append(instance_score(label, component))
         stacked = np.stack(masks) if masks else np.zeros((0, sample.height, sample.width), dtype=bool)
         return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                 "labels": torch.tensor(labels, dtype=torch.int64),

@@ -173,6 +173,16 @@ def instance_of(label: dict, component: Component) -> Optional[dict]:
     return None
 
 
+def instance_score(label: dict, component: Component) -> float:
+    """A component's score: its own mean probability where the labeller scored it; else the
+    class's peak probability for the component holding the peak and its mean for the others."""
+    scored = instance_of(label, component)
+    if scored is not None:
+        return float(scored["score"])
+    holds_peak = component.mask[label["point_y"], label["point_x"]]
+    return float(label["peak_score"] if holds_peak else label["score"])
+
+
 POINT_MODES = ("peak", "per_component")
 
 

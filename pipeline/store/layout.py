@@ -121,6 +121,15 @@ def read_output_config(layout: OutputLayout) -> Optional[dict]:
     return _parse_json(layout.config_file, layout.config_file.read_bytes(), ("fingerprint",))
 
 
+def claimed_settings(layout: OutputLayout) -> Optional[dict]:
+    """The output's ``_config.json`` if it can be read now, else None: for choosing how to
+    continue it; ``check_output_claim`` reports why it cannot be read."""
+    try:
+        return read_output_config(layout)
+    except Exception:  # noqa: BLE001 -- unreadable or unreachable: reported by check_output_claim
+        return None
+
+
 MARKER_KEYS = ("shard", "shard_id", "fingerprint", "samples", "ok", "errors", "labels")
 
 

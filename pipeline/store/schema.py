@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from pipeline.config import SCHEMA_VERSION
 
-LABEL_TYPE = pa.struct([
+LABEL_FIELDS = [
     ("class_id", pa.int32()),
     ("name", pa.string()),
     ("score", pa.float32()),        # mean class probability over the mask
@@ -23,26 +23,36 @@ LABEL_TYPE = pa.struct([
     # with its first pixel in raster order, its pixels and its mean probability: instance scores
     ("instances", pa.list_(pa.struct([("x", pa.int32()), ("y", pa.int32()), ("area", pa.int64()),
                                       ("score", pa.float32())]))),
-])
+]
+LABEL_TYPE = pa.struct(LABEL_FIELDS)
+# the labels of outputs begun before ``instances``, which runs continuing them still write
+LEGACY_LABEL_TYPE = pa.struct([f for f in LABEL_FIELDS if f[0] != "instances"])
 
-SCHEMA = pa.schema([
-    ("sample_id", pa.string()),     # shard_id/key, unique in the output
-    ("key", pa.string()),
-    ("shard", pa.string()),         # the input shard URL
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("status", pa.string()),        # "ok" or "error"
-    ("error", pa.string()),
-    ("labels", pa.list_(LABEL_TYPE)),
-])
+def _schema(label_type: pa.DataType) -> pa.Schema:
+    return pa.schema([
+        ("sample_id", pa.string()),     # shard_id/key, unique in the output
+        ("key", pa.string()),
+        ("shard", pa.string()),         # the input shard URL
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),        # "ok" or "error"
+        ("error", pa.string()),
+        ("labels", pa.list_(label_type)),
+    ])
+
+
+SCHEMA = _schema(LABEL_TYPE)
+LEGACY_SCHEMA = _schema(LEGACY_LABEL_TYPE)
 
 METADATA_KEY = b"gemlabel"
 
 
-def table_from_rows(rows: list[dict], run_metadata: dict) -> pa.Table:
-    """Rows (dicts with SCHEMA's fields) -> table carrying the run's config in its metadata."""
+def table_from_rows(rows: list[dict], run_metadata: dict, instances: bool = True) -> pa.Table:
+    """Rows (dicts with SCHEMA's fields) -> table carrying the run's config in its metadata;
+    without ``instances``, in the schema of outputs begun before them (the field left out)."""
     metadata = {METADATA_KEY: json.dumps({**run_metadata, "schema_version": SCHEMA_VERSION}).encode()}
-    return pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(metadata))
+    schema = SCHEMA if instances else LEGACY_SCHEMA
+    return pa.Table.from_pylist(rows, schema=schema.with_metadata(metadata))
 
 
 def run_metadata_of(schema: pa.Schema) -> dict:

@@ -63,16 +63,27 @@ class RunSpec:
     templates: list[str]
     fingerprint: str
     contents: dict = field(default_factory=dict)  # size + hash of the checkpoint / model config files
+    # labels carry ``instances`` (per-component scores); False only to continue an output begun
+    # before they existed, whose files must keep one schema (``plan.build_spec`` decides)
+    instances: bool = True
 
     @property
     def source(self) -> dict:
         """Everything the fingerprint is computed from."""
-        return {**self.config.fingerprint_source(self.class_names, self.templates), **self.contents}
+        return spec_source(self.config, self.class_names, self.templates, self.contents, self.instances)
 
     @property
     def run_metadata(self) -> dict:
         """What produced the labels (the fingerprinted settings), for each Parquet file's metadata."""
         return {**self.source, "fingerprint": self.fingerprint, "precision": self.config.precision}
+
+
+def spec_source(config: LabelConfig, class_names: list, templates: list[str], contents: dict,
+                instances: bool) -> dict:
+    """The fingerprint's source; ``label_fields`` only for outputs with ``instances``, so those
+    begun before keep their fingerprint (and are continued without them)."""
+    source = {**config.fingerprint_source(class_names, templates), **contents}
+    return {**source, "label_fields": ["instances"]} if instances else source
 
 
 def register_model_config(path: Optional[str]) -> None:
@@ -273,7 +284,7 @@ class ShardLabeler:
 
     def _instances(self, label_map: np.ndarray, pixel_prob: Optional[np.ndarray], region) -> list[dict]:
         """The region's components, each scored by its own mean probability (COCO instances)."""
-        if pixel_prob is None:
+        if pixel_prob is None or not self.spec.instances:
             return []
         return instance_scores(label_map, pixel_prob, region.class_id, region.bbox, region.score,
                                self.thresholds.min_area)
@@ -328,7 +339,8 @@ class ShardLabeler:
 
         start = time.perf_counter()
         buffer = io.BytesIO()
-        pq.write_table(table_from_rows(rows, self.spec.run_metadata), buffer, compression="zstd")
+        pq.write_table(table_from_rows(rows, self.spec.run_metadata, self.spec.instances), buffer,
+                       compression="zstd")
         parquet = buffer.getvalue()
         committing = (self.layout.labels_file(shard.shard_id), self.layout.marker_file(shard.shard_id))
         if redo:  # a worker killed while committing this shard left temp files, older than this attempt
