@@ -124,3 +124,25 @@ def test_an_output_begun_before_instances_is_continued_without_them(ray_session,
     assert _label({"input": [str(s) for s in second], "output": fresh}, micro_checkpoint).shards_done == 1
     (file,) = (tmp_path / "fresh" / "labels").glob("*.parquet")
     assert "instances" in pq.read_schema(file).field("labels").type.value_type.names
+
+
+def test_instance_scores_can_be_turned_off_and_that_is_another_output(base_config, tmp_path):
+    from collections import Counter
+
+    from pipeline.config import load_config
+    from pipeline.driver.plan import build_spec
+    from pipeline.io.shards import Shard
+    from pipeline.worker.decode import DecodedSample
+    from pipeline.worker.labeler import ShardLabeler
+
+    on = load_config(None, {**base_config, "input": ["unused.tar"]})
+    off = load_config(None, {**base_config, "input": ["unused.tar"], "instance_scores": False})
+    assert "instance_scores" not in on.fingerprint_source(["a"], ["{}"])  # outputs made before keep theirs
+    assert build_spec(on).fingerprint != build_spec(off).fingerprint  # never mixed in one output
+    torch.manual_seed(0)
+    batch = [DecodedSample(i, f"k{i}", 80, 60, tensor=torch.randn(3, 128, 128)) for i in range(2)]
+    for config, has in ((on, True), (off, False)):
+        rows = ShardLabeler(build_spec(config), device="cpu", torch_threads=1)._rows_for_batch(
+            Shard("s.tar", "s-1"), batch, timings=Counter())
+        labels = [label for row in rows for label in row["labels"]]
+        assert labels and all(bool(label["instances"]) == has for label in labels)

@@ -142,6 +142,10 @@ class LabelConfig:
         "peak", description="prompt points per label: the class's `peak`, or one per connected component "
                             "(`per_component`: the peak first, then the other components largest first, e.g. for SAM)")
     max_points: StrictInt = Field(5, ge=1, description="with `points: per_component`: at most this many a label")
+    instance_scores: StrictBool = Field(
+        True, json_schema_extra=_flag(flag="--no-instance-scores"), description="score each label's connected components by their own mean probability "
+                          "(`labels[].instances`, COCO instances' scores); `false` saves its post-processing "
+                          "time on large images (BENCHMARKS.md) and leaves `instances` empty")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="`auto`: bf16 on GPU, fp32 on CPU")
     batch_size: Optional[StrictInt] = Field(
@@ -199,7 +203,7 @@ class LabelConfig:
     # made before these keys existed keep their fingerprints.
     FINGERPRINT_KEYS_IF_SET: ClassVar[tuple[str, ...]] = ("background", "method", "gaussian_std", "resize",
                                                           "short_side", "max_long_side", "slide", "pamr",
-                                                          "jpeg_draft", "refine")
+                                                          "jpeg_draft", "refine", "instance_scores")
     # Sections that change the labels only when a key selects them (method: proxyclip, refine:
     # sam): fingerprinted, whole, exactly then.
     FINGERPRINT_SECTIONS_IF_USED: ClassVar[dict[str, tuple[str, str]]] = {"proxyclip": ("method", "proxyclip"),

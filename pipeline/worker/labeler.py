@@ -284,7 +284,7 @@ class ShardLabeler:
 
     def _instances(self, label_map: np.ndarray, pixel_prob: Optional[np.ndarray], region) -> list[dict]:
         """The region's components, each scored by its own mean probability (COCO instances)."""
-        if pixel_prob is None or not self.spec.instances:
+        if pixel_prob is None or not self.spec.instances or not self.config.instance_scores:
             return []
         return instance_scores(label_map, pixel_prob, region.class_id, region.bbox, region.score,
                                self.thresholds.min_area)
