@@ -51,27 +51,3 @@ def test_the_output_root_is_one_table_with_and_without_exports(tmp_path):
     table = pd.read_parquet(output)
     assert table.loc[table["status"] == "ok", "labels"].map(len).tolist() == [3, 3, 3]
 
-
-def test_shards_labelled_before_instances_existed_still_read_as_one_table(tmp_path):
-    """An output continued after the labels gained ``instances``: old files lack that field."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    output = str(tmp_path / "out")
-    for i in range(2):
-        (tmp_path / f"shards{i}").mkdir()
-        write_known_output(str(tmp_path / f"shards{i}"), output)
-    labels = open_labelset(Location(output))
-    old = tmp_path / "out" / "labels" / f"{labels.shard_ids()[0]}.parquet"
-    table = pq.read_table(old)
-    label_type = table.schema.field("labels").type.value_type
-    before = pa.struct([f for f in label_type if f.name != "instances"])
-    rows = table.to_pylist()
-    for row in rows:
-        row["labels"] = [{k: v for k, v in label.items() if k != "instances"} for label in row["labels"]]
-    schema = pa.schema([f if f.name != "labels" else pa.field("labels", pa.list_(before)) for f in table.schema],
-                       metadata=table.schema.metadata)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), old)
-    expected = sorted(r["sample_id"] for shard in labels.shard_ids() for r in labels.rows(shard))
-    assert len(expected) == 8
-    for reader, ids in read_everywhere(output, str(tmp_path / "hf")).items():
-        assert sorted(ids) == expected, reader
