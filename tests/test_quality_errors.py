@@ -136,3 +136,21 @@ def test_eval_with_an_unreachable_ray_address_fails_before_any_work(base_config,
                  "--ray-address", address.format(port=free_port())]) == 2
     assert message in one_line(capsys)
     assert not report.exists()
+
+
+def test_a_mask_of_another_size_than_its_image_is_refused_before_labelling(base_config, tmp_path, capsys):
+    """eval that labels: the mismatch was found only when scoring, after every image was labelled."""
+    from PIL import Image
+
+    from tests.test_quality import config_file, label_config
+    gt = tmp_path / "gt"
+    shutil.copytree(VOC_VAL, gt)
+    mask = gt / "120_target.png"
+    with Image.open(mask) as original:
+        original.resize((original.width // 2, original.height)).save(mask)
+    config = config_file(tmp_path, label_config(base_config, tmp_path))
+    report = tmp_path / "report"
+    assert main(["eval", *folder_flags(gt), "--config", config, "--report", str(report), "--no-progress"]) == 2
+    err = one_line(capsys)
+    assert "120_image" in err and "but its mask" in err and "120_target.png" in err, err
+    assert not report.exists()

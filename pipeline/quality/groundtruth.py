@@ -138,6 +138,27 @@ def _pack_keys(paths: list[Path], root: Path) -> dict[Path, str]:
     return dict(zip(ordered, sample_keys(ordered, root)))
 
 
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # rotated a quarter turn: width and height swap
+
+
+def _check_sizes(image: Path, mask: Path) -> None:
+    """The image (as labelled: EXIF orientation applied) and its mask have one size; read from
+    the files' headers, so a few hundred pairs cost well under a second."""
+    try:
+        with Image.open(image) as picture:
+            width, height = picture.size
+            if picture.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
+        with Image.open(mask) as target:
+            mask_size = target.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return  # unreadable: said with the file's name where it is decoded
+    if (width, height) != mask_size:
+        raise GroundTruthError(f"{image}: the image is {width}x{height} but its mask {mask} is "
+                               f"{mask_size[0]}x{mask_size[1]}")
+
+
 def folder_ground_truth(images: str, masks: Optional[str], classes_file: str, image_suffix: str = "",
                         mask_suffix: str = "") -> GroundTruth:
     """Images under ``images`` (any depth); each one's mask is ``masks/<same relative path, stem
@@ -164,6 +185,8 @@ def folder_ground_truth(images: str, masks: Optional[str], classes_file: str, im
         raise GroundTruthError(f"no images with masks under {images} (masks: {mask_root}, "
                                f"image suffix {image_suffix!r}, mask suffix {mask_suffix!r})")
 
+    for path, mask in pairs:  # before anything is labelled: a size mismatch would only show after
+        _check_sizes(path, mask)
     keys = _pack_keys([path for path, _ in pairs], image_root)
 
     def samples() -> Iterator[GroundTruthSample]:
