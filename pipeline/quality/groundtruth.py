@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.quality.metrics import IGNORE_INDEX
+from pipeline.io.image_header import displayed_size
 from pipeline.io.pack import sample_keys
 from pipeline.io.tar import IMAGE_EXTENSIONS, MASK_ENTRY, iter_tar_samples
 from pipeline.io.shards import list_shards
@@ -138,18 +139,12 @@ def _pack_keys(paths: list[Path], root: Path) -> dict[Path, str]:
     return dict(zip(ordered, sample_keys(ordered, root)))
 
 
-EXIF_ORIENTATION = 0x0112
-TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # rotated a quarter turn: width and height swap
-
-
 def _check_sizes(image: Path, mask: Path) -> None:
     """The image (as labelled: EXIF orientation applied) and its mask have one size; read from
     the files' headers, so a few hundred pairs cost well under a second."""
     try:
         with Image.open(image) as picture:
-            width, height = picture.size
-            if picture.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS:
-                width, height = height, width
+            width, height = displayed_size(picture)
         with Image.open(mask) as target:
             mask_size = target.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):

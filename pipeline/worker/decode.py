@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from gem.preprocess import image_to_tensor, resized_pixels, to_rgb
+from pipeline.io.image_header import displayed_size, is_sideways
 from pipeline.io.storage import Location
 from pipeline.io.tar import IMAGE_EXTENSIONS, error_text, image_entry, iter_tar_samples
 
@@ -42,23 +43,6 @@ class DecodedSample:
         self.uid = self.uid or self.key
 
 
-EXIF_ORIENTATION = 0x0112
-
-
-_SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-
-
-def _sideways(image: Image.Image) -> bool:
-    """Its EXIF orientation turns it a quarter: shown, its width is its stored height."""
-    return image.getexif().get(EXIF_ORIENTATION, 1) in _SIDEWAYS
-
-
-def displayed_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) of an opened (not yet decoded) image once its EXIF orientation is applied."""
-    width, height = image.size
-    return (height, width) if _sideways(image) else (width, height)
-
-
 def draft_for(image: Image.Image, model_size: tuple[int, int]) -> None:
     """Have Pillow decode a JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling: the decoder skips the
     detail it would throw away) where the result still covers the model input's (height, width)
@@ -67,7 +51,7 @@ def draft_for(image: Image.Image, model_size: tuple[int, int]) -> None:
     if image.format not in ("JPEG", "MPO"):
         return
     height, width = model_size
-    image.draft(image.mode, (height, width) if _sideways(image) else (width, height))
+    image.draft(image.mode, (height, width) if is_sideways(image) else (width, height))
 
 
 def decode_sample(index: int, raw: dict, input_size: Union[tuple[int, int], Callable[[int, int], tuple[int, int]]],

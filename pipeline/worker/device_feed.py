@@ -22,7 +22,8 @@ from PIL import Image
 
 from gem.preprocess import normalize
 from pipeline.config import DecodeMode
-from pipeline.worker.decode import EXIF_ORIENTATION, DecodedSample
+from pipeline.io.image_header import EXIF_ORIENTATION
+from pipeline.worker.decode import DecodedSample
 from pipeline.io.tar import image_entry
 
 DECODE_CHOICES = typing.get_args(DecodeMode)
