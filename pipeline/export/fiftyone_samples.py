@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 import numpy as np
 
 from pipeline.io.storage import Location
-from pipeline.store.labelset import LabelSet, Sample, label_mask, label_points, open_labelset
+from pipeline.store.labelset import LabelSet, Sample, label_mask, label_points, open_output
 
 if TYPE_CHECKING:
     import fiftyone as fo
@@ -81,10 +81,7 @@ def fiftyone_samples(output: Union[str, Location, LabelSet], media_dir: str, *,
                      label_field: str = "gemlabel") -> Iterator["fo.Sample"]:
     """The output's labelled images (filtered as ``LabelSet.samples`` filters) as ``fo.Sample``s,
     each image written to the local folder ``media_dir`` as it is reached (one pass per shard)."""
-    if isinstance(output, LabelSet):
-        labels = output
-    else:
-        labels = open_labelset(output if isinstance(output, Location) else Location(output, storage_options or {}))
+    labels = open_output(output, storage_options)
     root = Path(media_dir).resolve()
     for sample in labels.samples(classes=classes, min_score=min_score, shards=shards):
         path = root / media_name(sample)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 
 from pipeline.io.storage import Location
-from pipeline.store.labelset import LabelSet, open_labelset
+from pipeline.store.labelset import LabelSet, open_output
 
 if TYPE_CHECKING:
     import datasets
@@ -49,10 +49,7 @@ def to_hf_dataset(output: Union[str, Location, LabelSet], *, storage_options: Op
     """The output's labelled images (filtered as ``LabelSet.samples`` filters) as a Dataset;
     ``num_proc`` processes read the shards in parallel (the shards list is what datasets splits)."""
     from datasets import Dataset
-    if isinstance(output, LabelSet):
-        labels = output
-    else:
-        labels = open_labelset(output if isinstance(output, Location) else Location(output, storage_options or {}))
+    labels = open_output(output, storage_options)
     ids = labels.class_ids(classes)
     kwargs = {"labels": labels, "classes": None if ids is None else tuple(sorted(ids)), "min_score": min_score,
               "shards": labels.select_shards(shards)}  # the one list in gen_kwargs: datasets shards over it

@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.masks.components import components, instance_score
 from pipeline.io.storage import Location
-from pipeline.store.labelset import LabelSet, Sample, label_mask, open_labelset
+from pipeline.store.labelset import LabelSet, Sample, label_mask, open_output
 
 TARGETS = ("detection", "semantic")
 
@@ -52,11 +52,7 @@ class LabelStream(IterableDataset):
                  rank: Optional[int] = None, world_size: Optional[int] = None):
         if target not in TARGETS:
             raise ValueError(f"target: one of {', '.join(TARGETS)}; got {target!r}")
-        if isinstance(output, LabelSet):
-            self.labels = output
-        else:
-            self.labels = open_labelset(output if isinstance(output, Location)
-                                        else Location(output, storage_options or {}))
+        self.labels = open_output(output, storage_options)
         self.class_ids = self.labels.class_ids(classes)  # bad names fail here, not in a worker
         self.shard_ids = self.labels.select_shards(shards)
         self.target, self.min_score, self.min_area = target, min_score, min_area

@@ -224,8 +224,11 @@ def open_labelset(output: Location) -> LabelSet:
     return LabelSet(layout.root, class_labels(config["settings"]["vocab"]), markers, config["fingerprint"])
 
 
-def open_output(output: Union[str, Location], storage_options: Optional[dict] = None) -> LabelSet:
-    """An output folder (local or a URL, with its fsspec storage options) opened for reading."""
+def open_output(output: Union[str, Location, LabelSet], storage_options: Optional[dict] = None) -> LabelSet:
+    """An output folder (local or a URL, with its fsspec storage options) opened for reading; an
+    opened one (a ``LabelSet``) as it is, so every reader takes either."""
+    if isinstance(output, LabelSet):
+        return output
     return open_labelset(output if isinstance(output, Location) else Location(output, storage_options or {}))
 
 
