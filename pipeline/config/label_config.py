@@ -143,9 +143,10 @@ class LabelConfig:
                             "(`per_component`: the peak first, then the other components largest first, e.g. for SAM)")
     max_points: StrictInt = Field(5, ge=1, description="with `points: per_component`: at most this many a label")
     instance_scores: StrictBool = Field(
-        True, json_schema_extra=_flag(flag="--no-instance-scores"), description="score each label's connected components by their own mean probability "
-                          "(`labels[].instances`, COCO instances' scores); `false` saves its post-processing "
-                          "time on large images (BENCHMARKS.md) and leaves `instances` empty")
+        True, json_schema_extra=_flag(flag="--no-instance-scores"),
+        description="score each label's connected components by their own mean probability "
+                    "(`labels[].instances`, COCO instances' scores); `false` saves its post-processing "
+                    "time on large images (BENCHMARKS.md) and leaves `instances` empty")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="`auto`: bf16 on GPU, fp32 on CPU")
     batch_size: Optional[StrictInt] = Field(

@@ -48,8 +48,9 @@ def annotations_for(label: dict, instances: bool, min_area: int) -> list[dict]:
     for c in components(label_mask(label), min_area):
         # the output's own points (peak, per component) where they fall in this instance
         points = [list(p) for p in label_points(label) if c.mask[p[1], p[0]]] or [list(c.point)]
-        annotations.append({**common, "score": json_score(instance_score(label, c)), "segmentation": encode_mask(c.mask),
-                            "area": c.area, "bbox": [float(v) for v in c.bbox], "point_coords": points})
+        annotations.append({**common, "score": json_score(instance_score(label, c)),
+                            "segmentation": encode_mask(c.mask), "area": c.area,
+                            "bbox": [float(v) for v in c.bbox], "point_coords": points})
     return annotations
 
 

@@ -28,6 +28,7 @@ LABEL_TYPE = pa.struct(LABEL_FIELDS)
 # the labels of outputs begun before ``instances``, which runs continuing them still write
 LEGACY_LABEL_TYPE = pa.struct([f for f in LABEL_FIELDS if f[0] != "instances"])
 
+
 def _schema(label_type: pa.DataType) -> pa.Schema:
     return pa.schema([
         ("sample_id", pa.string()),     # shard_id/key, unique in the output
